@@ -1,0 +1,42 @@
+"""Exceptions raised for a user's mistakes: each message names the problem and the fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SidetuneError(ValueError):
+    """Base class of sidetune's user-facing errors (a ``ValueError``, so callers may catch either)."""
+
+
+class ConfigError(SidetuneError):
+    """A configuration value is invalid (unknown name, non-positive size, incompatible option)."""
+
+
+class WeightsError(SidetuneError):
+    """A weights file is missing, unreadable, or does not fit the model."""
+
+
+class FingerprintMismatchError(SidetuneError):
+    """An adapter checkpoint was trained on a different backbone than the one it is loaded onto."""
+
+
+def unknown_choice(kind: str, name: str, choices: Iterable[str], hint: str = "") -> ConfigError:
+    """Build the error for an unknown registry name, listing close matches and the valid choices."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    msg = f"unknown {kind} {name!r}."
+    if close:
+        msg += f" Did you mean {', '.join(map(repr, close))}?"
+    shown = choices if len(choices) <= 40 else [*choices[:40], "..."]
+    msg += f" Valid choices: {', '.join(shown)}."
+    if hint:
+        msg += f" {hint}"
+    return ConfigError(msg)
+
+
+def require_positive(name: str, value: int | float, owner: str) -> None:
+    """Raise a ConfigError when ``value`` is not a positive number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{owner}: {name} must be a positive number, got {value!r}.")

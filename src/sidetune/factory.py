@@ -1,0 +1,187 @@
+"""``create`` and ``load``: the one way to build a sidetune model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .backbones import FrozenBackbone, create_timm_model, fingerprint, normalize_weights
+from .errors import ConfigError, FingerprintMismatchError, WeightsError, unknown_choice
+from .heads import ClassificationHead
+from .methods import get_method
+from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelConfig, SidetuneModel
+
+TASKS = ("classification",)
+
+
+def _img_size(model: torch.nn.Module, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    if img_size is None:
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+        return int(size[0]), int(size[1])
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    if len(img_size) != 2 or any(not isinstance(s, int) or s <= 0 for s in img_size):
+        raise ConfigError(f"img_size must be a positive int or (H, W), got {img_size!r}.")
+    return tuple(img_size)
+
+
+def create(
+    backbone: str,
+    method: str,
+    task: str = "classification",
+    num_classes: int = 1000,
+    weights: str | os.PathLike | bool | None = None,
+    *,
+    img_size: int | tuple[int, int] | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
+    head_dropout: float = 0.0,
+    **method_options: Any,
+) -> SidetuneModel:
+    """Build a frozen timm backbone adapted by ``method``, with a task head.
+
+    Args:
+        backbone: timm model name of a supported family (see :func:`sidetune.list_backbones`).
+        method: method name (see :func:`sidetune.list_methods`), e.g. ``"losa"``, ``"e3va"``.
+        task: ``"classification"``.
+        num_classes: classifier size.
+        weights: None for a random backbone, ``"hub"`` for timm's pretrained weights (downloads on first
+            use), or a path to a ``.safetensors`` / ``.pth`` file of timm weights (position embeddings are
+            resampled to ``img_size`` by timm).
+        img_size: input size (default: the timm model's default).
+        backbone_kwargs: extra ``timm.create_model`` arguments (e.g. a tiny ``depth``).
+        head_dropout: dropout before the classifier.
+        **method_options: fields of the method's config dataclass (e.g. ``alpha=16``, ``channel_rank=8``).
+
+    Returns:
+        A :class:`SidetuneModel` mapping (B, 3, H, W) images to (B, num_classes) logits.
+    """
+    spec = get_method(method)
+    if task not in TASKS:
+        raise unknown_choice("task", task, TASKS)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    if not 0.0 <= head_dropout < 1.0:
+        raise ConfigError(f"head_dropout must be in [0, 1), got {head_dropout!r}.")
+    weights_spec = normalize_weights(weights)
+    config = spec.make_config(**method_options)  # fail on bad options before building anything big
+    from .backbones import family_of
+
+    spec.check_family(family_of(backbone).name, backbone)
+    requested = img_size if img_size is None else _img_size(torch.nn.Identity(), img_size)
+    timm_model, family = create_timm_model(
+        backbone, weights=weights_spec, img_size=requested[0] if requested else None, model_kwargs=backbone_kwargs
+    )
+    size = _img_size(timm_model, requested)
+    frozen = FrozenBackbone(timm_model, family, size, name=backbone)
+    print_fp = fingerprint(frozen.model)
+    method_module = spec.build(frozen, config, task)
+    in_features = _pooled_width(method_module, size)
+    head = ClassificationHead(in_features, num_classes, head_dropout)
+    model_config = ModelConfig(
+        backbone=backbone,
+        img_size=size,
+        weights=weights_spec,
+        backbone_fingerprint=print_fp,
+        method=spec.name,
+        method_config=dataclasses.asdict(config),
+        task=task,
+        num_classes=num_classes,
+        backbone_kwargs=dict(backbone_kwargs or {}),
+        head_dropout=head_dropout,
+        sidetune_version=_version(),
+    )
+    return SidetuneModel(method_module, head, model_config)
+
+
+def _pooled_width(method_module: torch.nn.Module, size: tuple[int, int]) -> int:
+    """Width of ``Features.pooled``: the model's ``num_features`` where the pooling keeps it."""
+    model = method_module.backbone.model
+    width = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+    if width is None:
+        with torch.no_grad():
+            width = method_module(torch.zeros(1, 3, *size)).pooled.shape[-1]
+    return int(width)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def load(
+    directory: str | os.PathLike,
+    weights: str | os.PathLike | bool | None = "saved",
+    *,
+    map_location: str | torch.device = "cpu",
+) -> SidetuneModel:
+    """Rebuild a model saved with :meth:`SidetuneModel.save_adapter`.
+
+    Args:
+        directory: the adapter directory.
+        weights: backbone weights to load the adapter onto: ``"saved"`` (default) reuses what the config
+            recorded (a file path, ``"hub"`` or None for a seeded random backbone); otherwise as in
+            :func:`create`.
+        map_location: device for the rebuilt model.
+
+    Raises:
+        FingerprintMismatchError: the backbone's weights differ from those the adapter was trained on.
+    """
+    directory = Path(directory)
+    cfg_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise WeightsError(
+                f"{str(p)!r} not found: {str(directory)!r} is not an adapter directory written by save_adapter()."
+            )
+    try:
+        raw = json.loads(cfg_path.read_text())
+        config = ModelConfig(**raw)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise WeightsError(f"{str(cfg_path)!r} is not a valid sidetune adapter config: {err}") from None
+    chosen = config.weights if isinstance(weights, str) and weights == "saved" else weights
+    model = create(
+        config.backbone,
+        config.method,
+        task=config.task,
+        num_classes=config.num_classes,
+        weights=chosen,
+        img_size=tuple(config.img_size),
+        backbone_kwargs=config.backbone_kwargs,
+        head_dropout=config.head_dropout,
+        **config.method_config,
+    )
+    found = model.config.backbone_fingerprint
+    if found != config.backbone_fingerprint:
+        raise FingerprintMismatchError(
+            f"the adapter in {str(directory)!r} was trained on {config.backbone} weights with fingerprint "
+            f"{config.backbone_fingerprint[:23]}..., but the backbone built from weights={chosen!r} has "
+            f"{found[:23]}.... Load it with the weights it was trained on."
+        )
+    try:
+        state = load_file(str(weights_path))
+    except SafetensorError as err:
+        raise WeightsError(f"{str(weights_path)!r} is not a readable safetensors file: {err}") from None
+    expected = dict(model.named_trainable_parameters())
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(
+            f"{str(weights_path)!r} does not match the {config.method} model: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}."
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if expected[name].shape != tensor.shape:
+                raise WeightsError(
+                    f"{str(weights_path)!r}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                    f"{tuple(expected[name].shape)}."
+                )
+            expected[name].copy_(tensor)
+    return model.to(map_location)

@@ -1,0 +1,5 @@
+"""Task heads on ``Features``."""
+
+from .classification import ClassificationHead
+
+__all__ = ["ClassificationHead"]

@@ -1,0 +1,136 @@
+"""``SidetuneModel``: images -> logits, built by :func:`sidetune.create`; adapter-only save and load."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .backbones import FrozenBackbone
+from .features import Features
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model around saved adapter weights (saved as JSON beside them).
+
+    Attributes:
+        backbone: timm model name.
+        img_size: (H, W) the backbone was built for.
+        weights: how the backbone weights were obtained: None (random), ``"hub"`` or a file path.
+        backbone_kwargs: extra timm ``create_model`` arguments (tiny test configs).
+        backbone_fingerprint: SHA-256 of the backbone weights the adapter was trained on.
+        method: registry name of the method.
+        method_config: the method's resolved config.
+        task: ``classification``.
+        num_classes: classifier size.
+        head_dropout: dropout before the classifier.
+        sidetune_version: version that wrote the checkpoint.
+    """
+
+    backbone: str
+    img_size: tuple[int, int]
+    weights: str | None
+    backbone_fingerprint: str
+    method: str
+    method_config: dict[str, Any]
+    task: str
+    num_classes: int
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    head_dropout: float = 0.0
+    sidetune_version: str = ""
+
+
+class SidetuneModel(nn.Module):
+    """A frozen backbone adapted by one method, with a task head.
+
+    ``forward(images)`` returns logits; ``features(images)`` returns the method's :class:`Features`.
+
+    Args:
+        method: the method module (owns the backbone).
+        head: the task head, reading Features.
+        config: the rebuild recipe (saved with the adapter).
+    """
+
+    def __init__(self, method: nn.Module, head: nn.Module, config: ModelConfig) -> None:
+        super().__init__()
+        self.method = method
+        self.head = head
+        self.config = config
+
+    @property
+    def backbone(self) -> FrozenBackbone:
+        return self.method.backbone
+
+    @property
+    def data_config(self) -> dict:
+        """timm preprocessing config (mean, std, interpolation) at the model's input size."""
+        return self.backbone.data_config
+
+    def features(self, images: torch.Tensor) -> Features:
+        return self.method(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, num_classes) logits."""
+        return self.head(self.method(images))
+
+    # -- parameters ---------------------------------------------------------------------------------------
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters that train, by name: exactly what :meth:`save_adapter` writes."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters to give an optimizer."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def num_parameters(self, trainable: bool = True) -> int:
+        """Count trainable (default) or all parameters."""
+        params = self.trainable_parameters() if trainable else list(self.parameters())
+        return sum(p.numel() for p in params)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trained tensors (no backbone tensor), detached, contiguous, on CPU."""
+        return {n: p.detach().to("cpu").contiguous() for n, p in self.named_trainable_parameters()}
+
+    def save_adapter(self, directory: str | os.PathLike) -> Path:
+        """Write ``adapter_model.safetensors`` (trained tensors only) and ``adapter_config.json``.
+
+        Each file is written to a temporary name and renamed into place, so an interrupted save never
+        leaves a half-written file under the final name.
+
+        Returns:
+            The directory.
+        """
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise FileExistsError(f"cannot save the adapter to {str(directory)!r}: it is a file, not a directory.")
+        directory.mkdir(parents=True, exist_ok=True)
+        config = asdict(self.config)
+        _atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(self.adapter_state_dict(), p))
+        _atomic_write(
+            directory / ADAPTER_CONFIG,
+            lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+        )
+        return directory
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,78 @@
+"""What every backprop-free side method shares: read taps from a ``FrozenBackbone``, return ``Features``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbones import FrozenBackbone, TapLayout, TapRequest, Taps
+from ..features import Features
+
+
+class SideMethod(nn.Module):
+    """Base of side methods. Subclasses set ``tap_request`` and implement :meth:`forward_taps`.
+
+    The backbone runs once under ``torch.no_grad()``; all trainable parameters live in the subclass, so
+    ``loss.backward()`` never enters the backbone.
+    """
+
+    tap_request: TapRequest = TapRequest()
+
+    def __init__(self, backbone: FrozenBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    @property
+    def layout(self) -> TapLayout:
+        return self.backbone.layout
+
+    def forward(self, images: torch.Tensor) -> Features:
+        """(B, 3, H, W) images -> Features."""
+        return self.forward_taps(self.backbone(images, self.tap_request))
+
+    def forward_taps(self, taps: Taps) -> Features:
+        raise NotImplementedError
+
+
+def carry_across_stage(
+    delta: torch.Tensor, base: torch.Tensor, downsample: nn.Module, grid: tuple[int, int]
+) -> torch.Tensor:
+    """Carry a side correction ``delta`` of a stage's output across the backbone's own downsampling layer.
+
+    The adapted feature of the stage is ``base + delta``; the next stage starts from ``D(base + delta)``,
+    where ``D`` is the backbone's frozen downsampling module (Swin patch merging: 2x2 merge, LayerNorm,
+    bias-free Linear). The backbone itself continues from ``D(base)``, so the correction the side
+    network carries into the next stage is ``D(base + delta) - D(base)``: exactly zero when ``delta`` is,
+    and ``D``'s parameters receive no gradient (they are frozen), while the gradient flows through ``D``.
+
+    Args:
+        delta: (B, N, C) correction, with autograd.
+        base: (B, N, C) frozen stage output (no grad).
+        downsample: the backbone's own module taking (B, H, W, C) (the same object, not a copy).
+        grid: (H, W) of the stage.
+
+    Returns:
+        (B, N', C') correction for the next stage.
+    """
+    b, _, c = base.shape
+    h, w = grid
+    with torch.no_grad():
+        frozen_next = downsample(base.reshape(b, h, w, c))
+    adapted_next = downsample((base + delta).reshape(b, h, w, c))
+    return (adapted_next - frozen_next).flatten(1, 2)
+
+
+def to_final_format(tokens: torch.Tensor, layout: TapLayout) -> torch.Tensor:
+    """(B, N, C) tokens of the last stage -> the layout of the backbone's ``forward_features`` output."""
+    if layout.final_format == "nlc":
+        return tokens
+    h, w = layout.stage_grids[-1]
+    x = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1])
+    return x if layout.final_format == "nhwc" else x.permute(0, 3, 1, 2)
+
+
+def to_map(tokens: torch.Tensor, layout: TapLayout, stage: int) -> torch.Tensor:
+    """(B, N, C) tokens of a stage (prefix tokens dropped) -> (B, C, H, W) map for dense heads."""
+    h, w = layout.stage_grids[stage]
+    patches = tokens[:, layout.num_prefix_tokens :] if stage == 0 else tokens
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)

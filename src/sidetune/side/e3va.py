@@ -1,0 +1,236 @@
+"""E3VA: Parameter-, Memory- and Time-Efficient Visual Adapter tuning (Yin et al., arXiv 2306.09729).
+
+Implements section 3 of the paper.
+
+* **Gradient highway** (sec. 3.2, fig. 2, eqs. 10-11). The backbone computes ``l[i+1]`` as usual, without
+  autograd. Beside it a highway ``e`` sums, per block, an adapter on the attention-branch output and an
+  adapter on the MLP-branch output, in parallel (fig. 3): ``e[i+1] = e[i] + A1(attn[i]) + A2(mlp[i])``.
+  All trainable parameters sit on the highway; the loss reaches them without entering the backbone.
+* **Adapter** (sec. 3.3, eq. 5 and fig. 4): ``A(x) = up(GELU(down(x)))``. Eq. 5's skip connection is what
+  makes the paper's highway carry the full adapted feature ``l + delta``; this module carries only the
+  correction ``delta`` (DESIGN.md's ``e``), which is the same computation without re-summing the
+  backbone's branches: the stage feature is ``l + delta`` either way.
+* **Dual low-rank branches** (sec. 3.3, eqs. 6-7): each of ``up`` and ``down`` has weight
+  ``W = s1 t1 + s2 t2`` with ``s_k`` (m x alpha) and ``t_k`` (alpha x n): ``2 alpha (m + n)`` weights
+  instead of ``m n``.
+* **Downsampling** (sec. 3.2, "Downsampling in E3VA"): at a Swin stage boundary the highway passes through
+  the backbone's own patch-merging layer, inherited and frozen (the same module object, not a copy).
+  Applied to the adapted feature, ``D(l + delta) = D(l) + [D(l + delta) - D(l)]``: the backbone already
+  continues from ``D(l)``, so the highway carries ``D(l + delta) - D(l)`` (see ``carry_across_stage``).
+* **Trainable norms before the neck** (sec. 3.2, "FPN in E3VA"): each stage output ``l + delta`` goes
+  through a trainable LayerNorm; this is the only path by which gradient reaches the adapters.
+
+Choices the paper leaves open, as config fields:
+
+* Bottleneck ``m = C / 2`` and ``alpha`` = 8, 16, 32 for the presets ``e3va``, ``e3va+``, ``e3va++``. The
+  paper gives only parameter counts; these sizes reproduce its table 1 (Swin-B: 1.20M, 2.35M, 4.66M) and
+  table 2 (Swin-L: 1.79M, 3.53M, 7.00M) to within 0.01M, counting adapters with biases plus the four
+  stage norms (see ``tests/test_param_counts.py``).
+* Initialisation: the up-projection's ``s`` factors and bias are zero, so ``W_up = 0`` and the highway
+  starts as the frozen model (its ``t`` factors are random so ``s`` receives gradient from step one, as
+  in LoRA). The down-projection is random with ``Var(W_down) = 1 / C``, the scale of a default linear.
+* Output norms: fresh LayerNorms (the paper trains them from scratch) except the last stage's, which
+  starts as a trainable copy of the backbone's final norm when one exists (``copy_final_norm``), so that
+  at initialisation the pooled features equal the frozen model's pre-logits: E3VA starts as a linear
+  probe.
+* On a plain ViT (one stage, no downsampling) the same highway runs over all blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import FrozenBackbone, TapRequest, Taps
+from ..errors import ConfigError, require_positive
+from ..features import Features
+from ..methods import MethodSpec
+from .base import SideMethod, carry_across_stage, to_final_format, to_map
+
+
+@dataclass
+class E3VAConfig:
+    """E3VA options (defaults: the paper's ``E3VA`` preset).
+
+    Attributes:
+        alpha: rank of each low-rank branch (paper: alpha in eqs. 6-7). Presets: 8, 16, 32.
+        branches: number of low-rank products summed per weight ("dual" = 2).
+        bottleneck_ratio: adapter width ``m`` as a fraction of the stage width ``C``.
+        bottleneck: fixed adapter width for every stage, overriding ``bottleneck_ratio``.
+        dropout: dropout on the adapter's hidden activation.
+        out_stages: stages whose adapted output is produced (and gets a trainable norm); None = all stages.
+            Classification reads only the last stage, so ``create`` passes the last stage for it.
+        copy_final_norm: start the last stage's output norm from the backbone's final norm.
+    """
+
+    alpha: int = 8
+    branches: int = 2
+    bottleneck_ratio: float = 0.5
+    bottleneck: int | None = None
+    dropout: float = 0.0
+    out_stages: tuple[int, ...] | None = None
+    copy_final_norm: bool = True
+
+    def __post_init__(self) -> None:
+        require_positive("alpha", self.alpha, "E3VA")
+        require_positive("branches", self.branches, "E3VA")
+        require_positive("bottleneck_ratio", self.bottleneck_ratio, "E3VA")
+        if self.bottleneck is not None:
+            require_positive("bottleneck", self.bottleneck, "E3VA")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"E3VA: dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.out_stages is not None:
+            self.out_stages = tuple(int(s) for s in self.out_stages)
+
+    def width(self, channels: int) -> int:
+        return self.bottleneck or max(1, round(channels * self.bottleneck_ratio))
+
+
+class DualLowRankLinear(nn.Module):
+    """A linear layer whose weight is a sum of low-rank products: ``W = sum_k s_k t_k`` (eqs. 6-7).
+
+    Args:
+        in_features: n.
+        out_features: m.
+        alpha: rank of each product.
+        branches: number of products (2 in the paper).
+        zero_init: start with ``W = 0`` (``s_k = 0``) and zero bias: used for the up-projection.
+
+    Shapes: (..., n) -> (..., m). Parameters: ``branches * alpha * (m + n) + m``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, alpha: int, branches: int = 2, zero_init: bool = False):
+        super().__init__()
+        self.s = nn.Parameter(torch.empty(branches, out_features, alpha))
+        self.t = nn.Parameter(torch.empty(branches, alpha, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        # Var(W_ij) = branches * alpha * Var(s) * Var(t) = 1 / n: the scale of a default linear layer.
+        nn.init.normal_(self.t, std=1.0 / math.sqrt(in_features))
+        if zero_init:
+            nn.init.zeros_(self.s)
+        else:
+            nn.init.normal_(self.s, std=1.0 / math.sqrt(branches * alpha))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, m, a = self.s.shape
+        # sum_k s_k (t_k x) == [s_1 .. s_K] [t_1; ..; t_K] x: one rank-(K alpha) product, two small matmuls.
+        t = self.t.reshape(k * a, -1)
+        s = self.s.permute(1, 0, 2).reshape(m, k * a)
+        return F.linear(F.linear(x, t), s, self.bias)
+
+
+class E3VAAdapter(nn.Module):
+    """``up(GELU(down(x)))`` with dual low-rank projections (fig. 4, right). (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, channels: int, width: int, alpha: int, branches: int, dropout: float) -> None:
+        super().__init__()
+        self.down = DualLowRankLinear(channels, width, alpha, branches)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.up = DualLowRankLinear(width, channels, alpha, branches, zero_init=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.drop(self.act(self.down(x))))
+
+
+class E3VA(SideMethod):
+    """The E3VA side network on a frozen ViT or Swin.
+
+    Args:
+        backbone: the frozen backbone.
+        config: sizes and options.
+    """
+
+    def __init__(self, backbone: FrozenBackbone, config: E3VAConfig) -> None:
+        super().__init__(backbone)
+        self.config = config
+        layout = self.layout
+        n = layout.num_blocks
+        out_stages = config.out_stages if config.out_stages is not None else tuple(range(layout.num_stages))
+        bad = [s for s in out_stages if not 0 <= s < layout.num_stages]
+        if bad:
+            raise ConfigError(f"E3VA: out_stages {bad} out of range for a backbone with {layout.num_stages} stages.")
+        self.out_stages = tuple(sorted(set(out_stages)))
+        self.last_stage = max(self.out_stages)
+        # Blocks after the last stage that is read cannot influence the output: leave them out.
+        blocks = [i for i in range(n) if layout.block_stage[i] <= self.last_stage]
+        stage_ends = [max(layout.stage_blocks(s)) for s in range(self.last_stage + 1)]
+        self.tap_request = TapRequest.of(attn=blocks, mlp=blocks, out=stage_ends)
+
+        def adapter(block: int) -> E3VAAdapter:
+            c = layout.stage_dims[layout.block_stage[block]]
+            return E3VAAdapter(c, config.width(c), config.alpha, config.branches, config.dropout)
+
+        self.attn_adapters = nn.ModuleList(adapter(i) for i in blocks)
+        self.mlp_adapters = nn.ModuleList(adapter(i) for i in blocks)
+        self.norms = nn.ModuleDict({str(s): nn.LayerNorm(layout.stage_dims[s]) for s in self.out_stages})
+        final_norm = backbone.final_norm
+        last = layout.num_stages - 1
+        if config.copy_final_norm and final_norm is not None and last in self.out_stages:
+            self.norms[str(last)] = copy.deepcopy(final_norm).requires_grad_(True)
+
+    def stage_features(self, taps: Taps) -> dict[int, torch.Tensor]:
+        """Adapted stage outputs ``norm_s(l_s + delta_s)``, as (B, N, C), for each of ``out_stages``."""
+        layout = self.layout
+        delta: torch.Tensor | None = None
+        outputs: dict[int, torch.Tensor] = {}
+        for stage in range(self.last_stage + 1):
+            if stage > 0 and delta is not None:
+                prev_end = max(layout.stage_blocks(stage - 1))
+                downsample = layout.stage_downsample[stage]
+                if downsample is None:
+                    raise ConfigError("E3VA: a stage boundary without a downsampling module cannot carry the highway.")
+                delta = carry_across_stage(delta, taps.out[prev_end], downsample, layout.stage_grids[stage - 1])
+            for i in layout.stage_blocks(stage):
+                update = self.attn_adapters[i](taps.attn[i]) + self.mlp_adapters[i](taps.mlp[i])  # eq. 11
+                delta = update if delta is None else delta + update
+            if stage in self.out_stages:
+                base = taps.out[max(layout.stage_blocks(stage))]
+                outputs[stage] = self.norms[str(stage)](base + delta)
+        return outputs
+
+    def forward_taps(self, taps: Taps) -> Features:
+        layout = self.layout
+        outs = self.stage_features(taps)
+        last = outs[self.last_stage]
+        pooled = self.backbone.pool(to_final_format(last, layout)) if self.last_stage == layout.num_stages - 1 else None
+        if pooled is None:  # a truncated highway: average the last produced stage's patch tokens
+            pooled = last[:, layout.num_prefix_tokens if self.last_stage == 0 else 0 :].mean(1)
+        pyramid = [to_map(outs[s], layout, s) for s in self.out_stages]
+        return Features(
+            pooled=pooled,
+            tokens=last,
+            pyramid=pyramid,
+            strides=[layout.stage_strides[s] for s in self.out_stages],
+        )
+
+
+def _build(backbone: FrozenBackbone, config: E3VAConfig, task: str) -> E3VA:
+    if config.out_stages is None and task == "classification":
+        config.out_stages = (backbone.layout.num_stages - 1,)
+    return E3VA(backbone, config)
+
+
+_WHY_NOT = {"cnn": "E3VA adapts the attention- and MLP-branch outputs of transformer blocks, which CNNs do not have"}
+SPECS = [
+    MethodSpec(
+        name=name,
+        description=desc,
+        kind="side",
+        config_cls=E3VAConfig,
+        build=_build,
+        families=("vit", "swin"),
+        defaults={"alpha": alpha},
+        why_not=_WHY_NOT,
+    )
+    for name, alpha, desc in (
+        ("e3va", 8, "E3VA: parallel dual low-rank adapters on a gradient highway beside the frozen backbone"),
+        ("e3va+", 16, "E3VA+: E3VA with alpha=16 (paper table 1: 2.35M on Swin-B)"),
+        ("e3va++", 32, "E3VA++: E3VA with alpha=32 (paper table 1: 4.66M on Swin-B)"),
+    )
+]

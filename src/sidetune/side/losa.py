@@ -1,0 +1,253 @@
+"""LoSA: Low-Rank Side Adaptation (Mercea et al., "Time-, Memory- and Parameter-Efficient Visual
+Adaptation", arXiv 2402.02887, fig. 3).
+
+A parallel side network iteratively refines the frozen backbone's features; gradients never enter the
+backbone. With ``b[l]`` the output of tapped block ``l`` (no grad) and side state ``a[0] = 0``::
+
+    a[l] = a[l-1] + g_l(b[l] + a[l-1])        # fig. 3, top
+    head input = b[L] + a[L]
+
+``g_l`` is a low-rank mixer (fig. 3, bottom): a low-rank token-mixing MLP across the token axis
+(N -> r_t -> N, on transposed tokens) and a low-rank channel-mixing MLP (C -> r -> C), each behind a
+LayerNorm and with its own residual, MLP-Mixer style. ``g`` returns the mixer's refinement (its output
+minus its input); the recursion's own residual is ``a[l-1]``.
+
+For video the token axis factorises into space and time: :class:`LowRankTokenMixer` takes a token
+*shape* and mixes along each axis in turn, so ``token_shape=(T, S)`` mixes over the S spatial tokens of
+each frame, then over the T frames at each spatial position; images use ``token_shape=(N,)``.
+
+The paper's text available to us (abstract and figure captions) leaves these choices open; each is a
+config field:
+
+* ``channel_rank`` (default 16) and ``token_rank`` (default 8).
+* ``blocks``: which blocks are tapped (default: every block).
+* Norms: LayerNorm before each mixing MLP (``norm=True``); the head reads ``b[L] + a[L]`` through a
+  trainable copy of the backbone's final norm.
+* Activation: GELU inside each low-rank MLP.
+* Initialisation: down-projections random (PyTorch's default linear init), up-projections zero, so
+  ``g = 0`` and the side network starts as the frozen model (the head first sees ``b[L]``).
+* Token mixing includes prefix tokens (class, registers) and therefore fixes the token count: an input
+  of another size fails with a message naming both sizes.
+* Hierarchical backbones (Swin): the side state crosses a stage boundary through the backbone's own
+  patch merging, as ``D(b + a) - D(b)`` (see ``carry_across_stage``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbones import FrozenBackbone, TapRequest, Taps
+from ..errors import ConfigError, require_positive
+from ..features import Features
+from ..methods import MethodSpec
+from .base import SideMethod, carry_across_stage, to_final_format, to_map
+
+
+@dataclass
+class LoSAConfig:
+    """LoSA options.
+
+    Attributes:
+        channel_rank: hidden width of the channel-mixing MLP (C -> r -> C).
+        token_rank: hidden width of each token-mixing MLP (N -> r_t -> N).
+        blocks: indices of the tapped blocks (None = all); the side network ends at the last one.
+        norm: LayerNorm before each mixing MLP.
+        dropout: dropout on the hidden activations.
+    """
+
+    channel_rank: int = 16
+    token_rank: int = 8
+    blocks: tuple[int, ...] | None = None
+    norm: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        require_positive("channel_rank", self.channel_rank, "LoSA")
+        require_positive("token_rank", self.token_rank, "LoSA")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoSA: dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.blocks is not None:
+            self.blocks = tuple(sorted({int(b) for b in self.blocks}))
+            if not self.blocks:
+                raise ConfigError("LoSA: blocks must name at least one block (or be None for all).")
+
+
+class LowRankMLP(nn.Module):
+    """``up(GELU(down(x)))`` along the last axis, dim -> rank -> dim, with the up-projection at zero."""
+
+    def __init__(self, dim: int, rank: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.up = nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.drop(self.act(self.down(x))))
+
+
+class LowRankTokenMixer(nn.Module):
+    """Low-rank token mixing along each axis of a token grid, in turn, each with a norm and a residual.
+
+    Args:
+        channels: C.
+        token_shape: the token axes: ``(N,)`` for an image, ``(T, S)`` for video (space then time is
+            ``(T, S)`` mixed from the last axis to the first).
+        rank: hidden width of each axis' MLP.
+        norm: LayerNorm (over channels) before each mixing step.
+        dropout: hidden dropout.
+        size_hint: text naming the input size the mixer was built for (used in the error message).
+
+    Shapes: (B, prod(token_shape), C) -> same.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        token_shape: tuple[int, ...],
+        rank: int,
+        norm: bool = True,
+        dropout: float = 0.0,
+        size_hint: str = "",
+    ) -> None:
+        super().__init__()
+        self.token_shape = tuple(token_shape)
+        self.size_hint = size_hint
+        # One MLP per axis, applied from the innermost axis (space) to the outermost (time).
+        self.mlps = nn.ModuleList(LowRankMLP(n, rank, dropout) for n in reversed(self.token_shape))
+        self.norms = nn.ModuleList(nn.LayerNorm(channels) if norm else nn.Identity() for _ in self.token_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        if n != math.prod(self.token_shape):
+            raise ConfigError(
+                f"LoSA's token mixer was built for {math.prod(self.token_shape)} tokens {self.size_hint} but got "
+                f"{n}. Token mixing fixes the number of tokens: feed images of the size the model was built for, "
+                f"or build the model with img_size set to the new size."
+            )
+        grid = x.reshape(b, *self.token_shape, c)
+        axes = len(self.token_shape)
+        for k, (mlp, norm) in enumerate(zip(self.mlps, self.norms, strict=True)):
+            axis = axes - k  # token axes are 1..axes of (B, *token_shape, C); innermost first
+            mixed = mlp(norm(grid).movedim(axis, -1)).movedim(-1, axis)
+            grid = grid + mixed
+        return grid.reshape(b, n, c)
+
+
+class LowRankMixer(nn.Module):
+    """``g``: low-rank token mixing then low-rank channel mixing; returns the refinement only.
+
+    Shapes: (B, N, C) -> (B, N, C).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        token_shape: tuple[int, ...],
+        config: LoSAConfig,
+        size_hint: str = "",
+    ) -> None:
+        super().__init__()
+        self.token_mixing = LowRankTokenMixer(
+            channels, token_shape, config.token_rank, config.norm, config.dropout, size_hint
+        )
+        self.channel_norm = nn.LayerNorm(channels) if config.norm else nn.Identity()
+        self.channel_mixing = LowRankMLP(channels, config.channel_rank, config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.token_mixing(x)
+        y = y + self.channel_mixing(self.channel_norm(y))
+        return y - x
+
+
+class LoSA(SideMethod):
+    """The LoSA side network on a frozen ViT or Swin.
+
+    Args:
+        backbone: the frozen backbone.
+        config: ranks, tapped blocks, norms.
+    """
+
+    def __init__(self, backbone: FrozenBackbone, config: LoSAConfig) -> None:
+        super().__init__(backbone)
+        self.config = config
+        layout = self.layout
+        blocks = config.blocks if config.blocks is not None else tuple(range(layout.num_blocks))
+        bad = [i for i in blocks if not 0 <= i < layout.num_blocks]
+        if bad:
+            raise ConfigError(f"LoSA: blocks {bad} out of range for a backbone with {layout.num_blocks} blocks.")
+        self.blocks = tuple(blocks)
+        self.last_block = self.blocks[-1]
+        self.last_stage = layout.block_stage[self.last_block]
+        stage_ends = [max(layout.stage_blocks(s)) for s in range(self.last_stage)]
+        self.tap_request = TapRequest.of(out=set(self.blocks) | set(stage_ends))
+        h, w = layout.img_size
+        self.mixers = nn.ModuleDict()
+        for i in self.blocks:
+            s = layout.block_stage[i]
+            hint = f"({h}x{w} images: {layout.stage_grids[s][0]}x{layout.stage_grids[s][1]} grid"
+            hint += f" + {layout.num_prefix_tokens} prefix tokens)" if s == 0 and layout.num_prefix_tokens else ")"
+            self.mixers[str(i)] = LowRankMixer(layout.stage_dims[s], (layout.num_tokens(s),), config, hint)
+        final_norm = backbone.final_norm
+        reads_final = self.last_block == layout.num_blocks - 1
+        self.out_norm = (
+            copy.deepcopy(final_norm).requires_grad_(True)
+            if reads_final and final_norm is not None
+            else nn.LayerNorm(layout.stage_dims[self.last_stage])
+        )
+
+    def forward_taps(self, taps: Taps) -> Features:
+        layout = self.layout
+        a: torch.Tensor | None = None  # side state, a[0] = 0
+        stage = 0
+        for i in self.blocks:
+            s = layout.block_stage[i]
+            while stage < s:  # cross stage boundaries through the backbone's own downsampling
+                if a is not None:
+                    end = max(layout.stage_blocks(stage))
+                    a = carry_across_stage(
+                        a, taps.out[end], layout.stage_downsample[stage + 1], layout.stage_grids[stage]
+                    )
+                stage += 1
+            b = taps.out[i]
+            x = b if a is None else b + a
+            refinement = self.mixers[str(i)](x)
+            a = refinement if a is None else a + refinement
+        tokens = self.out_norm(taps.out[self.last_block] + a)
+        if self.last_block == layout.num_blocks - 1:
+            pooled = self.backbone.pool(to_final_format(tokens, layout))
+        else:
+            pooled = tokens[:, layout.num_prefix_tokens if self.last_stage == 0 else 0 :].mean(1)
+        return Features(
+            pooled=pooled,
+            tokens=tokens,
+            pyramid=[to_map(tokens, layout, self.last_stage)],
+            strides=[layout.stage_strides[self.last_stage]],
+        )
+
+
+def _build(backbone: FrozenBackbone, config: LoSAConfig, task: str) -> LoSA:
+    return LoSA(backbone, config)
+
+
+SPECS = [
+    MethodSpec(
+        name="losa",
+        description="LoSA: low-rank side network of token- and channel-mixing MLPs refining frozen block outputs",
+        kind="side",
+        config_cls=LoSAConfig,
+        build=_build,
+        families=("vit", "swin"),
+        why_not={
+            "cnn": "LoSA refines per-block token features and crosses stages through a downsampling module; "
+            "timm CNNs expose stage outputs only and downsample inside their blocks"
+        },
+    )
+]
