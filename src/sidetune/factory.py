@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .backbones import FrozenBackbone, create_timm_model, fingerprint, normalize_weights
+from .backbones import FrozenBackbone, TimmBackbone, create_timm_model, family_of, fingerprint, normalize_weights
 from .errors import ConfigError, FingerprintMismatchError, WeightsError, unknown_choice
 from .heads import ClassificationHead
 from .methods import get_method
@@ -71,24 +71,24 @@ def create(
         raise ConfigError(f"head_dropout must be in [0, 1), got {head_dropout!r}.")
     weights_spec = normalize_weights(weights)
     config = spec.make_config(**method_options)  # fail on bad options before building anything big
-    from .backbones import family_of
-
     spec.check_family(family_of(backbone).name, backbone)
     requested = img_size if img_size is None else _img_size(torch.nn.Identity(), img_size)
     timm_model, family = create_timm_model(
         backbone, weights=weights_spec, img_size=requested[0] if requested else None, model_kwargs=backbone_kwargs
     )
     size = _img_size(timm_model, requested)
-    frozen = FrozenBackbone(timm_model, family, size, name=backbone)
-    print_fp = fingerprint(frozen.model)
-    method_module = spec.build(frozen, config, task)
+    # Side methods get a backbone frozen for real; in-place methods unfreeze what they train.
+    backbone_cls = FrozenBackbone if spec.kind == "side" else TimmBackbone
+    wrapped = backbone_cls(timm_model, family, size, name=backbone)
+    backbone_fingerprint = fingerprint(wrapped.model)  # before any method touches the weights
+    method_module = spec.build(wrapped, config, task)
     in_features = _pooled_width(method_module, size)
     head = ClassificationHead(in_features, num_classes, head_dropout)
     model_config = ModelConfig(
         backbone=backbone,
         img_size=size,
         weights=weights_spec,
-        backbone_fingerprint=print_fp,
+        backbone_fingerprint=backbone_fingerprint,
         method=spec.name,
         method_config=dataclasses.asdict(config),
         task=task,

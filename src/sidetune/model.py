@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .backbones import FrozenBackbone
+from .backbones import TimmBackbone
 from .features import Features
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -69,7 +69,7 @@ class SidetuneModel(nn.Module):
         self.config = config
 
     @property
-    def backbone(self) -> FrozenBackbone:
+    def backbone(self) -> TimmBackbone:
         return self.method.backbone
 
     @property

@@ -107,8 +107,12 @@ def _to_tokens(x: torch.Tensor, fmt: str) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)  # nchw
 
 
-class FrozenBackbone(nn.Module):
-    """A timm model frozen for real, returning the activations a side network reads.
+class TimmBackbone(nn.Module):
+    """A timm model with taps: hooks on the blocks, the layout, and the model's own pooling.
+
+    This base class does not freeze anything and runs with autograd as the caller has it: in-place
+    methods (full fine-tuning, LoRA, ...) use it and unfreeze what they train. Side methods use
+    :class:`FrozenBackbone`.
 
     Args:
         model: a timm model without classifier (``num_classes=0``).
@@ -122,8 +126,7 @@ class FrozenBackbone(nn.Module):
         self.model = model
         self.family = family
         self.name = name or type(model).__name__
-        self.model.requires_grad_(False)
-        self.model.eval()
+        self.model.requires_grad_(False)  # methods unfreeze what they train
         self._blocks: list[BlockRef] = family.blocks(model)
         self._store: dict[str, dict[int, torch.Tensor]] | None = None
         self._request = TapRequest()
@@ -135,12 +138,10 @@ class FrozenBackbone(nn.Module):
                 ref.mlp.register_forward_hook(self._hook("mlp", i))
         self.layout = self._infer_layout(img_size)
 
-    # -- freezing ---------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> FrozenBackbone:
-        """Keep the backbone in eval mode whatever the caller asks (dropout, drop-path, BN stats stay off)."""
-        super().train(mode)
-        self.model.eval()
-        return self
+    @property
+    def blocks(self) -> list[BlockRef]:
+        """The tap points (blocks; stages for CNNs) in forward order."""
+        return list(self._blocks)
 
     @property
     def data_config(self) -> dict:
@@ -169,18 +170,20 @@ class FrozenBackbone(nn.Module):
             )
 
     def forward(self, images: torch.Tensor, request: TapRequest | None = None) -> Taps:
-        """Run the frozen backbone once, without autograd.
+        """Run the backbone once, keeping the requested taps (with autograd as the caller has it).
 
         Args:
             images: (B, 3, H, W) at the built size.
             request: which taps to keep (default: none, only ``final``).
         """
         self.check_input(images)
+        return self._run(images, request)
+
+    def _run(self, images: torch.Tensor, request: TapRequest | None) -> Taps:
         self._request = request or TapRequest()
         self._store = {"attn": {}, "mlp": {}, "out": {}}
         try:
-            with torch.no_grad():
-                final = self.model.forward_features(images)
+            final = self.model.forward_features(images)
             store = self._store
         finally:
             self._store = None
@@ -245,3 +248,27 @@ class FrozenBackbone(nn.Module):
             stage_downsample=self.family.stage_downsample(self.model),
             final_format=final_format,
         )
+
+
+class FrozenBackbone(TimmBackbone):
+    """A timm model frozen for real, returning the activations a side network reads.
+
+    Frozen means: eval mode that ``train()`` cannot undo (dropout, drop-path and BN statistics stay off),
+    no parameter requires grad, and the forward runs under ``torch.no_grad()``.
+    """
+
+    def __init__(self, model: nn.Module, family: Family, img_size: tuple[int, int], name: str = "") -> None:
+        super().__init__(model, family, img_size, name)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        """Keep the backbone in eval mode whatever the caller asks."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, request: TapRequest | None = None) -> Taps:
+        """Run the frozen backbone once, without autograd. See :meth:`TimmBackbone.forward`."""
+        self.check_input(images)
+        with torch.no_grad():
+            return self._run(images, request)
