@@ -50,6 +50,20 @@ class ModelConfig:
     head_dropout: float = 0.0
     sidetune_version: str = ""
 
+    def __post_init__(self) -> None:
+        # JSON has no tuples: normalise so that a loaded config equals the one that was saved.
+        self.img_size = tuple(self.img_size)
+        self.backbone_kwargs = _tuples(dict(self.backbone_kwargs))
+        self.method_config = _tuples(dict(self.method_config))
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return tuple(_tuples(v) for v in value)
+    return value
+
 
 class SidetuneModel(nn.Module):
     """A frozen backbone adapted by one method, with a task head.

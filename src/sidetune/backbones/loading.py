@@ -1,14 +1,17 @@
 """Loading a timm backbone: by hub name, from a local file, or random; and fingerprinting its weights.
 
-Local files go through timm's own pretrained-loading path (``pretrained_cfg_overlay=dict(file=PATH)``), so
-the family's checkpoint filter runs: position embeddings are resampled to the requested image size and
-classifier weights are dropped, exactly as for hub weights.
+Local files go through timm's own checkpoint loading (``timm.models.load_checkpoint``) with the family's own
+``checkpoint_filter_fn`` (the one timm applies to hub weights), so position embeddings are resampled to the
+requested image size. Unlike timm's pretrained path, which silently turns non-strict when the classifier
+is removed, every key must fit: classifier weights are dropped, anything else missing or unexpected is an
+error that lists the keys.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,37 +45,41 @@ def normalize_weights(weights: str | Path | bool | None) -> str | None:
     return str(path.resolve())
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
+def _show(keys: list[str]) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
-def _key_mismatch_error(model: nn.Module, path: str, err: Exception) -> WeightsError:
-    """Explain a weights file that does not fit: list missing and unexpected keys (timm's error is a wall)."""
+def load_weights_file(model: nn.Module, path: str) -> None:
+    """Load a local timm checkpoint strictly (but for the classifier), through the family's filter function.
+
+    Raises:
+        WeightsError: the file cannot be read, or its keys or shapes do not fit the model.
+    """
+    family_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+    def filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(tuple(c + "." for c in classifiers))}
+        return family_filter(state_dict, model) if family_filter is not None else state_dict
+
     try:
-        file_keys = set(_read_state_dict(path))
-    except Exception as read_err:
-        return WeightsError(f"could not read weights file {path!r}: {read_err}")
-    model_keys = set(model.state_dict())
-    missing = sorted(model_keys - file_keys)
-    unexpected = sorted(file_keys - model_keys)
-
-    def show(keys: list[str]) -> str:
-        return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
-
-    detail = str(err).splitlines()[0][:300]
-    return WeightsError(
-        f"weights file {path!r} does not fit the model. Missing keys: {show(missing)}. "
-        f"Unexpected keys: {show(unexpected)}. (timm said: {detail}) Check that the file holds weights of this "
-        f"architecture in timm's key names."
-    )
+        result = timm.models.load_checkpoint(model, path, strict=False, filter_fn=filter_fn)
+    except RuntimeError as err:  # shape mismatches raise even when not strict
+        lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+        detail = "; ".join(lines[:4]) or str(err).splitlines()[0][:300]
+        raise WeightsError(f"weights file {path!r} does not fit the model: {detail}") from None
+    except Exception as err:  # an unreadable or corrupt file is the user's file problem
+        raise WeightsError(f"could not read weights file {path!r}: {err}") from None
+    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    if missing or unexpected:
+        raise WeightsError(
+            f"weights file {path!r} does not fit the model. Missing keys: {_show(missing)}. "
+            f"Unexpected keys: {_show(unexpected)}. Check that the file holds weights of this architecture "
+            f"in timm's key names."
+        )
 
 
 def create_timm_model(
@@ -97,18 +104,12 @@ def create_timm_model(
     kwargs: dict[str, Any] = dict(model_kwargs or {})
     if img_size is not None and family.accepts_img_size:
         kwargs["img_size"] = img_size
-    pretrained = weights is not None
-    if weights is not None and weights != HUB:
-        kwargs["pretrained_cfg_overlay"] = dict(file=weights)
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-    except RuntimeError as err:
-        if weights is not None and weights != HUB and ("state_dict" in str(err) or "size mismatch" in str(err)):
-            model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-            raise _key_mismatch_error(model, weights, err) from None
-        raise
+        model = timm.create_model(name, pretrained=weights == HUB, num_classes=0, **kwargs)
     except TypeError as err:
         raise ConfigError(f"timm could not build {name!r} with options {sorted(kwargs)}: {err}") from None
+    if weights is not None and weights != HUB:
+        load_weights_file(model, weights)
     if not family.model_check(model):
         raise ConfigError(
             f"backbone {name!r} matched the {family.name!r} family by name but timm built a "

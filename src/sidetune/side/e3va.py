@@ -63,8 +63,9 @@ class E3VAConfig:
         bottleneck_ratio: adapter width ``m`` as a fraction of the stage width ``C``.
         bottleneck: fixed adapter width for every stage, overriding ``bottleneck_ratio``.
         dropout: dropout on the adapter's hidden activation.
-        out_stages: stages whose adapted output is produced (and gets a trainable norm); None = all stages.
-            Classification reads only the last stage, so ``create`` passes the last stage for it.
+        out_stages: stages whose adapted output is produced (and gets a trainable norm). None = the task's
+            default: the last stage for classification (the only one a classifier reads), all stages for
+            dense tasks (the paper's FPN input).
         copy_final_norm: start the last stage's output norm from the backbone's final norm.
     """
 
