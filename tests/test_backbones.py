@@ -149,3 +149,21 @@ def test_corrupt_weights_file_is_reported_not_a_torch_traceback(tmp_path) -> Non
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(sidetune.WeightsError, match=r"could not read weights file .*broken.safetensors"):
         sidetune.create("test_vit", "linear", num_classes=3, img_size=64, weights=path)
+
+
+@pytest.mark.parametrize("weights", ["hub", "pretrained", True])
+def test_hub_weights_go_through_timms_pretrained_loading(monkeypatch, weights) -> None:
+    """Downloads are impossible offline; check that 'hub' asks timm for its pretrained weights."""
+    import timm
+
+    seen = {}
+    real_create = timm.create_model
+
+    def fake_create(name, pretrained=False, **kwargs):
+        seen.update(pretrained=pretrained, **kwargs)
+        return real_create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", fake_create)
+    model = sidetune.create("test_vit", "linear", num_classes=3, img_size=64, weights=weights)
+    assert seen["pretrained"] is True and seen["num_classes"] == 0 and "pretrained_cfg_overlay" not in seen
+    assert model.config.weights == "hub"
