@@ -18,7 +18,7 @@ from sidetune.side.losa import LoSAConfig
 
 from conftest import TINY_BACKBONES, TRANSFORMERS, images, tiny
 
-SIDE_METHODS = ("linear", "losa", "e3va", "e3va+", "e3va++")
+SIDE_METHODS = ("linear", "losa", "e3va", "e3va+", "e3va++", "lst")
 
 
 def _perturb(module: torch.nn.Module, seed: int = 1) -> None:

@@ -8,6 +8,7 @@ is an ``nn.Module`` mapping images to :class:`~sidetune.features.Features`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,9 +75,20 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 
 def _builtin_specs() -> list[MethodSpec]:
-    from .side import e3va, linear, losa
+    from .inplace import adapter, adaptformer, lora, selective, vpt
+    from .side import e3va, linear, losa, lst
 
-    return [*linear.SPECS, *losa.SPECS, *e3va.SPECS]
+    return [
+        *linear.SPECS,
+        *losa.SPECS,
+        *e3va.SPECS,
+        *lst.SPECS,
+        *selective.SPECS,
+        *lora.SPECS,
+        *adapter.SPECS,
+        *adaptformer.SPECS,
+        *vpt.SPECS,
+    ]
 
 
 def _ensure_builtins() -> None:
@@ -86,9 +98,13 @@ def _ensure_builtins() -> None:
 
 
 def get_method(name: str) -> MethodSpec:
-    """Look a method up by name; an unknown name lists the valid ones."""
+    """Look a method up by name; an unknown name lists the valid ones. ``partial-k`` works for any k."""
     _ensure_builtins()
     if name not in _REGISTRY:
+        # partial-k for any k: the registered partial-1 with k set (see sidetune.inplace.selective).
+        match = re.fullmatch(r"partial-(\d+)", name)
+        if match:
+            return dataclasses.replace(_REGISTRY["partial-1"], name=name, defaults={"k": int(match.group(1))})
         raise unknown_choice("method", name, _REGISTRY, hint="See sidetune.list_methods().")
     return _REGISTRY[name]
 

@@ -1,15 +1,18 @@
-"""Backprop-free methods: the side network reads taps of a frozen backbone (E3VA, LoSA, linear probe)."""
+"""Backprop-free methods: the side network reads taps of a frozen backbone (E3VA, LoSA, LST, linear probe)."""
 
-from .base import SideMethod, carry_across_stage
+from .base import SideMethod, carry_across_stage, features_from_final
 from .e3va import E3VA, DualLowRankLinear, E3VAAdapter, E3VAConfig
 from .linear import LinearConfig, LinearProbe
 from .losa import LoSA, LoSAConfig, LowRankMixer, LowRankTokenMixer
+from .lst import LST, LSTConfig
 
 __all__ = [
     "E3VA",
+    "LST",
     "DualLowRankLinear",
     "E3VAAdapter",
     "E3VAConfig",
+    "LSTConfig",
     "LinearConfig",
     "LinearProbe",
     "LoSA",
@@ -18,4 +21,5 @@ __all__ = [
     "LowRankTokenMixer",
     "SideMethod",
     "carry_across_stage",
+    "features_from_final",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backbones import FrozenBackbone, TapLayout, TapRequest, Taps
+from ..backbones import FrozenBackbone, TapLayout, TapRequest, Taps, TimmBackbone
 from ..features import Features
 
 
@@ -76,3 +76,30 @@ def to_map(tokens: torch.Tensor, layout: TapLayout, stage: int) -> torch.Tensor:
     h, w = layout.stage_grids[stage]
     patches = tokens[:, layout.num_prefix_tokens :] if stage == 0 else tokens
     return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)
+
+
+def features_from_final(backbone: TimmBackbone, final: torch.Tensor) -> Features:
+    """Features of a backbone's own ``forward_features`` output: the linear probe's and every in-place method's.
+
+    Pooling is the backbone's own (class token, average or attention pool, with its pre-logits norm). The last
+    stage's tokens become the single pyramid level when they cover the whole grid (ViT, Swin, CNN maps).
+
+    Args:
+        backbone: the backbone that produced ``final`` (frozen or not: autograd is as the caller has it).
+        final: ``forward_features`` output in the layout ``backbone.layout.final_format``.
+    """
+    layout = backbone.layout
+    if layout.final_format == "nlc":
+        tokens = final
+    elif layout.final_format == "nhwc":
+        tokens = final.flatten(1, 2)
+    else:
+        tokens = final.flatten(2).transpose(1, 2)
+    last = layout.num_stages - 1
+    pyramid = [to_map(tokens, layout, last)] if tokens.shape[1] == layout.num_tokens(last) else None
+    return Features(
+        pooled=backbone.pool(final),
+        tokens=tokens,
+        pyramid=pyramid,
+        strides=[layout.stage_strides[last]] if pyramid else None,
+    )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..backbones import FrozenBackbone, Taps
 from ..features import Features
 from ..methods import MethodSpec
-from .base import SideMethod, to_map
+from .base import SideMethod, features_from_final
 
 
 @dataclass
@@ -27,22 +27,7 @@ class LinearProbe(SideMethod):
         self.config = config
 
     def forward_taps(self, taps: Taps) -> Features:
-        layout = self.layout
-        final = taps.final
-        if layout.final_format == "nlc":
-            tokens = final
-        elif layout.final_format == "nhwc":
-            tokens = final.flatten(1, 2)
-        else:
-            tokens = final.flatten(2).transpose(1, 2)
-        last = layout.num_stages - 1
-        pyramid = [to_map(tokens, layout, last)] if tokens.shape[1] == layout.num_tokens(last) else None
-        return Features(
-            pooled=self.backbone.pool(final),
-            tokens=tokens,
-            pyramid=pyramid,
-            strides=[layout.stage_strides[last]] if pyramid else None,
-        )
+        return features_from_final(self.backbone, taps.final)
 
 
 SPECS = [
