@@ -15,10 +15,13 @@ from safetensors.torch import load_file
 from .backbones import FrozenBackbone, TimmBackbone, create_timm_model, family_of, fingerprint, normalize_weights
 from .errors import ConfigError, FingerprintMismatchError, WeightsError, unknown_choice
 from .heads import ClassificationHead
+from .heads.detection import build_detector
+from .heads.segmentation import UPerNetHead
 from .methods import get_method
 from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelConfig, SidetuneModel
 
-TASKS = ("classification",)
+TASKS = ("classification", "segmentation", "detection", "instance")
+DETECTORS = {"detection": ("faster_rcnn", "retinanet"), "instance": ("mask_rcnn",)}
 
 
 def _img_size(model: torch.nn.Module, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
@@ -42,6 +45,7 @@ def create(
     img_size: int | tuple[int, int] | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
     head_dropout: float = 0.0,
+    head_options: dict[str, Any] | None = None,
     **method_options: Any,
 ) -> SidetuneModel:
     """Build a frozen timm backbone adapted by ``method``, with a task head.
@@ -49,18 +53,24 @@ def create(
     Args:
         backbone: timm model name of a supported family (see :func:`sidetune.list_backbones`).
         method: method name (see :func:`sidetune.list_methods`), e.g. ``"losa"``, ``"e3va"``.
-        task: ``"classification"``.
-        num_classes: classifier size.
+        task: ``"classification"``, ``"segmentation"`` (UPerNet on the method's pyramid), ``"detection"``
+            (torchvision Faster R-CNN, or RetinaNet with ``head_options={"detector": "retinanet"}``) or
+            ``"instance"`` (Mask R-CNN).
+        num_classes: number of classes (for detection: object classes, without the background).
         weights: None for a random backbone, ``"hub"`` for timm's pretrained weights (downloads on first
             use), or a path to a ``.safetensors`` / ``.pth`` file of timm weights (position embeddings are
             resampled to ``img_size`` by timm).
         img_size: input size (default: the timm model's default).
         backbone_kwargs: extra ``timm.create_model`` arguments (e.g. a tiny ``depth``).
         head_dropout: dropout before the classifier.
+        head_options: options of the task head: ``UPerNetHead`` arguments (``channels``, ``pool_scales``,
+            ``dropout``) for segmentation; ``detector`` and ``build_detector`` arguments (``fpn_channels``,
+            ``anchor_sizes``, ``box_head_dim``, ...) for detection.
         **method_options: fields of the method's config dataclass (e.g. ``alpha=16``, ``channel_rank=8``).
 
     Returns:
-        A :class:`SidetuneModel` mapping (B, 3, H, W) images to (B, num_classes) logits.
+        A :class:`SidetuneModel`: images to (B, num_classes) logits (classification), (B, num_classes, H, W)
+        logits (segmentation), or a torchvision detector's losses / detections (detection, instance).
     """
     spec = get_method(method)
     if task not in TASKS:
@@ -82,8 +92,8 @@ def create(
     wrapped = backbone_cls(timm_model, family, size, name=backbone)
     backbone_fingerprint = fingerprint(wrapped.model)  # before any method touches the weights
     method_module = spec.build(wrapped, config, task)
-    in_features = _pooled_width(method_module, size)
-    head = ClassificationHead(in_features, num_classes, head_dropout)
+    head_options = dict(head_options or {})
+    head = _build_head(task, method_module, num_classes, size, head_dropout, dict(head_options))
     model_config = ModelConfig(
         backbone=backbone,
         img_size=size,
@@ -95,9 +105,51 @@ def create(
         num_classes=num_classes,
         backbone_kwargs=dict(backbone_kwargs or {}),
         head_dropout=head_dropout,
+        head_options=head_options,
         sidetune_version=_version(),
     )
     return SidetuneModel(method_module, head, model_config)
+
+
+def _build_head(
+    task: str,
+    method_module: torch.nn.Module,
+    num_classes: int,
+    size: tuple[int, int],
+    head_dropout: float,
+    options: dict[str, Any],
+) -> torch.nn.Module:
+    """The task head, built from the method's declared pyramid (dense) or pooled width (classification)."""
+    if task == "classification":
+        if options:
+            raise ConfigError(f"classification takes no head_options (got {sorted(options)}); use head_dropout.")
+        return ClassificationHead(_pooled_width(method_module, size), num_classes, head_dropout)
+    spec = method_module.pyramid_spec()
+    stage_norms = not method_module.pyramid_normalized  # E3VA normalises its stages itself (the paper's norms)
+    if task == "segmentation":
+        try:
+            return UPerNetHead(spec, num_classes, stage_norms=stage_norms, **options)
+        except TypeError as err:
+            raise ConfigError(f"segmentation head_options: {err}") from None
+    kinds = DETECTORS[task]
+    kind = options.pop("detector", kinds[0])
+    if kind not in kinds:
+        raise unknown_choice(f"{task} detector", kind, kinds)
+    data = method_module.backbone.data_config
+    try:
+        return build_detector(
+            kind,
+            method_module,
+            spec,
+            num_classes + 1,  # torchvision counts the background as class 0
+            size,
+            image_mean=data["mean"],
+            image_std=data["std"],
+            stage_norms=stage_norms,
+            **options,
+        )
+    except TypeError as err:
+        raise ConfigError(f"{task} head_options: {err}") from None
 
 
 def _pooled_width(method_module: torch.nn.Module, size: tuple[int, int]) -> int:
@@ -156,6 +208,7 @@ def load(
         img_size=tuple(config.img_size),
         backbone_kwargs=config.backbone_kwargs,
         head_dropout=config.head_dropout,
+        head_options=config.head_options,
         **config.method_config,
     )
     found = model.config.backbone_fingerprint

@@ -32,9 +32,10 @@ class ModelConfig:
         backbone_fingerprint: SHA-256 of the backbone weights the adapter was trained on.
         method: registry name of the method.
         method_config: the method's resolved config.
-        task: ``classification``.
-        num_classes: classifier size.
+        task: ``classification``, ``segmentation``, ``detection`` or ``instance``.
+        num_classes: number of classes (detection: object classes, without the background).
         head_dropout: dropout before the classifier.
+        head_options: options of the dense task heads.
         sidetune_version: version that wrote the checkpoint.
     """
 
@@ -48,6 +49,7 @@ class ModelConfig:
     num_classes: int
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     head_dropout: float = 0.0
+    head_options: dict[str, Any] = field(default_factory=dict)
     sidetune_version: str = ""
 
     def __post_init__(self) -> None:
@@ -55,6 +57,7 @@ class ModelConfig:
         self.img_size = tuple(self.img_size)
         self.backbone_kwargs = _tuples(dict(self.backbone_kwargs))
         self.method_config = _tuples(dict(self.method_config))
+        self.head_options = _tuples(dict(self.head_options))
 
 
 def _tuples(value: Any) -> Any:
@@ -68,7 +71,11 @@ def _tuples(value: Any) -> Any:
 class SidetuneModel(nn.Module):
     """A frozen backbone adapted by one method, with a task head.
 
-    ``forward(images)`` returns logits; ``features(images)`` returns the method's :class:`Features`.
+    ``forward(images)`` returns class logits (classification) or per-pixel logits at the image size
+    (segmentation). For detection and instance segmentation the head is a torchvision detector that calls
+    the method itself: ``forward(images, targets)`` takes a list of (3, H, W) images in [0, 1] and returns
+    its loss dict in train mode, its detections in eval mode. ``features(images)`` returns the method's
+    :class:`Features` in every case.
 
     Args:
         method: the method module (owns the backbone).
@@ -94,8 +101,22 @@ class SidetuneModel(nn.Module):
     def features(self, images: torch.Tensor) -> Features:
         return self.method(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, num_classes) logits."""
+    @property
+    def task(self) -> str:
+        return self.config.task
+
+    def forward(self, images, targets=None):
+        """Classification: (B, 3, H, W) -> (B, num_classes). Segmentation: -> (B, num_classes, H, W).
+
+        Detection / instance: list of (3, H, W) images in [0, 1] (and targets in train mode) -> losses or
+        detections, as torchvision's detectors.
+        """
+        if self.config.task in ("detection", "instance"):
+            return self.head(images, targets)
+        if targets is not None:
+            raise TypeError(f"{self.config.task} models take images only; compute the loss from the logits.")
+        if self.config.task == "segmentation":
+            return self.head(self.method(images), size=tuple(images.shape[-2:]))
         return self.head(self.method(images))
 
     # -- parameters ---------------------------------------------------------------------------------------

@@ -249,3 +249,15 @@ class PyramidNeck(nn.Module):
     def forward(self, features: Features | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``Features`` (or its pyramid) -> list of (B, C_i, H_i, W_i) maps of ``out_spec``."""
         return self.simple(self.norms(_pyramid_of(features, "PyramidNeck")))
+
+
+def stage_pyramid_spec(layout, stages: Sequence[int]) -> PyramidSpec:
+    """The declared pyramid of a method whose levels are backbone stages: their widths and strides.
+
+    Args:
+        layout: the backbone's :class:`~sidetune.backbones.TapLayout`.
+        stages: the stages that make the pyramid, fine to coarse.
+    """
+    return PyramidSpec(
+        channels=tuple(layout.stage_dims[s] for s in stages), strides=tuple(layout.stage_strides[s] for s in stages)
+    )

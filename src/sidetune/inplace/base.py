@@ -22,7 +22,8 @@ from torch import nn
 from ..backbones import TapRequest, TimmBackbone
 from ..errors import ConfigError
 from ..features import Features
-from ..side.base import features_from_final, to_map
+from ..heads.pyramid import PyramidSpec, stage_pyramid_spec
+from ..side.base import dense_stage_ends, features_from_final, stage_pyramid
 
 
 @dataclass
@@ -68,10 +69,10 @@ class InplaceMethod(nn.Module):
         self.backbone = backbone
         self.config = config
         layout = backbone.layout
-        self.stage_ends = (
-            () if task == "classification" else tuple(max(layout.stage_blocks(s)) for s in range(layout.num_stages))
-        )
+        self.stage_ends = dense_stage_ends(layout, task)
         self.tap_request = TapRequest.of(out=self.stage_ends)
+        last = layout.num_stages - 1
+        self.pyramid_stages = tuple(range(last + 1)) if self.stage_ends else (last,)
         if config.grad_checkpointing:
             enable_grad_checkpointing(backbone)
         self.train(backbone.model.training)  # timm builds models in train mode: freeze BN statistics now
@@ -83,14 +84,19 @@ class InplaceMethod(nn.Module):
                 stacklevel=3,
             )
 
+    pyramid_normalized = False
+
+    def pyramid_spec(self) -> PyramidSpec:
+        """Channels and strides of ``Features.pyramid`` (raw stage outputs: the head adds stage norms)."""
+        return stage_pyramid_spec(self.backbone.layout, self.pyramid_stages)
+
     def forward(self, images: torch.Tensor) -> Features:
         """(B, 3, H, W) images -> Features, with autograd through the backbone."""
         taps = self.backbone(images, self.tap_request)
         features = features_from_final(self.backbone, taps.final)
         if self.stage_ends:
-            layout = self.backbone.layout
-            features.pyramid = [to_map(taps.out[end], layout, s) for s, end in enumerate(self.stage_ends)]
-            features.strides = list(layout.stage_strides)
+            features.pyramid = stage_pyramid(taps, self.stage_ends)
+            features.strides = list(self.backbone.layout.stage_strides)
         return features
 
     def train(self, mode: bool = True) -> InplaceMethod:

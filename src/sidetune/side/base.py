@@ -7,6 +7,7 @@ from torch import nn
 
 from ..backbones import FrozenBackbone, TapLayout, TapRequest, Taps, TimmBackbone
 from ..features import Features
+from ..heads.pyramid import PyramidSpec, stage_pyramid_spec
 
 
 class SideMethod(nn.Module):
@@ -14,17 +15,27 @@ class SideMethod(nn.Module):
 
     The backbone runs once under ``torch.no_grad()``; all trainable parameters live in the subclass, so
     ``loss.backward()`` never enters the backbone.
+
+    Dense heads are built from the declared pyramid, never from a forward: ``pyramid_stages`` are the
+    backbone stages whose (adapted) outputs make ``Features.pyramid``, and ``pyramid_normalized`` says
+    whether the method already normalises them (E3VA's trainable stage norms) or the head should add norms.
     """
 
     tap_request: TapRequest = TapRequest()
+    pyramid_normalized: bool = False
 
     def __init__(self, backbone: FrozenBackbone) -> None:
         super().__init__()
         self.backbone = backbone
+        self.pyramid_stages: tuple[int, ...] = (backbone.layout.num_stages - 1,)
 
     @property
     def layout(self) -> TapLayout:
         return self.backbone.layout
+
+    def pyramid_spec(self) -> PyramidSpec:
+        """Channels and strides of ``Features.pyramid``, fine to coarse."""
+        return stage_pyramid_spec(self.layout, self.pyramid_stages)
 
     def forward(self, images: torch.Tensor) -> Features:
         """(B, 3, H, W) images -> Features."""
@@ -76,6 +87,18 @@ def to_map(tokens: torch.Tensor, layout: TapLayout, stage: int) -> torch.Tensor:
     h, w = layout.stage_grids[stage]
     patches = tokens[:, layout.num_prefix_tokens :] if stage == 0 else tokens
     return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)
+
+
+def dense_stage_ends(layout: TapLayout, task: str) -> tuple[int, ...]:
+    """The last block of every stage for a dense task (their outputs make the pyramid), none otherwise."""
+    if task == "classification":
+        return ()
+    return tuple(max(layout.stage_blocks(s)) for s in range(layout.num_stages))
+
+
+def stage_pyramid(taps: Taps, stage_ends: tuple[int, ...]) -> list[torch.Tensor]:
+    """The raw stage outputs ``taps.out[end]`` as (B, C, H, W) maps, fine to coarse."""
+    return [to_map(taps.out[end], taps.layout, s) for s, end in enumerate(stage_ends)]
 
 
 def features_from_final(backbone: TimmBackbone, final: torch.Tensor) -> Features:

@@ -142,6 +142,9 @@ class E3VAAdapter(nn.Module):
 class E3VA(SideMethod):
     """The E3VA side network on a frozen ViT or Swin.
 
+    Its pyramid is ``norm_s(l_s + delta_s)`` for each of ``out_stages`` (the paper's FPN input, fig. 2),
+    already normalised by E3VA's own trainable norms.
+
     Args:
         backbone: the frozen backbone.
         config: sizes and options.
@@ -158,6 +161,8 @@ class E3VA(SideMethod):
             raise ConfigError(f"E3VA: out_stages {bad} out of range for a backbone with {layout.num_stages} stages.")
         self.out_stages = tuple(sorted(set(out_stages)))
         self.last_stage = max(self.out_stages)
+        self.pyramid_stages = self.out_stages
+        self.pyramid_normalized = True
         # Blocks after the last stage that is read cannot influence the output: leave them out.
         blocks = [i for i in range(n) if layout.block_stage[i] <= self.last_stage]
         stage_ends = [max(layout.stage_blocks(s)) for s in range(self.last_stage + 1)]
@@ -212,8 +217,9 @@ class E3VA(SideMethod):
 
 
 def _build(backbone: FrozenBackbone, config: E3VAConfig, task: str) -> E3VA:
-    if config.out_stages is None and task == "classification":
-        config.out_stages = (backbone.layout.num_stages - 1,)
+    if config.out_stages is None:
+        last = backbone.layout.num_stages - 1
+        config.out_stages = (last,) if task == "classification" else tuple(range(last + 1))
     return E3VA(backbone, config)
 
 

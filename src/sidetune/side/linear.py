@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..backbones import FrozenBackbone, Taps
+from ..backbones import FrozenBackbone, TapRequest, Taps
 from ..features import Features
 from ..methods import MethodSpec
-from .base import SideMethod, features_from_final
+from .base import SideMethod, dense_stage_ends, features_from_final, stage_pyramid
 
 
 @dataclass
@@ -22,12 +22,20 @@ class LinearConfig:
 class LinearProbe(SideMethod):
     """Frozen features, pooled by the backbone's own head logic (class token, average or attention pool)."""
 
-    def __init__(self, backbone: FrozenBackbone, config: LinearConfig) -> None:
+    def __init__(self, backbone: FrozenBackbone, config: LinearConfig, task: str = "classification") -> None:
         super().__init__(backbone)
         self.config = config
+        self.stage_ends = dense_stage_ends(self.layout, task)
+        if self.stage_ends:  # dense tasks read every stage's output (normalised by the head's stage norms)
+            self.tap_request = TapRequest.of(out=self.stage_ends)
+            self.pyramid_stages = tuple(range(self.layout.num_stages))
 
     def forward_taps(self, taps: Taps) -> Features:
-        return features_from_final(self.backbone, taps.final)
+        features = features_from_final(self.backbone, taps.final)
+        if self.stage_ends:
+            features.pyramid = stage_pyramid(taps, self.stage_ends)
+            features.strides = [self.layout.stage_strides[s] for s in self.pyramid_stages]
+        return features
 
 
 SPECS = [
@@ -36,7 +44,7 @@ SPECS = [
         description="Fixed / linear probe: only the head trains on frozen pooled features",
         kind="side",
         config_cls=LinearConfig,
-        build=lambda backbone, config, task: LinearProbe(backbone, config),
+        build=lambda backbone, config, task: LinearProbe(backbone, config, task),
         families=("vit", "swin", "cnn"),
     )
 ]

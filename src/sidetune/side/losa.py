@@ -170,12 +170,16 @@ class LowRankMixer(nn.Module):
 class LoSA(SideMethod):
     """The LoSA side network on a frozen ViT or Swin.
 
+    For classification the pyramid is the head input's map. For dense tasks it is the refined output
+    ``b + a`` at the end of every stage up to the last tapped block (raw, for the head's stage norms).
+
     Args:
         backbone: the frozen backbone.
         config: ranks, tapped blocks, norms.
+        task: ``classification`` or a dense task.
     """
 
-    def __init__(self, backbone: FrozenBackbone, config: LoSAConfig) -> None:
+    def __init__(self, backbone: FrozenBackbone, config: LoSAConfig, task: str = "classification") -> None:
         super().__init__(backbone)
         self.config = config
         layout = self.layout
@@ -188,6 +192,8 @@ class LoSA(SideMethod):
         self.last_stage = layout.block_stage[self.last_block]
         stage_ends = [max(layout.stage_blocks(s)) for s in range(self.last_stage)]
         self.tap_request = TapRequest.of(out=set(self.blocks) | set(stage_ends))
+        self.dense = task != "classification"
+        self.pyramid_stages = tuple(range(self.last_stage + 1)) if self.dense else (self.last_stage,)
         h, w = layout.img_size
         self.mixers = nn.ModuleDict()
         for i in self.blocks:
@@ -202,16 +208,20 @@ class LoSA(SideMethod):
             if reads_final and final_norm is not None
             else nn.LayerNorm(layout.stage_dims[self.last_stage])
         )
+        if self.dense:  # dense heads read the raw pyramid, not the pooled head input: nothing to train here
+            self.out_norm.requires_grad_(False)
 
     def forward_taps(self, taps: Taps) -> Features:
         layout = self.layout
         a: torch.Tensor | None = None  # side state, a[0] = 0
         stage = 0
+        stage_outputs: list[torch.Tensor] = []  # refined b + a at each finished stage's end (dense tasks)
         for i in self.blocks:
             s = layout.block_stage[i]
             while stage < s:  # cross stage boundaries through the backbone's own downsampling
+                end = max(layout.stage_blocks(stage))
+                stage_outputs.append(taps.out[end] if a is None else taps.out[end] + a)
                 if a is not None:
-                    end = max(layout.stage_blocks(stage))
                     a = carry_across_stage(
                         a, taps.out[end], layout.stage_downsample[stage + 1], layout.stage_grids[stage]
                     )
@@ -225,16 +235,21 @@ class LoSA(SideMethod):
             pooled = self.backbone.pool(to_final_format(tokens, layout))
         else:
             pooled = tokens[:, layout.num_prefix_tokens if self.last_stage == 0 else 0 :].mean(1)
+        if self.dense:
+            stage_outputs.append(taps.out[self.last_block] + a)
+            pyramid = [to_map(x, layout, st) for st, x in enumerate(stage_outputs)]
+        else:
+            pyramid = [to_map(tokens, layout, self.last_stage)]
         return Features(
             pooled=pooled,
             tokens=tokens,
-            pyramid=[to_map(tokens, layout, self.last_stage)],
-            strides=[layout.stage_strides[self.last_stage]],
+            pyramid=pyramid,
+            strides=[layout.stage_strides[st] for st in self.pyramid_stages],
         )
 
 
 def _build(backbone: FrozenBackbone, config: LoSAConfig, task: str) -> LoSA:
-    return LoSA(backbone, config)
+    return LoSA(backbone, config, task)
 
 
 SPECS = [
