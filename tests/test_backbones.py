@@ -40,10 +40,10 @@ def test_unknown_method_lists_the_methods() -> None:
 @pytest.mark.parametrize(
     ("method", "options", "pattern"),
     [
-        ("losa", {"channel_rank": 0}, "channel_rank must be a positive number, got 0"),
-        ("losa", {"token_rank": -2}, "token_rank must be a positive number, got -2"),
-        ("e3va", {"alpha": 0}, "alpha must be a positive number, got 0"),
-        ("e3va", {"bottleneck": -1}, "bottleneck must be a positive number"),
+        ("losa", {"channel_rank": 0}, "channel_rank must be a positive integer, got 0"),
+        ("losa", {"token_rank": -2}, "token_rank must be a positive integer, got -2"),
+        ("e3va", {"alpha": 0}, "alpha must be a positive integer, got 0"),
+        ("e3va", {"bottleneck": -1}, "bottleneck must be a positive integer"),
         ("losa", {"rank": 4}, r"no option\(s\) rank. Its options: blocks, channel_rank"),
         ("losa", {"blocks": (7,)}, r"blocks \[7\] out of range for a backbone with 6 blocks"),
     ],
@@ -167,3 +167,46 @@ def test_hub_weights_go_through_timms_pretrained_loading(monkeypatch, weights) -
     model = sidetune.create("test_vit", "linear", num_classes=3, img_size=64, weights=weights)
     assert seen["pretrained"] is True and seen["num_classes"] == 0 and "pretrained_cfg_overlay" not in seen
     assert model.config.weights == "hub"
+
+
+@pytest.mark.e2e
+def test_building_a_model_leaves_pretrained_batchnorm_statistics_untouched() -> None:
+    """timm builds models in train mode; the layout probe must not update BN running statistics."""
+    path = require_asset(EFFICIENTNET_WEIGHTS)
+    file = load_file(str(path))
+    for method in ("linear", "lora"):
+        model = sidetune.create("efficientnet_lite0", method, num_classes=3, img_size=96, weights=path)
+        stats = {k: v for k, v in model.backbone.model.state_dict().items() if "running_" in k}
+        assert len(stats) == 98
+        assert all(torch.equal(v, file[k].to(v.dtype)) for k, v in stats.items())
+
+
+@pytest.mark.parametrize(("key", "size"), [("vit", (64, 96)), ("swin", (64, 128))])
+def test_non_square_image_sizes(key: str, size: tuple[int, int]) -> None:
+    from conftest import TINY_BACKBONES
+
+    name, kwargs, _ = TINY_BACKBONES[key]
+    model = sidetune.create(name, "losa", num_classes=3, img_size=size, backbone_kwargs=kwargs)
+    assert model.backbone.layout.img_size == size
+    assert model(torch.randn(2, 3, *size)).shape == (2, 3)
+    with pytest.raises(sidetune.ConfigError, match=r"built for 64x\d+ images but got 96x64.*img_size=\(96, 64\)"):
+        model(torch.randn(1, 3, 96, 64))
+
+
+@pytest.mark.parametrize(
+    ("bad", "pattern"),
+    [
+        ([torch.zeros(3, 64, 64)], r"expected a \(B, 3, H, W\) tensor of images, got list"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), r"images are torch.uint8 but the backbone is torch.float32"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.float64), r"images are torch.float64"),
+    ],
+)
+def test_wrong_image_type_or_dtype_gets_a_clear_error(bad, pattern: str) -> None:
+    with pytest.raises(sidetune.ConfigError, match=pattern):
+        tiny("vit", "e3va")(bad)
+
+
+def test_cnn_dense_models_also_refuse_other_sizes() -> None:
+    model = tiny("convnext", "linear", task="segmentation", head_options={"channels": 16})
+    with pytest.raises(sidetune.ConfigError, match=r"built for 64x64 images but got 96x96"):
+        model(torch.randn(1, 3, 96, 96))

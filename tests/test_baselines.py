@@ -559,7 +559,7 @@ def test_unsupported_family_fails_with_the_reason(key: str, method: str, reason:
 
 
 def test_bad_options_fail_early() -> None:
-    with pytest.raises(sidetune.ConfigError, match="LoRA: r must be a positive number"):
+    with pytest.raises(sidetune.ConfigError, match="LoRA: r must be a positive integer"):
         tiny("vit", "lora", r=0)
     with pytest.raises(sidetune.ConfigError, match="positions must be distinct names"):
         tiny("vit", "adapter", positions=("ffn",))

@@ -90,7 +90,7 @@ def test_declared_spec_matches_the_method_features(swin):
 
 
 def test_simple_feature_pyramid_on_a_vit_level():
-    vit = tiny("vit", "e3va")
+    vit = tiny("vit", "e3va", task="segmentation", head_options={"channels": 16})
     spec = spec_of(vit)
     assert spec == PyramidSpec((64,), (16,))
     sfp = SimpleFeaturePyramid(spec, 24)
@@ -136,7 +136,11 @@ def test_stage_norms_and_neck():
 # -- segmentation ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key", ["swin", "vit", "dinov2_reg"])
 def test_upernet_logits_have_the_image_size(key, swin):
-    model = swin if key == "swin" else tiny(key, "e3va" if key == "vit" else "losa")
+    model = (
+        swin
+        if key == "swin"
+        else tiny(key, "e3va" if key == "vit" else "losa", task="segmentation", head_options={"channels": 16})
+    )
     x = images(key)
     head = UPerNetHead(spec_of(model), 5, channels=16)
     logits = head(model.features(x))
@@ -451,7 +455,7 @@ def test_bccd_through_faster_rcnn_and_coco_eval(swin):
 
 
 def test_retinanet_on_a_vit_builds_only_the_levels_it_uses():
-    vit = tiny("vit", "e3va")
+    vit = tiny("vit", "e3va", task="segmentation", head_options={"channels": 16})
     detector = build_detector(
         "retinanet", vit.method, spec_of(vit), 2, IMG, image_mean=MEAN, image_std=STD, fpn_channels=16
     )

@@ -124,3 +124,50 @@ def test_save_to_a_file_path_is_refused(tmp_path) -> None:
     target.write_text("x")
     with pytest.raises(FileExistsError, match="it is a file, not a directory"):
         tiny("vit", "linear").save_adapter(target)
+
+
+@pytest.mark.parametrize(
+    ("key", "method"), [("swin", "losa"), ("swin", "e3va"), ("vit", "adapter"), ("vit", "adaptformer"), ("vit", "vpt")]
+)
+def test_deepcopy_and_pickle_give_independent_working_models(tmp_path, key: str, method: str) -> None:
+    """Hooks must follow the copy (an EMA or best-model snapshot is a deepcopy)."""
+    import copy
+
+    model = tiny(key, method)
+    _train_a_little(model, key)
+    model.zero_grad(set_to_none=True)
+    x = images(key, 2)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(x), model(x))
+    clone(x).sum().backward()
+    assert all(p.grad is not None for p in clone.trainable_parameters())
+    assert all(p.grad is None for p in model.trainable_parameters())  # the original is untouched
+    torch.save(model, tmp_path / "model.pt")
+    restored = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(restored(x), model(x))
+
+
+def test_concurrent_forwards_do_not_mix_taps() -> None:
+    import threading
+
+    model = tiny("swin", "losa").eval()
+    x = images("swin", 2)
+    with torch.no_grad():
+        expected = model(x)
+    failures: list[str] = []
+
+    def work() -> None:
+        for _ in range(5):
+            try:
+                with torch.no_grad():
+                    if not torch.allclose(model(x), expected):
+                        failures.append("mismatch")
+            except Exception as err:  # collected and asserted below
+                failures.append(repr(err))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

@@ -165,7 +165,7 @@ def test_e3va_highway_adds_exactly_zero_at_initialisation(key: str) -> None:
     stages = e3va.stage_features(taps)
     assert sorted(stages) == list(range(layout.num_stages))
     for s, feat in stages.items():
-        frozen = taps.out[max(layout.stage_blocks(s))]
+        frozen = taps.out[max(layout.stage_blocks(s))][:, : e3va.prefix_only]  # all tokens when None
         assert torch.equal(feat, e3va.norms[str(s)](frozen))
 
 
@@ -318,3 +318,27 @@ def test_e3va_dense_outputs_all_stages_with_strides() -> None:
     assert feats.strides == [4, 8, 16, 32]
     assert [tuple(p.shape) for p in feats.pyramid] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
     assert math.isfinite(feats.pooled.sum().item())
+
+
+@pytest.mark.parametrize("key", ["vit", "dinov2_reg"])
+def test_e3va_on_a_class_token_vit_adapts_only_the_prefix_tokens_with_identical_results(key: str) -> None:
+    from sidetune.bench import saved_tensor_bytes
+    from sidetune.side import E3VA
+
+    model = tiny(key, "e3va")
+    _perturb(model.method)
+    e3va = model.method
+    assert e3va.prefix_only == model.backbone.layout.num_prefix_tokens
+    all_tokens = E3VA(model.backbone, e3va.config, task="segmentation")  # same config, every token adapted
+    all_tokens.load_state_dict(e3va.state_dict())
+    assert all_tokens.prefix_only is None
+    x = images(key, 3)
+    torch.testing.assert_close(e3va(x).pooled, all_tokens(x).pooled, rtol=1e-5, atol=1e-6)
+    sliced = saved_tensor_bytes(lambda: e3va(x).pooled.sum(), module=e3va).activation_bytes
+    full = saved_tensor_bytes(lambda: all_tokens(x).pooled.sum(), module=all_tokens).activation_bytes
+    assert sliced * 3 < full
+
+
+def test_e3va_adapts_every_token_when_the_pool_reads_them() -> None:
+    assert tiny("vit_reg", "e3va").method.prefix_only is None  # average pooling reads the patch tokens
+    assert tiny("swin", "e3va").method.prefix_only is None

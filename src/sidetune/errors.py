@@ -40,3 +40,9 @@ def require_positive(name: str, value: int | float, owner: str) -> None:
     """Raise a ConfigError when ``value`` is not a positive number."""
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigError(f"{owner}: {name} must be a positive number, got {value!r}.")
+
+
+def require_positive_int(name: str, value: int, owner: str) -> None:
+    """Raise a ConfigError when ``value`` is not a positive integer (sizes and ranks)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}.")

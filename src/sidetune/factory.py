@@ -84,7 +84,7 @@ def create(
     spec.check_family(family_of(backbone).name, backbone)
     requested = img_size if img_size is None else _img_size(torch.nn.Identity(), img_size)
     timm_model, family = create_timm_model(
-        backbone, weights=weights_spec, img_size=requested[0] if requested else None, model_kwargs=backbone_kwargs
+        backbone, weights=weights_spec, img_size=requested, model_kwargs=backbone_kwargs
     )
     size = _img_size(timm_model, requested)
     # Side methods get a backbone frozen for real; in-place methods unfreeze what they train.
@@ -179,8 +179,9 @@ def load(
     Args:
         directory: the adapter directory.
         weights: backbone weights to load the adapter onto: ``"saved"`` (default) reuses what the config
-            recorded (a file path, ``"hub"`` or None for a seeded random backbone); otherwise as in
-            :func:`create`.
+            recorded (a file path, or ``"hub"``); otherwise as in :func:`create`. A random backbone
+            (weights None) is rebuilt from torch's current RNG state: the fingerprint check passes only
+            when it is seeded as it was at creation (``torch.manual_seed``).
         map_location: device for the rebuilt model.
 
     Raises:

@@ -76,6 +76,10 @@ def _vit_blocks(model: nn.Module) -> list[BlockRef]:
     return [BlockRef(0, blk, blk.drop_path1, blk.drop_path2) for blk in model.blocks]
 
 
+def _single_stage_downsample(model: nn.Module) -> list[nn.Module | None]:
+    return [None]
+
+
 def _vit_check(model: nn.Module) -> bool:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -111,6 +115,11 @@ def _cnn_blocks(model: nn.Module) -> list[BlockRef]:
     return [BlockRef(i, modules[info["module"]]) for i, info in enumerate(model.feature_info)]
 
 
+def _cnn_downsample(model: nn.Module) -> list[nn.Module | None]:
+    # Each CNN stage downsamples inside its own first block: there is no separate module to reuse.
+    return [None] * len(model.feature_info)
+
+
 def _cnn_check(model: nn.Module) -> bool:
     from timm.models.convnext import ConvNeXt
     from timm.models.efficientnet import EfficientNet
@@ -128,7 +137,7 @@ FAMILIES: dict[str, Family] = {
             token_format="nlc",
             has_branches=True,
             blocks=_vit_blocks,
-            stage_downsample=lambda m: [None],
+            stage_downsample=_single_stage_downsample,
             model_check=_vit_check,
         ),
         Family(
@@ -148,8 +157,7 @@ FAMILIES: dict[str, Family] = {
             token_format="nchw",
             has_branches=False,
             blocks=_cnn_blocks,
-            # Each CNN stage downsamples inside its own first block: there is no separate module to reuse.
-            stage_downsample=lambda m: [None] * len(m.feature_info),
+            stage_downsample=_cnn_downsample,
             model_check=_cnn_check,
             accepts_img_size=False,
         ),

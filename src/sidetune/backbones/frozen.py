@@ -8,6 +8,8 @@ the side network reads: the taps. So tap only what the method asks for.
 
 from __future__ import annotations
 
+import functools
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +100,13 @@ class Taps:
     layout: TapLayout
 
 
+# The taps of the forward in progress: (backbone, request, store). A context variable rather than backbone
+# state, so that two threads (or two copies of a model sharing modules) never write into each other's taps.
+_ACTIVE_TAPS: ContextVar[tuple[object, TapRequest, dict[str, dict[int, torch.Tensor]]] | None] = ContextVar(
+    "sidetune_active_taps", default=None
+)
+
+
 def _to_tokens(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Any block output layout -> (B, N, C)."""
     if fmt == "nlc" or x.ndim == 3:
@@ -128,14 +137,13 @@ class TimmBackbone(nn.Module):
         self.name = name or type(model).__name__
         self.model.requires_grad_(False)  # methods unfreeze what they train
         self._blocks: list[BlockRef] = family.blocks(model)
-        self._store: dict[str, dict[int, torch.Tensor]] | None = None
-        self._request = TapRequest()
+        # Hooks are partials of a bound method (not closures), so deepcopy and pickle remap them to the copy.
         for i, ref in enumerate(self._blocks):
-            ref.module.register_forward_hook(self._hook("out", i))
+            ref.module.register_forward_hook(functools.partial(self._record, "out", i))
             if ref.attn is not None:
-                ref.attn.register_forward_hook(self._hook("attn", i))
+                ref.attn.register_forward_hook(functools.partial(self._record, "attn", i))
             if ref.mlp is not None:
-                ref.mlp.register_forward_hook(self._hook("mlp", i))
+                ref.mlp.register_forward_hook(functools.partial(self._record, "mlp", i))
         self.layout = self._infer_layout(img_size)
 
     @property
@@ -151,22 +159,36 @@ class TimmBackbone(nn.Module):
         return cfg
 
     # -- taps -------------------------------------------------------------------------------------------
-    def _hook(self, kind: str, index: int):
-        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
-            if self._store is not None and index in getattr(self._request, kind):
-                self._store[kind][index] = _to_tokens(output, self.family.token_format)
-
-        return hook
+    def _record(self, kind: str, index: int, module: nn.Module, args, output: torch.Tensor) -> None:
+        active = _ACTIVE_TAPS.get()
+        if active is not None and active[0] is self and index in getattr(active[1], kind):
+            active[2][kind][index] = _to_tokens(output, self.family.token_format)
 
     def check_input(self, images: torch.Tensor) -> None:
-        """Fail with a clear message for inputs the backbone (or a token mixer built on it) cannot take."""
+        """Fail with a clear message for inputs the backbone (or a side network built on it) cannot take.
+
+        The layout (token grids, hence LoSA's token mixers and the dense pyramids) is fixed when the model is
+        built, so every family takes the size it was built for.
+        """
+        if not isinstance(images, torch.Tensor):
+            raise ConfigError(f"{self.name}: expected a (B, 3, H, W) tensor of images, got {type(images).__name__}.")
         if images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"{self.name}: expected images of shape (B, 3, H, W), got {tuple(images.shape)}.")
-        size = tuple(images.shape[-2:])
-        if self.family.accepts_img_size and size != self.layout.img_size:
+        param = next(self.model.parameters())
+        if images.dtype != param.dtype:
             raise ConfigError(
-                f"{self.name} was built for {self.layout.img_size[0]}x{self.layout.img_size[1]} images but got "
-                f"{size[0]}x{size[1]}. Resize the input, or build the model with img_size={size[0]}."
+                f"{self.name}: images are {images.dtype} but the backbone is {param.dtype}; convert them with "
+                f"images.to({param.dtype}) (after normalising; uint8 images need the model's transforms)."
+            )
+        if images.device != param.device:
+            raise ConfigError(f"{self.name}: images are on {images.device} but the model is on {param.device}.")
+        size = tuple(images.shape[-2:])
+        if size != self.layout.img_size:
+            h, w = self.layout.img_size
+            fix = f"img_size={size[0]}" if size[0] == size[1] else f"img_size={size}"
+            raise ConfigError(
+                f"{self.name} was built for {h}x{w} images but got {size[0]}x{size[1]}. Resize the input, or "
+                f"build the model with {fix}."
             )
 
     def forward(self, images: torch.Tensor, request: TapRequest | None = None) -> Taps:
@@ -180,13 +202,12 @@ class TimmBackbone(nn.Module):
         return self._run(images, request)
 
     def _run(self, images: torch.Tensor, request: TapRequest | None) -> Taps:
-        self._request = request or TapRequest()
-        self._store = {"attn": {}, "mlp": {}, "out": {}}
+        store: dict[str, dict[int, torch.Tensor]] = {"attn": {}, "mlp": {}, "out": {}}
+        token = _ACTIVE_TAPS.set((self, request or TapRequest(), store))
         try:
             final = self.model.forward_features(images)
-            store = self._store
         finally:
-            self._store = None
+            _ACTIVE_TAPS.reset(token)
         return Taps(attn=store["attn"], mlp=store["mlp"], out=store["out"], final=final, layout=self.layout)
 
     def pool(self, final: torch.Tensor) -> torch.Tensor:
@@ -212,11 +233,14 @@ class TimmBackbone(nn.Module):
             ref.module.register_forward_hook(lambda m, a, o, i=i: shapes.__setitem__(i, tuple(o.shape)))
             for i, ref in enumerate(self._blocks)
         ]
+        was_training = self.model.training
+        self.model.eval()  # a train-mode probe would update BatchNorm running statistics of pretrained weights
         try:
             with torch.no_grad():
                 p = next(self.model.parameters())
                 final = self.model.forward_features(torch.zeros(1, 3, *img_size, dtype=p.dtype, device=p.device))
         finally:
+            self.model.train(was_training)
             for h in handles:
                 h.remove()
         block_stage = tuple(ref.stage for ref in self._blocks)

@@ -86,7 +86,7 @@ def create_timm_model(
     name: str,
     *,
     weights: str | None,
-    img_size: int | None,
+    img_size: int | tuple[int, int] | None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Family]:
     """Build a timm backbone without a classifier.
@@ -94,7 +94,7 @@ def create_timm_model(
     Args:
         name: timm model name of a supported family.
         weights: ``None`` (random), ``"hub"`` or a normalized file path (see :func:`normalize_weights`).
-        img_size: input resolution (ViT/Swin are built for it; CNNs accept any size and ignore it here).
+        img_size: input resolution, an int or (H, W) (ViT/Swin are built for it; CNNs take any size).
         model_kwargs: extra keyword arguments for ``timm.create_model`` (tiny test configs use this).
 
     Returns:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import require_positive
+from ..errors import require_positive_int
 from ..features import Features
 
 
@@ -20,7 +20,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
-        require_positive("num_classes", num_classes, "classification head")
+        require_positive_int("num_classes", num_classes, "classification head")
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_features, num_classes)
         nn.init.trunc_normal_(self.fc.weight, std=0.02)

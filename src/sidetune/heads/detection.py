@@ -52,7 +52,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from ..errors import ConfigError, require_positive, unknown_choice
+from ..errors import ConfigError, require_positive_int, unknown_choice
 from ..features import Features
 from .pyramid import PyramidNeck, PyramidSpec, _pyramid_of
 
@@ -118,7 +118,7 @@ class PyramidBackbone(nn.Module):
         stage_norms: bool = False,
     ) -> None:
         super().__init__()
-        require_positive("out_channels", out_channels, "PyramidBackbone")
+        require_positive_int("out_channels", out_channels, "PyramidBackbone")
         if not callable(features_fn):
             raise ConfigError(f"PyramidBackbone: features_fn must be callable, got {type(features_fn).__name__}.")
         owner = features_fn if isinstance(features_fn, nn.Module) else getattr(features_fn, "__self__", None)

@@ -31,7 +31,7 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ..errors import ConfigError, require_positive
+from ..errors import ConfigError, require_positive_int
 from ..features import Features
 from .pyramid import PyramidNeck, PyramidSpec, _pyramid_of
 
@@ -109,8 +109,8 @@ class UPerNetHead(nn.Module):
         stage_norms: bool = False,
     ) -> None:
         super().__init__()
-        require_positive("num_classes", num_classes, "UPerNet head")
-        require_positive("channels", channels, "UPerNet head")
+        require_positive_int("num_classes", num_classes, "UPerNet head")
+        require_positive_int("channels", channels, "UPerNet head")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"UPerNet head: dropout must be in [0, 1), got {dropout!r}.")
         self.spec = spec
@@ -230,7 +230,7 @@ def slide_inference(
     """
     wh, ww = _pair(window, "window")
     sh, sw = _pair(stride, "stride") if stride is not None else (max(1, 2 * wh // 3), max(1, 2 * ww // 3))
-    require_positive("max_batch", max_batch, "slide_inference")
+    require_positive_int("max_batch", max_batch, "slide_inference")
     b, _, height, width = images.shape
     pad_h, pad_w = max(0, wh - height), max(0, ww - width)
     x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images

@@ -22,13 +22,14 @@ starts as the frozen one (the paper's initialisation), no hidden dropout (the of
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..backbones import TimmBackbone
-from ..errors import ConfigError, require_positive
+from ..errors import ConfigError, require_positive, require_positive_int
 from ..methods import MethodSpec
 from .adapter import ACTIVATIONS, Bottleneck, check_positions
 from .base import InplaceConfig, InplaceMethod
@@ -59,7 +60,7 @@ class AdaptFormerConfig(InplaceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive("bottleneck", self.bottleneck, "AdaptFormer")
+        require_positive_int("bottleneck", self.bottleneck, "AdaptFormer")
         require_positive("scale", self.scale, "AdaptFormer")
         if self.act not in ACTIVATIONS:
             raise ConfigError(f"AdaptFormer: act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}.")
@@ -98,23 +99,20 @@ class AdaptFormer(InplaceMethod):
             for pos in config.positions:
                 norm = ref.module.norm1 if pos == "attn" else ref.module.norm2
                 branch_end = ref.attn if pos == "attn" else ref.mlp
-                norm.register_forward_hook(self._read_hook((i, pos)))
-                branch_end.register_forward_pre_hook(self._add_hook((i, pos)))
+                # Partials of bound methods, not closures: deepcopy and pickle remap them to the copy.
+                norm.register_forward_hook(functools.partial(self._read, (i, pos)))
+                branch_end.register_forward_pre_hook(functools.partial(self._add, (i, pos)))
 
-    def _read_hook(self, key: tuple[int, str]):
-        adapter = self.adapters[key[1]][key[0]]
+    def _read(self, key: tuple[int, str], module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
+        u = args[0] if self.config.input == "residual" else output
+        self._pending[key] = self.config.scale * self.adapters[key[1]][key[0]](u)
 
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            u = args[0] if self.config.input == "residual" else output
-            self._pending[key] = self.config.scale * adapter(u)
+    def _add(self, key: tuple[int, str], module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (args[0] + self._pending.pop(key), *args[1:])
 
-        return hook
-
-    def _add_hook(self, key: tuple[int, str]):
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            return (args[0] + self._pending.pop(key), *args[1:])
-
-        return hook
+    def forward(self, images: torch.Tensor):
+        self._pending.clear()  # an earlier forward that raised may have left a tensor (and its graph) here
+        return super().forward(images)
 
 
 def _build(backbone: TimmBackbone, config: AdaptFormerConfig, task: str) -> AdaptFormer:

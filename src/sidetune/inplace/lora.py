@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..backbones import TimmBackbone
-from ..errors import ConfigError, require_positive
+from ..errors import ConfigError, require_positive, require_positive_int
 from ..methods import MethodSpec
 from .base import InplaceConfig, InplaceMethod
 
@@ -61,7 +61,7 @@ class LoRAConfig(InplaceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive("r", self.r, "LoRA")
+        require_positive_int("r", self.r, "LoRA")
         if not isinstance(self.r, int):
             raise ConfigError(f"LoRA: r must be an integer, got {self.r!r}.")
         require_positive("alpha", self.alpha, "LoRA")

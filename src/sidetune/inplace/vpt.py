@@ -22,6 +22,7 @@ have no tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -81,38 +82,30 @@ class VPT(InplaceMethod):
         bound = math.sqrt(6.0 / (3 * patch[0] * patch[1] + c))
         nn.init.uniform_(self.prompts, -bound, bound)
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        blocks[0].register_forward_pre_hook(self._insert_hook())
+        # Bound methods and their partials, not closures: deepcopy and pickle remap them to the copy.
+        blocks[0].register_forward_pre_hook(self._insert)
         if config.deep:
             for i, block in enumerate(blocks[1:], start=1):
-                block.register_forward_pre_hook(self._replace_hook(i))
+                block.register_forward_pre_hook(functools.partial(self._replace, i))
         # prepend: the backbone's own tap of the last block's output sees the sequence without prompts
-        blocks[-1].register_forward_hook(self._remove_hook(), prepend=True)
+        blocks[-1].register_forward_hook(self._remove, prepend=True)
 
     def _prompts(self, i: int, batch: int) -> torch.Tensor:
         return self.drop(self.prompts[i]).unsqueeze(0).expand(batch, -1, -1)
 
-    def _insert_hook(self):
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            x, p = args[0], self.num_prefix  # (B, P + HW, C) -> (B, P + M + HW, C)
-            x = torch.cat([x[:, :p], self._prompts(0, x.shape[0]).to(x.dtype), x[:, p:]], dim=1)
-            return (x, *args[1:])
+    def _insert(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, p = args[0], self.num_prefix  # (B, P + HW, C) -> (B, P + M + HW, C)
+        x = torch.cat([x[:, :p], self._prompts(0, x.shape[0]).to(x.dtype), x[:, p:]], dim=1)
+        return (x, *args[1:])
 
-        return hook
+    def _replace(self, i: int, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, p, m = args[0], self.num_prefix, self.config.num_prompts
+        x = torch.cat([x[:, :p], self._prompts(i, x.shape[0]).to(x.dtype), x[:, p + m :]], dim=1)
+        return (x, *args[1:])
 
-    def _replace_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            x, p, m = args[0], self.num_prefix, self.config.num_prompts
-            x = torch.cat([x[:, :p], self._prompts(i, x.shape[0]).to(x.dtype), x[:, p + m :]], dim=1)
-            return (x, *args[1:])
-
-        return hook
-
-    def _remove_hook(self):
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-            p, m = self.num_prefix, self.config.num_prompts  # (B, P + M + HW, C) -> (B, P + HW, C)
-            return torch.cat([output[:, :p], output[:, p + m :]], dim=1)
-
-        return hook
+    def _remove(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        p, m = self.num_prefix, self.config.num_prompts  # (B, P + M + HW, C) -> (B, P + HW, C)
+        return torch.cat([output[:, :p], output[:, p + m :]], dim=1)
 
 
 def _build(backbone: TimmBackbone, config: VPTConfig, task: str) -> VPT:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
-from ..errors import ConfigError, require_positive
+from ..errors import ConfigError, require_positive, require_positive_int
 from ..features import Features
 from ..methods import MethodSpec
 from .base import SideMethod, carry_across_stage, to_final_format, to_map
@@ -78,11 +78,11 @@ class E3VAConfig:
     copy_final_norm: bool = True
 
     def __post_init__(self) -> None:
-        require_positive("alpha", self.alpha, "E3VA")
-        require_positive("branches", self.branches, "E3VA")
+        require_positive_int("alpha", self.alpha, "E3VA")
+        require_positive_int("branches", self.branches, "E3VA")
         require_positive("bottleneck_ratio", self.bottleneck_ratio, "E3VA")
         if self.bottleneck is not None:
-            require_positive("bottleneck", self.bottleneck, "E3VA")
+            require_positive_int("bottleneck", self.bottleneck, "E3VA")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"E3VA: dropout must be in [0, 1), got {self.dropout!r}.")
         if self.out_stages is not None:
@@ -145,12 +145,17 @@ class E3VA(SideMethod):
     Its pyramid is ``norm_s(l_s + delta_s)`` for each of ``out_stages`` (the paper's FPN input, fig. 2),
     already normalised by E3VA's own trainable norms.
 
+    On a ViT whose classifier reads the class token, the adapters (token-wise) and the stage norm can only
+    change the pooled feature through the prefix tokens: for classification E3VA then computes the highway
+    on the prefix tokens alone, with identical results and a fraction of the memory.
+
     Args:
         backbone: the frozen backbone.
         config: sizes and options.
+        task: ``classification`` or a dense task.
     """
 
-    def __init__(self, backbone: FrozenBackbone, config: E3VAConfig) -> None:
+    def __init__(self, backbone: FrozenBackbone, config: E3VAConfig, task: str = "classification") -> None:
         super().__init__(backbone)
         self.config = config
         layout = self.layout
@@ -163,6 +168,15 @@ class E3VA(SideMethod):
         self.last_stage = max(self.out_stages)
         self.pyramid_stages = self.out_stages
         self.pyramid_normalized = True
+        timm_model = backbone.model
+        token_pooled = getattr(timm_model, "global_pool", None) == "token" and not getattr(
+            timm_model, "attn_pool", None
+        )
+        single_stage = layout.num_stages == 1 and layout.num_prefix_tokens > 0
+        # Number of leading tokens the output depends on (None: all of them).
+        self.prefix_only = (
+            layout.num_prefix_tokens if task == "classification" and token_pooled and single_stage else None
+        )
         # Blocks after the last stage that is read cannot influence the output: leave them out.
         blocks = [i for i in range(n) if layout.block_stage[i] <= self.last_stage]
         stage_ends = [max(layout.stage_blocks(s)) for s in range(self.last_stage + 1)]
@@ -183,6 +197,15 @@ class E3VA(SideMethod):
     def stage_features(self, taps: Taps) -> dict[int, torch.Tensor]:
         """Adapted stage outputs ``norm_s(l_s + delta_s)``, as (B, N, C), for each of ``out_stages``."""
         layout = self.layout
+        if self.prefix_only:  # a copy, so the full taps are not kept alive for backward through a view
+            k = self.prefix_only
+            taps = Taps(
+                attn={i: t[:, :k].clone() for i, t in taps.attn.items()},
+                mlp={i: t[:, :k].clone() for i, t in taps.mlp.items()},
+                out={i: t[:, :k].clone() for i, t in taps.out.items()},
+                final=taps.final,
+                layout=layout,
+            )
         delta: torch.Tensor | None = None
         outputs: dict[int, torch.Tensor] = {}
         for stage in range(self.last_stage + 1):
@@ -207,6 +230,8 @@ class E3VA(SideMethod):
         pooled = self.backbone.pool(to_final_format(last, layout)) if self.last_stage == layout.num_stages - 1 else None
         if pooled is None:  # a truncated highway: average the last produced stage's patch tokens
             pooled = last[:, layout.num_prefix_tokens if self.last_stage == 0 else 0 :].mean(1)
+        if self.prefix_only:  # only the prefix tokens were adapted: no token map to offer
+            return Features(pooled=pooled, tokens=last)
         pyramid = [to_map(outs[s], layout, s) for s in self.out_stages]
         return Features(
             pooled=pooled,
@@ -220,7 +245,7 @@ def _build(backbone: FrozenBackbone, config: E3VAConfig, task: str) -> E3VA:
     if config.out_stages is None:
         last = backbone.layout.num_stages - 1
         config.out_stages = (last,) if task == "classification" else tuple(range(last + 1))
-    return E3VA(backbone, config)
+    return E3VA(backbone, config, task)
 
 
 _WHY_NOT = {"cnn": "E3VA adapts the attention- and MLP-branch outputs of transformer blocks, which CNNs do not have"}

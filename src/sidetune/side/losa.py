@@ -21,8 +21,10 @@ config field:
 
 * ``channel_rank`` (default 16) and ``token_rank`` (default 8).
 * ``blocks``: which blocks are tapped (default: every block).
-* Norms: LayerNorm before each mixing MLP (``norm=True``); the head reads ``b[L] + a[L]`` through a
-  trainable copy of the backbone's final norm.
+* Norms: LayerNorm before each mixing MLP (``norm=True``). For classification the head reads
+  ``b[L] + a[L]`` through a trainable copy of the backbone's final norm when the side network ends at the
+  last block and the backbone has one (otherwise a fresh LayerNorm; ViTs that pool through ``fc_norm``
+  keep that frozen norm after it). Dense heads read the raw ``b + a`` of each stage instead.
 * Activation: GELU inside each low-rank MLP.
 * Initialisation: down-projections random (PyTorch's default linear init), up-projections zero, so
   ``g = 0`` and the side network starts as the frozen model (the head first sees ``b[L]``).
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
-from ..errors import ConfigError, require_positive
+from ..errors import ConfigError, require_positive_int
 from ..features import Features
 from ..methods import MethodSpec
 from .base import SideMethod, carry_across_stage, to_final_format, to_map
@@ -67,8 +69,8 @@ class LoSAConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        require_positive("channel_rank", self.channel_rank, "LoSA")
-        require_positive("token_rank", self.token_rank, "LoSA")
+        require_positive_int("channel_rank", self.channel_rank, "LoSA")
+        require_positive_int("token_rank", self.token_rank, "LoSA")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoSA: dropout must be in [0, 1), got {self.dropout!r}.")
         if self.blocks is not None:

@@ -39,7 +39,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
-from ..errors import ConfigError, require_positive
+from ..errors import ConfigError, require_positive, require_positive_int
 from ..features import Features
 from ..methods import MethodSpec
 from .base import SideMethod, to_final_format, to_map
@@ -64,7 +64,7 @@ class LSTConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
-        require_positive("reduction", self.reduction, "LST")
+        require_positive_int("reduction", self.reduction, "LST")
         if not isinstance(self.reduction, int):
             raise ConfigError(f"LST: reduction must be an integer, got {self.reduction!r}.")
         require_positive("gate_temperature", self.gate_temperature, "LST")
@@ -72,7 +72,7 @@ class LSTConfig:
         if not isinstance(self.gate_init, int | float) or isinstance(self.gate_init, bool):
             raise ConfigError(f"LST: gate_init must be a number, got {self.gate_init!r}.")
         if self.num_heads is not None:
-            require_positive("num_heads", self.num_heads, "LST")
+            require_positive_int("num_heads", self.num_heads, "LST")
 
 
 class LST(SideMethod):

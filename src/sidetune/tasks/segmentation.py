@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import ConfigError, require_positive
+from ..errors import ConfigError, require_positive_int
 from ..heads.segmentation import IGNORE_INDEX
 
 __all__ = ["SegmentationMetrics", "confusion_matrix", "iou_from_confusion", "mean_iou"]
@@ -76,7 +76,7 @@ class SegmentationMetrics:
     def __init__(
         self, num_classes: int, ignore_index: int = IGNORE_INDEX, class_names: Sequence[str] | None = None
     ) -> None:
-        require_positive("num_classes", num_classes, "SegmentationMetrics")
+        require_positive_int("num_classes", num_classes, "SegmentationMetrics")
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"SegmentationMetrics: {len(class_names)} class names for {num_classes} classes.")
         self.num_classes = num_classes
