@@ -342,3 +342,23 @@ def test_e3va_on_a_class_token_vit_adapts_only_the_prefix_tokens_with_identical_
 def test_e3va_adapts_every_token_when_the_pool_reads_them() -> None:
     assert tiny("vit_reg", "e3va").method.prefix_only is None  # average pooling reads the patch tokens
     assert tiny("swin", "e3va").method.prefix_only is None
+
+
+@pytest.mark.parametrize("method", ["losa", "e3va"])
+def test_recompute_gives_identical_gradients_and_keeps_fewer_activations(method: str) -> None:
+    from sidetune.bench import saved_tensor_bytes
+
+    plain, recomputed = tiny("swin", method, seed=4), tiny("swin", method, seed=4, recompute=True)
+    _perturb(plain.method)
+    recomputed.load_state_dict(plain.state_dict())
+    x = images("swin", 2)
+    for model in (plain, recomputed):
+        model(x).logsumexp(-1).sum().backward()
+    pairs = zip(plain.named_trainable_parameters(), recomputed.named_trainable_parameters(), strict=True)
+    for (name, p), (_, q) in pairs:
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    kept = {
+        label: saved_tensor_bytes(lambda m=m: m(x).sum(), module=m).activation_bytes
+        for label, m in (("plain", plain), ("recompute", recomputed))
+    }
+    assert kept["recompute"] < 0.75 * kept["plain"]

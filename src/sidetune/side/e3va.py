@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
 from ..errors import ConfigError, require_positive, require_positive_int
@@ -67,6 +68,8 @@ class E3VAConfig:
             default: the last stage for classification (the only one a classifier reads), all stages for
             dense tasks (the paper's FPN input).
         copy_final_norm: start the last stage's output norm from the backbone's final norm.
+        recompute: recompute each block's adapter activations in backward (``torch.utils.checkpoint``)
+            instead of keeping them, at the cost of one more forward of the adapters. Results are identical.
     """
 
     alpha: int = 8
@@ -76,6 +79,7 @@ class E3VAConfig:
     dropout: float = 0.0
     out_stages: tuple[int, ...] | None = None
     copy_final_norm: bool = True
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         require_positive_int("alpha", self.alpha, "E3VA")
@@ -194,6 +198,10 @@ class E3VA(SideMethod):
         if config.copy_final_norm and final_norm is not None and last in self.out_stages:
             self.norms[str(last)] = copy.deepcopy(final_norm).requires_grad_(True)
 
+    def _block_update(self, i: int, attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+        """The highway increment of block ``i``: the two parallel adapters, summed (eq. 11)."""
+        return self.attn_adapters[i](attn) + self.mlp_adapters[i](mlp)
+
     def stage_features(self, taps: Taps) -> dict[int, torch.Tensor]:
         """Adapted stage outputs ``norm_s(l_s + delta_s)``, as (B, N, C), for each of ``out_stages``."""
         layout = self.layout
@@ -216,7 +224,10 @@ class E3VA(SideMethod):
                     raise ConfigError("E3VA: a stage boundary without a downsampling module cannot carry the highway.")
                 delta = carry_across_stage(delta, taps.out[prev_end], downsample, layout.stage_grids[stage - 1])
             for i in layout.stage_blocks(stage):
-                update = self.attn_adapters[i](taps.attn[i]) + self.mlp_adapters[i](taps.mlp[i])  # eq. 11
+                if self.config.recompute and torch.is_grad_enabled():
+                    update = checkpoint(self._block_update, i, taps.attn[i], taps.mlp[i], use_reentrant=False)
+                else:
+                    update = self._block_update(i, taps.attn[i], taps.mlp[i])
                 delta = update if delta is None else delta + update
             if stage in self.out_stages:
                 base = taps.out[max(layout.stage_blocks(stage))]

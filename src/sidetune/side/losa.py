@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
 from ..errors import ConfigError, require_positive_int
@@ -60,6 +61,9 @@ class LoSAConfig:
         blocks: indices of the tapped blocks (None = all); the side network ends at the last one.
         norm: LayerNorm before each mixing MLP.
         dropout: dropout on the hidden activations.
+        recompute: recompute each mixer's activations in backward (``torch.utils.checkpoint``) instead of
+            keeping them: one (B, N, C) tensor per block is kept instead of about four, at the cost of one
+            more forward of the side network. Results are identical.
     """
 
     channel_rank: int = 16
@@ -67,6 +71,7 @@ class LoSAConfig:
     blocks: tuple[int, ...] | None = None
     norm: bool = True
     dropout: float = 0.0
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         require_positive_int("channel_rank", self.channel_rank, "LoSA")
@@ -230,7 +235,11 @@ class LoSA(SideMethod):
                 stage += 1
             b = taps.out[i]
             x = b if a is None else b + a
-            refinement = self.mixers[str(i)](x)
+            mixer = self.mixers[str(i)]
+            if self.config.recompute and torch.is_grad_enabled():
+                refinement = checkpoint(mixer, x, use_reentrant=False)
+            else:
+                refinement = mixer(x)
             a = refinement if a is None else a + refinement
         tokens = self.out_norm(taps.out[self.last_block] + a)
         if self.last_block == layout.num_blocks - 1:
