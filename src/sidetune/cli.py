@@ -46,7 +46,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # Subcommand groups that live beside the code they drive: each module has ``register(subparsers)``,
 # which adds its parsers with ``set_defaults(func=...)``. Add a module here to add its commands.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("sidetune.train.commands", "sidetune.bench.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

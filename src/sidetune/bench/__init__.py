@@ -1,4 +1,9 @@
-"""Measurement primitives of the profiler: saved-activation bytes, static memory, timing, FLOPs, peak memory.
+"""The efficiency profiler (``sidetune bench``, ``sidetune plan``) and its measurement primitives.
+
+Modules: ``accounting`` and ``memory_probe`` (primitives: saved-activation bytes, static memory, timing,
+FLOPs, peak memory), ``profile`` (per-method measurement), ``levers`` (frozen-forward speed levers),
+``workload`` (what a row runs, also in the probe processes), ``report`` (tables, CSV/JSON, plots), ``plan``
+(largest batch within a memory budget), ``commands`` (CLI).
 
 Names are loaded lazily: importing ``sidetune.bench.memory_probe`` does not import torch.
 """
@@ -20,7 +25,14 @@ if TYPE_CHECKING:
         static_memory_bytes,
         time_step,
     )
-    from sidetune.bench.memory_probe import ProbeResult, measure_cuda_peak, measure_peak_rss, rss_method
+    from sidetune.bench.commands import demo_bench
+    from sidetune.bench.memory_probe import (
+        ProbeResult,
+        available_memory_bytes,
+        measure_cuda_peak,
+        measure_peak_rss,
+        rss_method,
+    )
 
 _EXPORTS = {
     "OPTIMIZER_STATE_MULTIPLIERS": "accounting",
@@ -33,6 +45,8 @@ _EXPORTS = {
     "static_memory_bytes": "accounting",
     "time_step": "accounting",
     "ProbeResult": "memory_probe",
+    "demo_bench": "commands",
+    "available_memory_bytes": "memory_probe",
     "measure_cuda_peak": "memory_probe",
     "measure_peak_rss": "memory_probe",
     "rss_method": "memory_probe",
@@ -44,6 +58,8 @@ __all__ = [
     "SavedTensorReport",
     "StaticMemory",
     "TimingReport",
+    "available_memory_bytes",
+    "demo_bench",
     "environment_info",
     "inference_flops",
     "measure_cuda_peak",

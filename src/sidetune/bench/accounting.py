@@ -418,19 +418,28 @@ def inference_flops(module: nn.Module, example_input: Any) -> int:
 
     modes = {m: m.training for m in module.modules()}
     module.eval()
-    try:
+
+    def count(grad: bool) -> int:
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
+        with torch.set_grad_enabled(grad), counter:
             if isinstance(example_input, Mapping):
                 module(**example_input)
             elif isinstance(example_input, (tuple, list)):
                 module(*example_input)
             else:
                 module(example_input)
+        return int(counter.get_total_flops())
+
+    try:
+        try:
+            return count(grad=False)
+        except AssertionError:
+            # FlopCounterMode's module tracker asserts when a module is called on a parameter that requires
+            # grad under no_grad (VPT's prompt dropout): count with autograd on; the forward's FLOPs are equal.
+            return count(grad=True)
     finally:
         for m, training in modes.items():
             m.training = training
-    return int(counter.get_total_flops())
 
 
 # --------------------------------------------------------------------------------------------------

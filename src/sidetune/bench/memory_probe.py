@@ -8,7 +8,8 @@ is not measured. It must return a zero-argument callable ``run()``: the *measure
 training steps). The child process
 
 1. imports the function (RSS after imports is recorded as ``import_bytes``),
-2. calls it and collects garbage; the RSS now is the ``baseline_bytes``,
+2. calls it, collects garbage and returns freed heap memory to the OS (glibc ``malloc_trim``); the RSS now
+   is the ``baseline_bytes``,
 3. resets the peak and calls ``run()``; the peak RSS during ``run()`` is ``peak_bytes``,
 
 and writes a JSON result to a file the parent named. A workload that raises (``MemoryError``, a CUDA
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ProbeResult",
+    "available_memory_bytes",
     "measure_cuda_peak",
     "measure_peak_rss",
     "rss_method",
@@ -62,6 +64,7 @@ __all__ = [
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 _SAMPLE_INTERVAL_S = 0.001
+_POLL_INTERVAL_S = 0.005
 _STDERR_TAIL = 4000
 
 # Run in the child with ``python -c``; argv: this file, target, kwargs JSON, result path, method. The child
@@ -218,6 +221,21 @@ class _RssSampler:
 # --------------------------------------------------------------------------------------------------
 
 
+def _release_free_heap() -> None:
+    """Return memory that set-up freed to the OS (glibc ``malloc_trim``), where the C library has it.
+
+    Without it, whether memory freed during set-up (a warm-up forward's activations) stays resident
+    depends on heap fragmentation: the baseline then varies from run to run, and ``run()`` reuses that
+    resident free memory without growing, so its growth would be under-counted by a varying amount.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _resolve(target: str) -> Callable[..., Any]:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
@@ -247,6 +265,7 @@ def _measure_in_this_process(target: str, kwargs: Mapping[str, Any], method: str
         if not callable(run):
             raise TypeError(f"{target} must return a zero-argument callable run(), got {type(run).__name__}")
         gc.collect()
+        _release_free_heap()
         method = rss_method(method)  # resets VmHWM where possible
         result["method"] = method
         status_before = _read_status()
@@ -303,6 +322,63 @@ def _child_env(pythonpath: Sequence[str | os.PathLike[str]]) -> dict[str, str]:
     return env
 
 
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of this machine from ``/proc/meminfo``, in bytes (None without ``/proc``)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _rss_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _run_child(
+    cmd: list[str], env: dict[str, str], timeout: float, max_rss_bytes: int | None
+) -> tuple[int | None, bytes, str | None]:
+    """Run the child; return ``(returncode, stderr, why_stopped)``, stopping it past ``timeout`` or the cap.
+
+    The cap is enforced from here by reading the child's ``VmRSS`` every few milliseconds and killing it
+    once above ``max_rss_bytes``, so that a workload too big for the machine is stopped before the kernel's
+    OOM killer picks a victim (which might be another process).
+    """
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        why = None
+        peak_seen = 0
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                why = f"timed out after {timeout:g} s"
+            elif max_rss_bytes is not None:
+                rss = _rss_of(proc.pid) or 0
+                peak_seen = max(peak_seen, rss)
+                if rss > max_rss_bytes:
+                    why = (
+                        f"MemoryError: the probe's resident set reached {rss / 2**20:,.0f} MiB, above the max_rss cap "
+                        f"of {max_rss_bytes / 2**20:,.0f} MiB; stopped"
+                    )
+            if why:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(_POLL_INTERVAL_S)
+        err.seek(0)
+        return (None if why else proc.returncode), err.read(), why
+
+
 def _tail(text: str | bytes | None) -> str:
     if text is None:
         return ""
@@ -319,6 +395,8 @@ def measure_peak_rss(
     pythonpath: Sequence[str | os.PathLike[str]] = (),
     python: str | None = None,
     method: str = "auto",
+    max_rss_bytes: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ProbeResult:
     """Measure the peak resident-set growth of a workload's ``run()`` in a fresh Python process.
 
@@ -331,10 +409,14 @@ def measure_peak_rss(
         pythonpath: Extra directories the child needs on ``sys.path`` to import ``target``.
         python: Interpreter for the child; defaults to :data:`sys.executable`.
         method: How to read the peak (see :func:`rss_method`); ``"auto"`` picks the best available.
+        max_rss_bytes: Cap on the child's resident set (imports and set-up included); above it the child
+            is killed and the result is ``ok=False`` with a ``MemoryError`` naming the cap. Polled every
+            5 ms, so a fast allocation can overshoot the cap briefly. None: no cap.
+        env: Extra environment variables for the child (e.g. glibc ``MALLOC_*`` tunables).
 
     Returns:
-        The probe result; ``ok=False`` with an error message if the workload raised, the child died or
-        timed out.
+        The probe result; ``ok=False`` with an error message if the workload raised, the child died, was
+        stopped at the cap or timed out.
 
     Raises:
         TypeError: If ``kwargs`` is not JSON-serialisable.
@@ -356,32 +438,28 @@ def measure_peak_rss(
             method,
         ]
         logger.debug("probe: %s", cmd)
-        try:
-            proc = subprocess.run(
-                cmd,
-                env=_child_env(pythonpath),
-                capture_output=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            message = f"timed out after {timeout:g} s"
-            tail = _tail(exc.stderr)
-            return ProbeResult(target=target, ok=False, error=f"{message}\n{tail}".strip(), method="none")
-        stderr = _tail(proc.stderr)
-        if proc.returncode != 0 or not result_path.exists():
+        child_env = {**_child_env(pythonpath), **dict(env or {})}
+        returncode, stderr_bytes, stopped = _run_child(cmd, child_env, timeout, max_rss_bytes)
+        stderr = _tail(stderr_bytes)
+        if stopped is not None:
+            return ProbeResult(target=target, ok=False, error=f"{stopped}\n{stderr}".strip(), method="none")
+        if returncode != 0 or not result_path.exists():
+            status = f"exited with status {returncode}"
+            if returncode is not None and returncode < 0:
+                status = f"was killed by signal {-returncode}"
+                status += " (SIGKILL: out of memory?)" if returncode == -9 else ""
             return ProbeResult(
                 target=target,
                 ok=False,
-                error=f"probe process exited with status {proc.returncode}\n{stderr}".strip(),
+                error=f"probe process {status}\n{stderr}".strip(),
                 method="none",
-                returncode=proc.returncode,
+                returncode=returncode,
             )
         data = json.loads(result_path.read_text())
     if not data["ok"]:
         logger.warning("workload %s failed: %s", target, data["error"])
     fields = set(ProbeResult.__dataclass_fields__)
-    return ProbeResult(**{k: v for k, v in data.items() if k in fields}, returncode=proc.returncode)
+    return ProbeResult(**{k: v for k, v in data.items() if k in fields}, returncode=returncode)
 
 
 def measure_cuda_peak(run: Callable[[], object], device: Any = None) -> ProbeResult:

@@ -1,0 +1,148 @@
+"""Classification metrics, the run's JSONL log, and the facts a run summary records (memory, versions, commit)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class ClassificationMeter:
+    """Accumulate loss, top-1/top-5 and per-class accuracy over batches of logits.
+
+    Per-class accuracy is the recall of each class (``MulticlassAccuracy(average=None)`` in torchmetrics);
+    a class absent from the data gets None. ``mean_class_acc`` averages the classes present.
+
+    Args:
+        num_classes: classifier size.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.correct = torch.zeros(num_classes, dtype=torch.long)
+        self.total = torch.zeros(num_classes, dtype=torch.long)
+        self.top5_correct = 0
+        self.loss_sum = 0.0
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """logits (B, K), labels (B,)."""
+        logits, labels = logits.detach().float().cpu(), labels.detach().cpu().long()
+        self.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        pred = logits.argmax(-1)
+        self.total += torch.bincount(labels, minlength=self.num_classes)
+        self.correct += torch.bincount(labels[pred == labels], minlength=self.num_classes)
+        k = min(5, self.num_classes)
+        self.top5_correct += (logits.topk(k, -1).indices == labels[:, None]).any(-1).sum().item()
+
+    @property
+    def count(self) -> int:
+        return int(self.total.sum())
+
+    def compute(self) -> dict[str, Any]:
+        """``{"loss", "top1", "top5", "mean_class_acc", "per_class", "count"}`` (accuracies in [0, 1])."""
+        n = self.count
+        if n == 0:
+            return {"loss": None, "top1": None, "top5": None, "mean_class_acc": None, "per_class": [], "count": 0}
+        per_class = [(c / t if t else None) for c, t in zip(self.correct.tolist(), self.total.tolist(), strict=True)]
+        present = [a for a in per_class if a is not None]
+        return {
+            "loss": self.loss_sum / n,
+            "top1": int(self.correct.sum()) / n,
+            "top5": self.top5_correct / n,
+            "mean_class_acc": sum(present) / len(present),
+            "per_class": per_class,
+            "count": n,
+        }
+
+
+class JsonlLog:
+    """Append-only JSON-lines log of a run (``log.jsonl``): one record per optimizer step and per epoch."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(_finite(record)) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (written by a run that died after its last checkpoint)."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, so the log stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory of this process: CUDA ``max_memory_allocated``, or the CPU's peak resident set size.
+
+    The CPU figure is the whole process's high-water mark (Python, libraries, data workers excluded),
+    not the training's alone: compare methods by the CUDA figure or by ``sidetune bench``.
+    """
+    if device.type == "cuda":
+        return {"kind": "cuda_max_memory_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return {"kind": "cpu_peak_rss", "bytes": int(rss * scale)}
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import timm
+
+    from .. import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "accelerate": accelerate.__version__,
+        "sidetune": __version__,
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the sidetune checkout this code runs from, or None (an installed wheel, no git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

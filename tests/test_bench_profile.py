@@ -1,0 +1,395 @@
+"""The efficiency profiler: saved-activation bounds, report schema, failures, the memory fit and the CLI.
+
+Everything runs on the tiny backbones of conftest (test_vit at 64 px) with a batch of 2-4 images.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import sidetune
+from sidetune.bench import measure_peak_rss
+from sidetune.bench.accounting import saved_tensor_bytes
+from sidetune.bench.commands import _parse_option
+from sidetune.bench.levers import Levers, apply_levers, lever_variants, native_low_precision
+from sidetune.bench.plan import MemoryFit, fit_memory, parse_size, plan
+from sidetune.bench.profile import (
+    DOES_NOT_FIT,
+    ERROR,
+    OK,
+    BenchConfig,
+    failure_status,
+    plan_rows,
+    profile,
+)
+from sidetune.bench.report import csv_text, markdown, read_accuracies, write_report
+from sidetune.errors import ConfigError
+from sidetune.methods import _REGISTRY, MethodSpec
+from sidetune.side.base import SideMethod
+
+from conftest import TINY_BACKBONES, images, tiny
+
+SIDE_METHODS = [m["name"] for m in sidetune.list_methods() if m["kind"] == "side"]
+BATCH = 4
+
+
+def _key(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+class _DerivedBytes(TorchDispatchMode):
+    """Bytes of every tensor computed (at the aten level) from ``sources``, each storage once."""
+
+    def __init__(self, sources: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.derived = {_key(t) for t in sources}
+        self.sizes: dict[tuple[int, int], int] = {}
+        self.keep: list[torch.Tensor] = []  # no storage is freed (and its address reused) while counting
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if any(t.requires_grad or _key(t) in self.derived for t in inputs):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.keep.append(t)
+                    self.derived.add(_key(t))
+                    self.sizes.setdefault(_key(t), t.untyped_storage().nbytes())
+        return out
+
+
+def _side_bound(model, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(tap bytes, bytes the side network computes from the taps): the most a side method can save.
+
+    The taps come from one no-grad backbone pass (their shapes are the method's tap request); the side part
+    runs ``forward_taps`` + head + loss on them alone, so no backbone activation can enter the bound.
+    """
+    with torch.no_grad():
+        taps = model.backbone(x, model.method.tap_request)
+    tap_tensors = [*taps.attn.values(), *taps.mlp.values(), *taps.out.values(), taps.final]
+    tap_bytes = sum({_key(t): t.untyped_storage().nbytes() for t in tap_tensors}.values())
+    mode = _DerivedBytes([*tap_tensors, *model.trainable_parameters(), y])
+    with mode:
+        F.cross_entropy(model.head(model.method.forward_taps(taps)), y)
+    side_bytes = sum(n for k, n in mode.sizes.items() if k not in {_key(t) for t in tap_tensors})
+    return tap_bytes, side_bytes
+
+
+def _full_fine_tune_saved(x: torch.Tensor, y: torch.Tensor) -> int:
+    """Activation bytes full fine-tuning saves: the ``full`` method, or the same timm model trained by hand."""
+    if "full" in {m["name"] for m in sidetune.list_methods()}:
+        model = tiny("vit", "full").train()
+        return saved_tensor_bytes(lambda: F.cross_entropy(model(x), y), module=model).activation_bytes
+    name, kwargs, _ = TINY_BACKBONES["vit"]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, **kwargs).train()
+    return saved_tensor_bytes(lambda: F.cross_entropy(model(x), y), module=model).activation_bytes
+
+
+@pytest.fixture(scope="module")
+def full_saved() -> int:
+    x = images("vit", BATCH)
+    y = torch.arange(BATCH) % 5
+    return _full_fine_tune_saved(x, y)
+
+
+@pytest.mark.parametrize("method", SIDE_METHODS)
+def test_side_methods_save_only_taps_and_side_activations(method: str, full_saved: int) -> None:
+    model = tiny("vit", method).train()
+    assert isinstance(model.method, SideMethod)
+    x, y = images("vit", BATCH), torch.arange(BATCH) % 5
+    report = saved_tensor_bytes(lambda: F.cross_entropy(model(x), y), module=model)
+    tap_bytes, side_bytes = _side_bound(model, x, y)
+    assert report.activation_bytes <= tap_bytes + side_bytes, (report, tap_bytes, side_bytes)
+    # Nothing of the backbone's own activations: a toy width-64 ViT makes rank-32 adapters (e3va++) as
+    # wide as the backbone, so the toy ratio is far above ViT-B's (docs/benchmarks: <= 0.10).
+    assert report.activation_bytes < 0.75 * full_saved, (report.activation_bytes, full_saved)
+    if method in ("linear", "losa", "e3va", "lst"):
+        assert report.activation_bytes < 0.5 * full_saved
+
+
+# ------------------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------------------
+
+# One thread: on a busy machine every multi-threaded op waits for a core at its OpenMP barrier.
+_TINY = dict(backbone="test_vit", img_size=64, batch_size=2, warmup=1, rounds=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def report():
+    config = BenchConfig(methods=("full", "linear", "losa"), peak_memory=False, **_TINY)
+    return profile(config, command="pytest")
+
+
+_ROW_TYPES = {
+    "name": str,
+    "method": str,
+    "kind": str,
+    "backprop_through_backbone": bool,
+    "levers": str,
+    "options": dict,
+    "status": str,
+    "trainable_params": int,
+    "total_params": int,
+    "checkpoint_bytes": int,
+    "saved_activation_bytes": int,
+    "saved_parameter_bytes": int,
+    "param_bytes": int,
+    "grad_bytes": int,
+    "optimizer_state_bytes": int,
+    "static_bytes": int,
+    "step_time_s": float,
+    "step_time_min_s": float,
+    "step_wall_s": float,
+    "step_cpu_s": float,
+    "step_time_p90_s": float,
+    "timed_steps": int,
+    "throughput": float,
+    "floor_s": float,
+    "floor_frozen_s": float,
+    "floor_kind": str,
+    "inference_gflops": float,
+    "time_vs_ref": float,
+    "time_vs_floor": float,
+    "saved_vs_ref": float,
+    "static_vs_ref": float,
+    "params_vs_ref": float,
+}
+_ROW_KEYS = {
+    *_ROW_TYPES,
+    "error",
+    "peak_bytes",
+    "peak_growth_bytes",
+    "peak_method",
+    "floor_side_s",
+    "compile_s",
+    "peak_vs_ref",
+}
+
+
+def test_json_schema_is_stable(report) -> None:
+    data = json.loads(json.dumps(report.as_dict()))
+    assert set(data) == {
+        "schema",
+        "schema_version",
+        "command",
+        "created",
+        "environment",
+        "settings",
+        "reference",
+        "reference_found",
+        "notes",
+        "rows",
+    }
+    assert (data["schema"], data["schema_version"], data["command"]) == ("sidetune.bench", 1, "pytest")
+    assert {"torch", "timm", "device", "torch_threads", "git_commit"} <= set(data["environment"])
+    assert data["settings"]["backbone"] == "test_vit" and data["settings"]["img_size"] == [64, 64]
+    assert data["reference"] == "full" and data["reference_found"] is True
+    assert [r["name"] for r in data["rows"]] == ["full", "linear", "losa"]
+    for row in data["rows"]:
+        assert set(row) == _ROW_KEYS
+        assert row["status"] == OK, row
+        for key, typ in _ROW_TYPES.items():
+            assert isinstance(row[key], typ), (row["name"], key, row[key])
+    full, linear, losa = data["rows"]
+    assert full["time_vs_ref"] == full["saved_vs_ref"] == 1.0
+    assert (full["floor_kind"], linear["floor_kind"], losa["floor_kind"]) == ("inference_forward", "side", "side")
+    assert losa["floor_s"] == pytest.approx(losa["floor_frozen_s"] + losa["floor_side_s"])
+    assert losa["trainable_params"] == tiny("vit", "losa", num_classes=10).num_parameters()
+    assert full["backprop_through_backbone"] and not losa["backprop_through_backbone"]
+    assert losa["saved_activation_bytes"] < full["saved_activation_bytes"]
+    assert linear["optimizer_state_bytes"] == 2 * 4 * linear["trainable_params"]
+    assert losa["checkpoint_bytes"] > 4 * losa["trainable_params"]  # safetensors + config json
+
+
+def test_saved_bytes_are_deterministic(report) -> None:
+    again = profile(BenchConfig(methods=("losa",), peak_memory=False, **{**_TINY, "rounds": 1}), command="x")
+    assert again.rows[0].saved_activation_bytes == report.row("losa").saved_activation_bytes
+    assert "reference method 'full' was not measured" in again.notes[0]
+    assert again.rows[0].time_vs_ref is None and again.rows[0].time_vs_floor is not None
+
+
+def test_markdown_and_csv(report) -> None:
+    text = markdown(report)
+    assert "Command: `pytest`" in text and "| losa | side |" in text and "x full time" in text
+    rows = list(csv.DictReader(line for line in csv_text(report).splitlines() if not line.startswith("#")))
+    assert [r["name"] for r in rows] == ["full", "linear", "losa"]
+    assert set(rows[0]) == _ROW_KEYS
+
+
+def _oom_spec(name: str) -> MethodSpec:
+    class OutOfMemory(SideMethod):
+        def forward_taps(self, taps):
+            raise MemoryError("forced: no room for this batch")
+
+    @dataclasses.dataclass
+    class Config:
+        pass
+
+    return MethodSpec(name, "test-only", "side", Config, lambda b, c, t: OutOfMemory(b), ("vit", "swin", "cnn"))
+
+
+def test_a_row_that_does_not_fit_leaves_the_others(monkeypatch) -> None:
+    monkeypatch.setitem(_REGISTRY, "oom-test", _oom_spec("oom-test"))
+    config = BenchConfig(methods=("linear", "oom-test"), peak_memory=False, **_TINY)
+    result = profile(config, command="x")
+    statuses = {r.name: r.status for r in result.rows}
+    assert statuses == {"linear": OK, "oom-test": DOES_NOT_FIT}
+    bad = result.row("oom-test")
+    assert "no room" in bad.error and bad.step_time_s is None and bad.trainable_params is not None
+    assert "does not fit: MemoryError" in markdown(result)
+    assert result.row("linear").step_time_s > 0
+
+
+def test_rss_cap_reads_as_does_not_fit() -> None:
+    probe = measure_peak_rss(
+        "sidetune.bench.memory_probe:_demo_alloc", {"mb": 400}, timeout=60, max_rss_bytes=150 * 2**20
+    )
+    assert not probe.ok and "max_rss cap" in probe.error
+    assert failure_status(probe.error) == DOES_NOT_FIT
+    assert failure_status("probe process was killed by signal 9 (SIGKILL: out of memory?)") == DOES_NOT_FIT
+    assert failure_status("ConfigError: bad size") == ERROR
+
+
+def test_backbone_that_cannot_run_at_the_size_is_an_error_row() -> None:
+    config = BenchConfig(**{**_TINY, "img_size": 50, "rounds": 1}, methods=("linear", "losa"), peak_memory=False)
+    result = profile(config, command="x")
+    assert [r.status for r in result.rows] == [ERROR, ERROR]
+    assert all("divisible by patch size" in r.error for r in result.rows)
+    assert "| linear | side |" in markdown(result)
+
+
+def test_unknown_method_lists_choices() -> None:
+    with pytest.raises(ConfigError, match=r"unknown method 'lossa'.*Did you mean 'losa'"):
+        BenchConfig(methods=("lossa",))
+
+
+def test_rows_plan_levers_and_gc() -> None:
+    config = BenchConfig(methods=("losa", "full"), precision="bf16", compile=True, grad_checkpointing=True)
+    names = [r.name for r in plan_rows(config)]
+    assert names == ["losa", "losa+bf16", "losa+compile", "losa+bf16+compile", "full", "full+gc"]
+    assert [v.label for v in lever_variants("fp32", False, True)] == ["", "+channels_last"]
+    assert _parse_option("losa.channel_rank=32") == ("losa", "channel_rank", 32)
+    assert _parse_option("losa.blocks=[0,1]") == ("losa", "blocks", (0, 1))
+
+
+def test_levers_keep_side_numerics_in_float32() -> None:
+    x = images("vit", 2)
+    plain = tiny("vit", "e3va").eval()
+    with torch.no_grad():
+        reference = plain(x)
+    model = tiny("vit", "e3va").eval()
+    apply_levers(model, Levers(compile=True, compile_backend="eager"), "side", torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference)
+    if native_low_precision(torch.bfloat16, torch.device("cpu")):
+        low = tiny("vit", "e3va").train()
+        apply_levers(low, Levers(precision="bf16"), "side", torch.device("cpu"))
+        taps = low.backbone(x, low.method.tap_request)
+        assert all(t.dtype == torch.float32 for t in [*taps.attn.values(), taps.final])
+        F.cross_entropy(low(x), torch.tensor([0, 1])).backward()
+        assert all(p.grad.dtype == torch.float32 for p in low.trainable_parameters())
+    with pytest.raises(ConfigError, match="side methods only"):
+        apply_levers(tiny("vit", "linear"), Levers(precision="bf16"), "inplace", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="CNN backbones only"):
+        apply_levers(tiny("vit", "linear"), Levers(channels_last=True), "side", torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The memory fit
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_fit_predictor_on_synthetic_points() -> None:
+    fit = fit_memory([(4, 1_000 + 4 * 50), (16, 1_000 + 16 * 50)])
+    assert fit.fixed_bytes == pytest.approx(1_000) and fit.per_sample_bytes == pytest.approx(50)
+    assert fit.max_batch(1_000 + 50 * 37 + 49) == 37
+    assert fit.max_batch(900) == 0
+    noisy = fit_memory([(2, 210), (4, 390), (8, 810), (16, 1590)])  # least squares through noise
+    assert noisy.per_sample_bytes == pytest.approx(11400 / 115)
+    assert MemoryFit(1_000, 0, ()).max_batch(10**9) is None
+    with pytest.raises(ValueError, match="two distinct batch sizes"):
+        fit_memory([(4, 100), (4, 120)])
+    assert parse_size("11GB") == 11 * 10**9 and parse_size("11GiB") == 11 * 2**30
+    assert parse_size("512 MiB") == 512 * 2**20 and parse_size("2.5G") == 2_500_000_000
+    with pytest.raises(ConfigError):
+        parse_size("eleven gigs")
+
+
+def test_plan_predicts_checks_and_refits(monkeypatch) -> None:
+    """A machine where memory is 1 GB + 10 MB per image below batch 50 and 1 GB + 12 MB above it."""
+
+    def fake_measure(config, row, batch, device, max_rss):
+        per = 10 * 10**6 if batch < 50 else 12 * 10**6
+        return True, 10**9 + per * batch, None
+
+    monkeypatch.setattr("sidetune.bench.plan._measure", fake_measure)
+    config = BenchConfig(backbone="test_vit", methods=("losa",), img_size=64)
+    result = plan(config, budget_bytes=10**9 + 10**9, batches=(4, 16), max_check_batch=1000)
+    row = result.rows[0]
+    assert row.points[:2] == [(4, 10**9 + 4 * 10**7), (16, 10**9 + 16 * 10**7)]
+    # first prediction 100 (1 GB / 10 MB) measures 2.2 GB: refit on three points, check again
+    assert row.verdict == "fits" and row.checked_batch == row.max_batch < 100
+    assert row.checked_bytes <= 2 * 10**9
+    assert "| losa |" in result.markdown()
+    unchecked = plan(config, budget_bytes=2 * 10**9, batches=(4, 16), check=False).rows[0]
+    assert (unchecked.max_batch, unchecked.verdict) == (100, "predicted")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Training results and the CLI
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_read_accuracies_is_tolerant(tmp_path) -> None:
+    (tmp_path / "list.json").write_text(json.dumps([{"method": "losa", "accuracy": 81.5}, {"note": "skip me"}]))
+    run = tmp_path / "runs" / "e3va"
+    run.mkdir(parents=True)
+    summary = {"model": {"method": "e3va"}, "metrics": {"test": {"top1": 0.7}, "best_val_top1": 0.9}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "val.json").write_text(json.dumps({"results": [{"config": {"method": "full"}, "val_acc": 0.6}]}))
+    acc = read_accuracies([tmp_path / "list.json", tmp_path / "runs", tmp_path / "val.json"])
+    assert acc == {"losa": pytest.approx(0.815), "e3va": 0.7, "full": 0.6}
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="no record"):
+        read_accuracies([tmp_path / "empty.json"])
+
+
+def test_cli_bench_end_to_end(tmp_path) -> None:
+    from sidetune.cli import main
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"method": "linear", "accuracy": 0.5}, {"method": "losa", "accuracy": 0.6}]))
+    out = tmp_path / "bench"
+    argv = ["bench", "--methods", "linear,losa", "--backbone", "test_vit", "--img-size", "64", "--batch-size", "2"]
+    argv += ["--rounds", "2", "--threads", "1", "--out", str(out), "--results", str(results)]
+    assert main(argv) == 0
+    for suffix in (".md", ".csv", ".json", "_memory.png", "_time.png", "_pareto.png"):
+        path = out / f"bench{suffix}"
+        assert path.is_file() and path.stat().st_size > 0, path
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["name"] for r in data["rows"]] == ["linear", "losa"]
+    for row in data["rows"]:
+        assert row["status"] == OK, row
+        assert row["peak_growth_bytes"] > 0 and row["peak_method"]
+        assert row["peak_bytes"] > row["peak_growth_bytes"]
+    assert "reference method 'full' was not measured" in data["notes"][0]
+    assert "--methods linear,losa" in (out / "bench.md").read_text()
+    assert main(["bench", "--methods", "nope", "--backbone", "test_vit"]) == 2
+
+
+def test_write_report_without_plots(report, tmp_path) -> None:
+    written = write_report(report, tmp_path, "r", plots=False)
+    assert sorted(written) == ["csv", "json", "md"]
+    assert json.loads(written["json"].read_text())["rows"] == [r.as_dict() for r in report.rows]

@@ -1,0 +1,341 @@
+"""Tests of sidetune.train: the Accelerate loop, reproducibility, resumable atomic checkpoints, metrics, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
+
+import sidetune
+from sidetune.data import DataError
+from sidetune.errors import ConfigError, SidetuneError
+from sidetune.train import (
+    CheckpointError,
+    ClassificationMeter,
+    TrainConfig,
+    WarmupCosine,
+    evaluate_adapter,
+    find_checkpoint,
+    fit,
+    parse_options,
+    parse_value,
+    predict_images,
+    read_log,
+)
+from sidetune.train import checkpoint as checkpoint_module
+from sidetune.train.loop import param_groups, resolve_mixed_precision, unused_parameters
+from train_data import CLASSES, IMG, config, make_image_folder, step_losses
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+# -- a whole run -----------------------------------------------------------------------------------------------
+def test_fit_writes_a_complete_run_directory(data, tmp_path):
+    out = tmp_path / "run"
+    result = fit(config(data, out, method="losa", val_fraction=0.34, eval_every=1))
+    for name in ("log.jsonl", "summary.json", "curves.png", "train_config.yaml", "checkpoints/LATEST"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_log(out / "log.jsonl")
+    steps = [r for r in records if r["type"] == "step"]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(steps) == summary["timing"]["steps"] == 4  # 12 train images / 6 per batch, 2 epochs
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 and r["step_time"] > 0 for r in steps)
+    assert all(len(r["val_per_class"]) == len(CLASSES) and 0 <= r["val_top1"] <= 1 for r in epochs)
+    assert summary["model"]["trainable_parameters"] == result.model.num_parameters()
+    assert summary["data"]["train"] == 12 and summary["data"]["val"] == 6 and summary["data"]["test"] == 6
+    assert summary["data"]["classes"] == list(CLASSES)
+    assert summary["metrics"]["test"]["count"] == 6 and summary["metrics"]["test_checkpoint"] == "best"
+    assert summary["memory"]["bytes"] > 0 and summary["memory"]["kind"] == "cpu_peak_rss"
+    assert set(summary["versions"]) >= {"torch", "timm", "sidetune"} and "git_commit" in summary
+    assert summary["config"]["method"] == "losa" and summary["ranks_in_sync"]
+    # best/ and last/ are adapter-only folders that sidetune.load rebuilds
+    for which in ("best", "last"):
+        files = sorted(p.name for p in (out / which).iterdir())
+        assert files == ["adapter_config.json", "adapter_model.safetensors", "inference.json"]
+        assert json.loads((out / which / "inference.json").read_text())["classes"] == list(CLASSES)
+    torch.manual_seed(0)  # the run's seed: the random test backbone is rebuilt from it
+    reloaded = sidetune.load(out / "best").eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), result.model.eval()(x), rtol=0, atol=0)
+
+
+def test_same_seed_gives_the_same_losses_bit_for_bit(data, tmp_path):
+    opts = dict(method="losa", head_dropout=0.3, augmentation="standard")
+    fit(config(data, tmp_path / "a", **opts))
+    fit(config(data, tmp_path / "b", **opts))
+    fit(config(data, tmp_path / "c", seed=1, **opts))
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+    assert step_losses(tmp_path / "a") != step_losses(tmp_path / "c")
+
+
+@pytest.mark.parametrize("method", [m["name"] for m in sidetune.list_methods()])
+def test_every_registered_method_trains_through_the_loop(method, data, tmp_path):
+    out = tmp_path / method
+    result = fit(config(data, out, method=method, epochs=1, test_split="none", lr=1e-3))
+    losses = step_losses(out)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    saved = load_file(str(out / "last" / "adapter_model.safetensors"))
+    assert set(saved) == {n for n, _ in result.model.named_trainable_parameters()}
+    torch.manual_seed(0)
+    fresh = sidetune.create("test_vit", method, num_classes=len(CLASSES), img_size=IMG)
+    initial = dict(fresh.named_trainable_parameters())
+    assert any(not torch.equal(saved[n], initial[n].detach()) for n in saved), "no trainable tensor changed"
+
+
+# -- reproducible resume ------------------------------------------------------------------------------------------
+class Crash(Exception):
+    pass
+
+
+def crash_at(step: int):
+    def callback(event, record):
+        if event == "step" and record["step"] == step:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-epoch
+
+    return callback
+
+
+def test_resume_mid_epoch_replays_the_uninterrupted_run_exactly(data, tmp_path):
+    # dropout, random augmentation and gradient accumulation all draw on state that the checkpoint must carry
+    opts = dict(
+        method="losa",
+        epochs=3,
+        batch_size=3,
+        grad_accum=2,
+        head_dropout=0.3,
+        augmentation="standard",
+        save_every_steps=1,
+    )
+    fit(config(data, tmp_path / "straight", **opts))
+    with pytest.raises(KeyboardInterrupt):
+        fit(config(data, tmp_path / "stopped", **opts), callback=crash_at(5))  # epoch 2 has steps 4, 5, 6
+    state = json.loads((find_checkpoint(tmp_path / "stopped") / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (4, 1, 2)  # mid-epoch: 2 of 6 batches
+    fit(config(data, tmp_path / "stopped", resume=str(tmp_path / "stopped"), **opts))
+    straight, resumed = step_losses(tmp_path / "straight"), step_losses(tmp_path / "stopped")
+    assert len(straight) == 9 and resumed == straight
+    a = load_file(str(tmp_path / "straight" / "last" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "last" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failure_during_save_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = checkpoint_module.torch.save
+    calls = {"n": 0}
+
+    def flaky_save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # checkpoint 1 makes 3 torch.save calls (rng, optimizer, scheduler); die inside the 2nd
+            raise Crash("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", flaky_save)
+    with pytest.raises(Crash):
+        fit(config(data, out, epochs=3))
+    monkeypatch.undo()
+    root = out / "checkpoints"
+    assert (root / "LATEST").read_text().strip() == "step-00000003"
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step-00000003"]  # no half-written folder
+    assert find_checkpoint(out) == root / "step-00000003"
+    fit(config(data, out, epochs=3, resume=str(out)))
+    fit(config(data, tmp_path / "straight", epochs=3))
+    assert step_losses(out) == step_losses(tmp_path / "straight")
+
+
+def test_resume_from_another_method_or_backbone_names_both(data, tmp_path):
+    fit(config(data, tmp_path / "losa", method="losa", epochs=1))
+    with pytest.raises(
+        CheckpointError, match=r"method 'losa' on backbone 'test_vit'.*method 'e3va' on backbone 'test_vit'"
+    ):
+        fit(config(data, tmp_path / "e3va", method="e3va", epochs=1, resume=str(tmp_path / "losa")))
+    assert not (tmp_path / "e3va").exists()  # refused before writing anything
+    with pytest.raises(CheckpointError, match=r"backbone 'test_vit'.*backbone 'test_vit2'"):
+        fit(
+            config(
+                data, tmp_path / "other", method="losa", backbone="test_vit2", epochs=1, resume=str(tmp_path / "losa")
+            )
+        )
+    with pytest.raises(CheckpointError, match="channel_rank"):
+        fit(
+            config(
+                data,
+                tmp_path / "rank",
+                method="losa",
+                method_options={"channel_rank": 2},
+                resume=str(tmp_path / "losa"),
+            )
+        )
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        fit(config(data, tmp_path / "x", resume=str(tmp_path / "missing")))
+
+
+def test_an_existing_run_is_not_overwritten(data, tmp_path):
+    fit(config(data, tmp_path / "run", epochs=1))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        fit(config(data, tmp_path / "run", epochs=1))
+
+
+# -- optimisation details --------------------------------------------------------------------------------------------
+def test_gradient_accumulation_matches_one_big_batch(data, tmp_path):
+    big = fit(config(data, tmp_path / "big", epochs=1, batch_size=6, test_split="none")).model
+    accum = fit(config(data, tmp_path / "accum", epochs=1, batch_size=3, grad_accum=2, test_split="none")).model
+    assert step_losses(tmp_path / "big") == pytest.approx(step_losses(tmp_path / "accum"), rel=1e-5)
+    for (name, a), (_, b) in zip(big.named_trainable_parameters(), accum.named_trainable_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_warmup_cosine_schedule():
+    s = WarmupCosine(warmup_steps=4, total_steps=14, floor=0.1)
+    assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert s(4) == pytest.approx(1.0) and s(9) == pytest.approx(0.55) and s(14) == pytest.approx(0.1)
+    values = [s(i) for i in range(4, 15)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_weight_decay_skips_biases_norms_and_tokens():
+    model = sidetune.create("test_vit", "full", num_classes=3, img_size=IMG)
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    ids = {id(p) for p in no_decay["params"]}
+    named = dict(model.named_trainable_parameters())
+    assert all(id(p) in ids for n, p in named.items() if n.endswith(".bias") or p.ndim == 1 or "pos_embed" in n)
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+
+
+def test_mixed_precision_is_validated_against_the_device():
+    assert resolve_mixed_precision("auto", on_cpu=True) == "no"
+    assert resolve_mixed_precision("no", on_cpu=True) == "no"
+    for mode in ("bf16", "fp16"):
+        with pytest.raises(ConfigError, match="needs a CUDA device"):
+            resolve_mixed_precision(mode, on_cpu=True)
+    with pytest.raises(ConfigError, match="mixed_precision must be one of"):
+        TrainConfig(backbone="test_vit", method="linear", mixed_precision="fp8")
+
+
+def test_unused_parameters_are_found_for_ddp():
+    model = sidetune.create("test_vit", "losa", num_classes=3, img_size=IMG)
+    assert unused_parameters(model, [(torch.randn(3, IMG, IMG), 0)] * 2) == []
+    model.head.spare = torch.nn.Linear(2, 2)  # trainable but never called
+    found = unused_parameters(model, [(torch.randn(3, IMG, IMG), 0)] * 2)
+    assert found == ["head.spare.weight", "head.spare.bias"]
+    assert all(p.grad is None for p in model.trainable_parameters())
+
+
+# -- metrics, evaluation and prediction ---------------------------------------------------------------------------
+def test_classification_meter_per_class_accuracy():
+    meter = ClassificationMeter(4)
+    logits = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [5.0, 0, 0, 0], [0, 0, 5.0, 0]])
+    meter.update(logits, torch.tensor([0, 1, 1, 2]))
+    m = meter.compute()
+    assert m["top1"] == 0.75 and m["count"] == 4
+    assert m["per_class"] == [1.0, 0.5, 1.0, None]  # class 3 absent
+    assert m["mean_class_acc"] == pytest.approx(2.5 / 3)
+
+
+def test_evaluate_and_predict_with_a_saved_adapter(data, tmp_path):
+    result = fit(config(data, tmp_path / "run", method="losa", epochs=3))
+    metrics = evaluate_adapter(tmp_path / "run" / "last", data, "test", workers=0)
+    assert metrics["count"] == 6 and metrics["classes"] == list(CLASSES)
+    assert metrics["top1"] == pytest.approx(result.summary["metrics"]["test"]["top1"])
+    rows = predict_images(tmp_path / "run" / "last", data / "test", top_k=2, workers=0)
+    assert len(rows) == 6 and all(r["label"] in CLASSES and len(r["top_k"]) == 2 for r in rows)
+    assert all(r["top_k"][0] == (r["label"], r["score"]) and r["top_k"][0][1] >= r["top_k"][1][1] for r in rows)
+
+
+# -- configuration -----------------------------------------------------------------------------------------------
+def test_yaml_config_with_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("backbone: test_vit\nmethod: losa\nepochs: 7\nlr: 0.01\nmethod_options:\n  channel_rank: 4\n")
+    cfg = TrainConfig.from_yaml(path, epochs=2, method_options={"token_rank": 2})
+    assert (cfg.epochs, cfg.lr, cfg.method_options) == (2, 0.01, {"channel_rank": 4, "token_rank": 2})
+    cfg.save(tmp_path / "again.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "again.yaml") == cfg
+    path.write_text("backbone: test_vit\nmethod: losa\nepoch: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml.*'epoch' \(did you mean 'epochs'\?\)"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        TrainConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("epochs", 0, "epochs must be an integer >= 1"),
+        ("lr", -1.0, "lr must be a positive number"),
+        ("label_smoothing", 1.0, "label_smoothing must be in"),
+        ("augmentation", "heavy", "augmentation must be one of"),
+        ("val_fraction", 1.5, "val_fraction must be in"),
+        ("warmup_epochs", 20.0, "longer than epochs"),
+    ],
+)
+def test_invalid_settings_are_refused(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(backbone="test_vit", method="linear", **{field: value})
+
+
+def test_option_values_parse():
+    assert parse_value("8") == 8 and parse_value("0.5") == 0.5 and parse_value("1e-3") == 0.001
+    assert parse_value("true") is True and parse_value("none") is None and parse_value("gelu") == "gelu"
+    assert parse_value("2,5") == (2, 5) and parse_value("(1, 2, 3)") == (1, 2, 3)
+    assert parse_options(["channel-rank=8", "norm=false"]) == {"channel_rank": 8, "norm": False}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_options(["rank"])
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+def test_missing_or_empty_data_is_named(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "nope")):
+        fit(config(tmp_path / "nope", tmp_path / "out"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"empty/train has no class folders"):
+        fit(config(tmp_path / "empty", tmp_path / "out"))
+    (tmp_path / "hollow" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="hollow"):
+        fit(config(tmp_path / "hollow", tmp_path / "out", test_split="none"))
+
+
+def test_num_classes_disagreeing_with_the_data(data, tmp_path):
+    with pytest.raises(DataError, match=r"num_classes=5 .* 3 classes"):
+        fit(config(data, tmp_path / "out", num_classes=5))
+
+
+def test_labels_outside_the_class_count(data, tmp_path):
+    csv_file = tmp_path / "labels.csv"
+    first = next((data / "train" / "cat").iterdir())
+    csv_file.write_text(f"path,label\n{first},0\n{first},7\n")
+    with pytest.raises(DataError, match=r"labels.csv.*7"):
+        fit(config(csv_file, tmp_path / "out", num_classes=3, train_split=None, test_split="none"))
+    images = torch.randn(6, 3, IMG, IMG)
+    bad = TensorDataset(images, torch.tensor([0, 1, 2, 0, 1, 5]))
+    with pytest.raises(DataError, match="outside the model's 3 classes"):
+        fit(config(None, tmp_path / "tensors", num_classes=3, epochs=1), train_dataset=bad)
+
+
+def test_errors_are_sidetune_errors():
+    assert issubclass(CheckpointError, SidetuneError) and issubclass(DataError, SidetuneError)
+
+
+def test_real_benchmark_skips_cleanly_without_the_shared_assets(tmp_path, monkeypatch, capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "classification_real.py"
+    spec = importlib.util.spec_from_file_location("classification_real", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "WEIGHTS", tmp_path / "absent.safetensors")
+    assert bench.main(["--results", str(tmp_path / "results"), "--doc", str(tmp_path / "doc.md")]) == 0
+    assert "skipping the real classification run" in capsys.readouterr().out
+    assert not (tmp_path / "results").exists()
