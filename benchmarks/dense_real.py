@@ -1,0 +1,230 @@
+"""Dense tasks on real data: CamVid segmentation and BCCD detection with the shared DINOv2 ViT-S/14 weights.
+
+Trains every method (each run in its own process, so peak memory is per run) with
+``python -m sidetune.train.dense train ...`` and writes ``docs/results/dense_real.{json,csv}`` and the table of
+``docs/dense_results.md``. Skips with a message when ``../shared`` is absent.
+
+The defaults are a reduced CPU setting (small images, a subset of each split, two epochs); raise them with the
+flags for a real comparison, e.g. ``--seg-img-size 518 --det-img-size 518 --epochs 50 --train-limit 0``.
+
+    python benchmarks/dense_real.py                      # both tasks, all methods, reduced setting
+    python benchmarks/dense_real.py --tasks segmentation --methods e3va losa
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared" / "assets"
+WEIGHTS = ASSETS / "weights" / "vit_small_patch14_dinov2.imgfocus_fp16.safetensors"
+DATA = {"segmentation": ASSETS / "data" / "camvid-240x180", "detection": ASSETS / "data" / "bccd"}
+BACKBONE = "vit_small_patch14_dinov2"
+METHODS = ("linear", "lora", "e3va", "losa", "full")
+RESULTS = REPO / "docs" / "results"
+PAGE = REPO / "docs" / "dense_results.md"
+LR = {"full": 1e-4}  # full fine-tuning needs a smaller step than the adapters
+
+
+def command(task: str, method: str, args: argparse.Namespace, output: Path) -> list[str]:
+    seg = task == "segmentation"
+    cmd = [
+        sys.executable, "-m", "sidetune.train.dense", "train", BACKBONE, method,
+        "--task", task, "--data", str(DATA[task]), "--weights", str(WEIGHTS),
+        "--img-size", str(args.seg_img_size if seg else args.det_img_size),
+        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+        "--lr", str(LR.get(method, args.lr)), "--warmup-epochs", "0.5", "--seed", str(args.seed),
+        "--output", str(output),
+    ]  # fmt: skip
+    if seg:
+        cmd += ["--head-opt", f"channels={args.seg_channels}"]
+    else:
+        cmd += ["--detector", "faster_rcnn", "--head-opt", f"fpn_channels={args.fpn_channels}",
+                "--head-opt", f"box_head_dim={args.box_head_dim}"]  # fmt: skip
+    if args.train_limit:
+        cmd += ["--train-limit", str(args.train_limit)]
+    if args.val_limit:
+        cmd += ["--val-limit", str(args.val_limit)]
+    return cmd
+
+
+def row_of(task: str, method: str, summary: dict) -> dict:
+    final = {k: (float("nan") if v is None else v) for k, v in (summary["metrics"]["final_val"] or {}).items()}
+    t, m = summary["timing"], summary["model"]
+    row = {
+        "task": task,
+        "method": method,
+        "img_size": m["img_size"][0],
+        "train_images": summary["data"]["train"],
+        "val_images": summary["data"]["val"],
+        "epochs": summary["config"]["epochs"],
+        "trainable_params": m["trainable_parameters"],
+        "median_step_s": round(t["median_step_time_s"] or float("nan"), 3),
+        "train_time_s": round(t["train_time_s"], 1),
+        "peak_rss_mib": round(summary["memory"]["bytes"] / 2**20),
+    }
+    if task == "segmentation":
+        row.update(mIoU=round(final.get("mIoU", float("nan")), 4), aAcc=round(final.get("aAcc", float("nan")), 4))
+    else:
+        row.update(
+            mAP=round(final.get("bbox_mAP", float("nan")), 4), mAP_50=round(final.get("bbox_mAP_50", float("nan")), 4)
+        )
+    return row
+
+
+def write(rows: list[dict], args: argparse.Namespace, invocation: str) -> None:
+    """Save ``docs/results/<name>.{json,csv}`` and redraw ``docs/dense_results.md`` from every saved result set."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("render_only", "runs")}
+    data = {"command": invocation, "settings": settings, "rows": rows}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+    with (RESULTS / f"{args.name}.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    render_page()
+
+
+def _first(limit: int | None) -> str:
+    return f"the first {limit}" if limit else "all"
+
+
+def render_page() -> None:
+    lines = [
+        "# Dense tasks on real data (CPU, reduced settings)",
+        "",
+        "Written by `benchmarks/dense_real.py` (one section per result set in `docs/results/dense_real*.json`).",
+        f"Backbone `{BACKBONE}` with the shared DINOv2 weights (`{WEIGHTS.name}`), frozen; each method trains its",
+        "adapter plus the head (UPerNet for CamVid, Faster R-CNN + simple feature pyramid for BCCD) with AdamW and",
+        f"warm-up + cosine (full fine-tuning at lr {LR['full']}), each run in its own process.",
+        "",
+        "**These are CPU smoke-scale runs** (2 shared cores, minutes per run, other jobs running beside them): they",
+        "show that every method trains end to end and how the costs compare; they are far from converged and must",
+        "not be read as the methods' accuracy. Step times are noisy for the same reason. Peak memory is the",
+        "process's peak RSS on the CPU (includes Python and libraries). Full-size settings: raise",
+        "`--seg-img-size/--det-img-size` (e.g. 518), `--epochs`, and pass `--train-limit 0 --val-limit 0`.",
+        "",
+    ]
+    for path in sorted(RESULTS.glob("dense_real*.json")):
+        saved = json.loads(path.read_text())
+        rows, a = saved["rows"], saved.get("settings", {})
+        lines += [f"## Result set `{path.stem}`", "", "Command:", "", f"    {saved['command']}", ""]
+        if a:
+            lines += [
+                f"Seed {a['seed']}, lr {a['lr']}, batch {a['batch_size']}, {a['epochs']} epochs, "
+                f"{_first(a['train_limit'])} training and {_first(a['val_limit'])} validation images. Segmentation "
+                f"at {a['seg_img_size']} px (UPerNet {a['seg_channels']} channels), scored on CamVid val at its full "
+                "240x180 resolution, 11 classes, void ignored."
+                + (
+                    f" Detection at {a['det_img_size']} px (FPN {a['fpn_channels']} channels, box head "
+                    f"{a['box_head_dim']}), COCO mAP on BCCD val in original pixels."
+                    if "detection" in a["tasks"]
+                    else ""
+                ),
+                "",
+            ]
+        for task, metric_cols in (("segmentation", ("mIoU", "aAcc")), ("detection", ("mAP", "mAP_50"))):
+            sel = [r for r in rows if r["task"] == task]
+            if not sel:
+                continue
+            head = ["method", *metric_cols, "trainable params", "median step (s)", "train time (s)", "peak RSS (MiB)"]
+            title = "CamVid segmentation" if task == "segmentation" else "BCCD detection (Faster R-CNN), mAP@[.5:.95]"
+            lines += [f"### {title}", ""]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for r in sel:
+                vals = [r["method"], *(f"{r[c]:.4f}" for c in metric_cols), f"{r['trainable_params']:,}",
+                        f"{r['median_step_s']:.2f}", f"{r['train_time_s']:.0f}", str(r["peak_rss_mib"])]  # fmt: skip
+                lines.append("| " + " | ".join(vals) + " |")
+            lines.append("")
+        if a:
+            missing = [f"{t}/{m}" for t in a["tasks"] for m in a["methods"] if not any(
+                r["task"] == t and r["method"] == m for r in rows)]  # fmt: skip
+            if missing:
+                lines += [f"Not run, stopped or failed (out of time on the shared CPU): {', '.join(missing)}.", ""]
+    lines += [
+        "## Training, evaluating and predicting dense models",
+        "",
+        "```bash",
+        "sidetune train vit_small_patch14_dinov2 e3va --task segmentation \\",
+        "    --data ../shared/assets/data/camvid-240x180 --layout camvid \\",
+        f"    --weights ../shared/assets/weights/{WEIGHTS.name} \\",
+        "    --img-size 112 --epochs 2 --batch-size 8 --head-opt channels=64 --output runs/camvid-e3va",
+        "sidetune eval runs/camvid-e3va/best --data ../shared/assets/data/camvid-240x180 --split test",
+        "sidetune predict runs/camvid-e3va/best ../shared/assets/data/camvid-240x180/test --output preds/",
+        "sidetune train vit_small_patch14_dinov2 losa --task detection --detector faster_rcnn \\",
+        "    --data ../shared/assets/data/bccd --layout voc \\",
+        f"    --weights ../shared/assets/weights/{WEIGHTS.name} \\",
+        "    --img-size 168 --epochs 2 --batch-size 8 --head-opt fpn_channels=64 --output runs/bccd-losa",
+        "```",
+        "",
+        "A run directory holds `log.jsonl`, `summary.json`, `train_config.json` and the `best/` (highest val mIoU or",
+        "box mAP) and `last/` adapters; `eval`/`predict` read the task from the adapter. Segmentation `predict` writes",
+        "a palette PNG mask and an overlay per image; detection writes `predictions.json` (COCO results) and overlays.",
+        "Python: `sidetune.train.dense.fit_dense(DenseConfig(...))`, `evaluate_dense`, `predict_dense`.",
+        "",
+    ]
+    PAGE.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", nargs="+", default=["segmentation", "detection"], choices=["segmentation", "detection"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--seg-img-size", type=int, default=112)
+    p.add_argument("--det-img-size", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seg-channels", type=int, default=64)
+    p.add_argument("--fpn-channels", type=int, default=64)
+    p.add_argument("--box-head-dim", type=int, default=256)
+    p.add_argument("--train-limit", type=int, default=64, help="first N training images (0: all)")
+    p.add_argument("--val-limit", type=int, default=32, help="first N validation images (0: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", default="runs/dense_real", help="where the run directories go")
+    p.add_argument("--name", default="dense_real", help="result set: docs/results/NAME.{json,csv}")
+    p.add_argument("--render-only", action="store_true", help="only rewrite the page from the saved JSON")
+    args = p.parse_args(argv)
+    if not args.render_only and (not WEIGHTS.is_file() or not all(DATA[t].is_dir() for t in args.tasks)):
+        print(f"skipping: {ASSETS} (shared weights and data) not found beside the checkout", file=sys.stderr)
+        return 0
+    invocation = "python benchmarks/dense_real.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.render_only:  # redraw the page; a result set saved without settings gets this invocation's flags
+        path = RESULTS / f"{args.name}.json"
+        saved = json.loads(path.read_text())
+        if "settings" not in saved:
+            write(saved["rows"], args, saved["command"])
+        render_page()
+        return 0
+    runs = Path(args.runs) / time.strftime("%Y%m%d-%H%M%S")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO / "src"))
+    rows: list[dict] = []
+    for task in args.tasks:
+        for method in args.methods:
+            out = runs / f"{task}-{method}"
+            cmd = command(task, method, args, out)
+            print("$", shlex.join(cmd), flush=True)
+            done = subprocess.run(cmd, env=env, check=False)
+            if done.returncode != 0 or not (out / "summary.json").is_file():
+                print(f"FAILED {task}/{method} (exit {done.returncode})", flush=True)
+                continue
+            rows.append(row_of(task, method, json.loads((out / "summary.json").read_text())))
+            print(json.dumps(rows[-1]), flush=True)
+            write(rows, args, invocation.strip())
+    if rows:
+        write(rows, args, invocation.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
