@@ -61,8 +61,8 @@ from ..heads import predict_segmentation, segmentation_loss
 from ..model import SidetuneModel
 from ..tasks import CocoEvaluator, SegmentationMetrics
 from .inference import INFERENCE, load_for_inference
+from .loop import LOG, SUMMARY, Callback, WarmupCosine, _seed_everything, param_groups, resolve_mixed_precision
 from .loop import TrainResult as TrainResult
-from .loop import WarmupCosine, _seed_everything, param_groups, resolve_mixed_precision
 from .metrics import JsonlLog, _finite, device_name, git_commit, peak_memory, versions
 
 logger = logging.getLogger(__name__)
@@ -70,11 +70,7 @@ logger = logging.getLogger(__name__)
 DENSE_TASKS = ("segmentation", "detection", "instance")
 SEG_LAYOUTS = ("auto", "camvid", "segnet", "ade20k", "voc", "masks")
 DET_LAYOUTS = ("auto", "voc", "coco")
-LOG = "log.jsonl"
-SUMMARY = "summary.json"
-CONFIG = "train_config.json"
-
-Callback = Callable[[str, dict[str, Any]], None]
+CONFIG = "train_config.json"  # classification writes YAML (its configs may come from YAML files)
 
 
 @dataclass
