@@ -171,3 +171,14 @@ def test_concurrent_forwards_do_not_mix_taps() -> None:
     for t in threads:
         t.join()
     assert failures == []
+
+
+def test_saved_adapter_files_are_readable_by_others(tmp_path) -> None:
+    import os
+    import stat
+
+    tiny("vit", "linear").save_adapter(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
