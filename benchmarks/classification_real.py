@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "classification_real", help="run directories")
     p.add_argument("--results", type=Path, default=REPO / "docs" / "results", help="results JSON/CSV folder")
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "classification.md", help="page to update")
+    p.add_argument(
+        "--timing-rounds", type=int, default=10, help="rounds of interleaved step timing after training (default: 10)"
+    )
     p.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: train one TrainConfig (JSON) and exit
     return p.parse_args(argv)
 
@@ -115,6 +118,35 @@ def activation_bytes(method: str, img_size: int, batch_size: int) -> int:
     return saved_tensor_bytes(lambda: F.cross_entropy(model(x), y), module=model).activation_bytes
 
 
+def interleaved_step_times(methods: list[str], img_size: int, batch_size: int, rounds: int) -> dict[str, float]:
+    """Median seconds of one training step per method, the methods taking turns for ``rounds`` rounds.
+
+    Training-time step medians of runs made minutes apart measure the machine's load as much as the
+    method; steps timed in turn share the same load, so their ratios hold. The first round warms up.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    import sidetune
+
+    models, optimizers = {}, {}
+    for method in methods:
+        torch.manual_seed(0)
+        models[method] = sidetune.create(BACKBONE, method, num_classes=10, weights=str(WEIGHTS), img_size=img_size)
+        optimizers[method] = torch.optim.AdamW(models[method].trainable_parameters(), lr=1e-3)
+    x, y = torch.randn(batch_size, 3, img_size, img_size), torch.randint(0, 10, (batch_size,))
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(rounds + 1):
+        for method in methods:
+            model, opt = models[method].train(), optimizers[method]
+            start = time.perf_counter()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[method].append(time.perf_counter() - start)
+    return {m: statistics.median(t[1:]) for m, t in times.items()}
+
+
 def _repo_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
@@ -138,14 +170,18 @@ def fmt_mb(n: int | None) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| dataset | method | trainable params | lr (val-chosen) | val top-1 | test top-1 | test mean class acc "
-        "| s/step (median) | activation memory / step | peak RSS of the run |"
+        "| s/step in training | s/step interleaved (x linear) | activation memory / step | peak RSS of the run |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
+    linear = {r["dataset"]: r.get("interleaved_step_time_s") for r in rows if r["method"] == "linear"}
     for r in rows:
+        inter, base = r.get("interleaved_step_time_s"), linear.get(r["dataset"])
+        inter_cell = "-" if inter is None else f"{inter:.2f}" + (f" ({inter / base:.1f}x)" if base else "")
         lines.append(
             f"| {r['dataset']} | {r['method']} | {r['trainable_parameters']:,} | {r['lr']:g} "
             f"| {r['val_top1']:.1%} | **{r['test_top1']:.1%}** | {r['test_mean_class_acc']:.1%} "
-            f"| {r['median_step_time_s']:.2f} | {fmt_mb(r['activation_bytes'])} | {fmt_mb(r['peak_rss_bytes'])} |"
+            f"| {r['median_step_time_s']:.2f} | {inter_cell} | {fmt_mb(r['activation_bytes'])} "
+            f"| {fmt_mb(r['peak_rss_bytes'])} |"
         )
     return "\n".join(lines)
 
@@ -183,7 +219,9 @@ def _write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], args: argpa
         f"validation split of train; trained on the other {1 - meta['val_fraction']:.0%}; test = the full test split. "
         f"Machine: {meta['device']}, {meta['threads']} torch thread(s) per process; "
         f"sidetune commit {meta['git_commit'] or 'unknown'}; "
-        f"{meta['finished']}; wall time {meta['wall_time_min']:.0f} min."
+        f"{meta['finished']}; the training runs took {sum(r.get('train_wall_s', 0.0) for r in rows) / 60:.0f} min "
+        f"(sum of their wall times). Interleaved step times: {meta['timing_rounds']} rounds of one training step "
+        f"per method in turn, batch {meta['batch_size']}, median."
     )
     grid_lines = ["", "Validation top-1 of every grid point:", ""]
     for r in rows:
@@ -215,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = time.perf_counter()
     warmup = args.warmup_epochs if args.warmup_epochs is not None else round(0.1 * args.epochs, 2)
     methods, datasets = args.methods.split(","), args.datasets.split(",")
     rows: list[dict[str, Any]] = []
@@ -235,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "git_commit": _repo_commit(),
         "sidetune_from": str(Path(sidetune.__file__).parent),
         "threads": args.threads or torch.get_num_threads(),
+        "timing_rounds": args.timing_rounds,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     setting = f"{args.img_size}px-{args.epochs}ep-b{args.batch_size}-seed{args.seed}"
@@ -265,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    lr {lr:g}: val top-1 {val:.1%}", flush=True)
                 grid.append({"lr": lr, "val_top1": val, "output": config["output"], "summary": summary})
             best = max(grid, key=lambda g: g["val_top1"])  # ties: the first (smaller) lr
-            test = evaluate_adapter(Path(best["output"]) / "best", DATA / dataset, "test", workers=args.workers)
+            cached = Path(best["output"]) / "test_metrics.json"
+            if cached.is_file():
+                test = json.loads(cached.read_text())
+            else:
+                test = evaluate_adapter(Path(best["output"]) / "best", DATA / dataset, "test", workers=args.workers)
+                cached.write_text(json.dumps(test, indent=2) + "\n")
             if method not in act_cache:
                 act_cache[method] = activation_bytes(method, args.img_size, args.batch_size)
             s = best["summary"]
@@ -286,13 +329,20 @@ def main(argv: list[str] | None = None) -> int:
                     "train_images": s["data"]["train"],
                     "val_images": s["data"]["val"],
                     "steps": s["timing"]["steps"],
+                    "train_wall_s": sum(g["summary"]["timing"]["wall_time_s"] for g in grid),
                     "run": best["output"],
                     "grid": [{"lr": g["lr"], "val_top1": g["val_top1"]} for g in grid],
                 }
             )
             print(f"    chosen lr {best['lr']:g}: test top-1 {test['top1']:.1%} on {test['count']} images", flush=True)
-            meta.update(wall_time_min=(time.perf_counter() - start) / 60, finished=time.strftime("%Y-%m-%d"))
+            meta.update(finished=time.strftime("%Y-%m-%d"))
             write_outputs(rows, meta, args)
+    if args.timing_rounds:
+        print(f"timing {', '.join(methods)}: {args.timing_rounds} interleaved rounds", flush=True)
+        timing = interleaved_step_times(methods, args.img_size, args.batch_size, args.timing_rounds)
+        for r in rows:
+            r["interleaved_step_time_s"] = timing[r["method"]]
+        write_outputs(rows, meta, args)
     print(table(rows))
     return 0
 

@@ -150,7 +150,7 @@ def markdown(report: BenchReport) -> str:
         "",
         (
             f"Environment: torch {env.get('torch')}, timm {env.get('timm')}, python {env.get('python')}, "
-            f"{env.get('device')} ({env.get('device_name')}), {env.get('torch_threads')} threads, "
+            f"{env.get('device')} ({env.get('device_name')}), torch threads: {env.get('torch_threads')}, "
             f"git {str(env.get('git_commit') or 'unknown')[:12]}, {report.created}."
         ),
         "",
