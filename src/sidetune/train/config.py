@@ -57,7 +57,7 @@ class TrainConfig:
         grad_accum: micro-batches per optimizer step.
         clip_grad: max gradient norm, or None for no clipping.
         mixed_precision: ``auto`` (bf16 on CUDA when supported, else fp16; ``no`` on CPU), ``no``,
-            ``bf16`` or ``fp16`` (both CUDA only).
+            ``bf16`` (CUDA, or a CPU with native bfloat16) or ``fp16`` (CUDA only).
         augmentation: image transform recipe: ``vtab``, ``none`` or ``standard``
             (:func:`sidetune.data.build_transforms`).
         eval_every: evaluate on the validation split every this many epochs (and after the last one).

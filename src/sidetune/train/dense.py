@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -61,7 +61,16 @@ from ..heads import predict_segmentation, segmentation_loss
 from ..model import SidetuneModel
 from ..tasks import CocoEvaluator, SegmentationMetrics
 from .inference import INFERENCE, load_for_inference
-from .loop import LOG, SUMMARY, Callback, WarmupCosine, _seed_everything, param_groups, resolve_mixed_precision
+from .loop import (
+    LOG,
+    SUMMARY,
+    Callback,
+    WarmupCosine,
+    _seed_everything,
+    make_accelerator,
+    param_groups,
+    resolve_mixed_precision,
+)
 from .loop import TrainResult as TrainResult
 from .metrics import JsonlLog, _finite, device_name, git_commit, peak_memory, versions
 
@@ -367,7 +376,7 @@ def fit_dense(
         if config.test_split:
             test_dataset = build_dense_dataset(task, config.data, config.test_split, **kw)
 
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed_precision, rng_types=[])
+    accelerator = make_accelerator(mixed_precision, cpu=on_cpu, rng_types=[])
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
