@@ -2,7 +2,8 @@
 
 Writes, per backbone, ``docs/benchmarks/efficiency_<backbone>.{md,csv,json}`` and ``..._memory.png`` /
 ``..._time.png`` (the ``sidetune bench`` report, whose header records this exact command), with a targets
-section appended to the Markdown: LoSA and E3VA training steps at most 0.35x full fine-tuning and 0.40x
+section appended to the Markdown: LoSA and E3VA training steps (plain, and with ``recompute=True``: the side
+network's activations recomputed in backward) at most 0.35x full fine-tuning and 0.40x
 LoRA, at most 1.10x the floor, bytes saved for backward at most 0.10x full, peak memory growth at most
 0.20x full. ``--profile`` adds a torch.profiler table of one training step per method, to find what is
 slow where a target is missed.
@@ -24,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from sidetune.bench.profile import OK, BenchConfig, BenchReport, profile
+from sidetune.bench.profile import OK, BenchConfig, BenchReport, parse_method, profile, split_methods
 from sidetune.bench.report import fmt_ratio, write_report
 from sidetune.bench.workload import build_model, make_batch, make_step
 
 BACKBONES = ("vit_base_patch16_224", "swin_tiny_patch4_window7_224", "swin_base_patch4_window7_224")
-METHODS = ("full", "lora", "linear", "losa", "e3va", "lst")
+METHODS = ("full", "lora", "linear", "losa", "losa[recompute=true]", "e3va", "e3va[recompute=true]", "lst")
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
 # (what, how to read it from a row given the report, bound)
@@ -40,7 +41,7 @@ TARGETS: tuple[tuple[str, Callable, float], ...] = (
     ("saved for backward / full", lambda r, rep: r.saved_vs_ref, 0.10),
     ("peak memory growth / full", lambda r, rep: r.peak_vs_ref, 0.20),
 )
-TARGET_METHODS = ("losa", "e3va")
+TARGET_METHODS = ("losa", "e3va")  # every row of these methods but +gc: plain, levers, variants (recompute)
 
 
 def _over(a: float | None, b: float | None) -> float | None:
@@ -114,14 +115,15 @@ def profile_steps(config: BenchConfig, methods: list[str], rows: int = 18) -> st
     out = []
     device = config.torch_device
     for method in methods:
+        request = parse_method(method)  # a variant, losa[recompute=true], is profiled with its options
         model = build_model(
             config.backbone,
-            method,
+            request.method,
             num_classes=config.num_classes,
             img_size=config.img_size,
             weights=config.weights,
             backbone_kwargs=config.backbone_kwargs,
-            options={},
+            options=request.options,
             seed=config.seed,
             device=device,
         )
@@ -147,7 +149,7 @@ def profile_steps(config: BenchConfig, methods: list[str], rows: int = 18) -> st
 
 
 def run_backbone(backbone: str, args: argparse.Namespace, command: str) -> list[str]:
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = tuple(split_methods(args.methods))
     config = BenchConfig(
         backbone=backbone,
         methods=methods,
@@ -170,7 +172,7 @@ def run_backbone(backbone: str, args: argparse.Namespace, command: str) -> list[
     extra = ["", targets]
     if args.profile:
         extra += ["## Where the time goes (torch.profiler, one step, self CPU time)", ""]
-        extra.append(profile_steps(config, [m.strip() for m in args.profile.split(",")]))
+        extra.append(profile_steps(config, split_methods(args.profile)))
     with written["md"].open("a") as fh:
         fh.write("\n".join(extra))
     print(written["md"].read_text())
@@ -180,7 +182,7 @@ def run_backbone(backbone: str, args: argparse.Namespace, command: str) -> list[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default=",".join(BACKBONES))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="as sidetune bench --methods, variants included")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1)

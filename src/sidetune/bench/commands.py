@@ -45,17 +45,13 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _parse_option(text: str) -> tuple[str, str, Any]:
+    from .profile import parse_option_value
+
     method, dot, rest = text.partition(".")
     key, eq, raw = rest.partition("=")
     if not dot or not eq or not method or not key:
         raise ConfigError(f"--option expects METHOD.KEY=VALUE (e.g. losa.channel_rank=32), got {text!r}.")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    if isinstance(value, list):
-        value = tuple(value)
-    return method, key, value
+    return method, key, parse_option_value(raw)
 
 
 def _config_from_args(args: argparse.Namespace, **overrides: Any):
@@ -71,8 +67,10 @@ def _config_from_args(args: argparse.Namespace, **overrides: Any):
         raise ConfigError(f"--backbone-kwargs must be a JSON object: {err}") from None
     if not isinstance(backbone_kwargs, dict):
         raise ConfigError("--backbone-kwargs must be a JSON object, e.g. '{\"depth\": 4}'.")
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     from .plan import parse_size
+    from .profile import split_methods
+
+    methods = tuple(split_methods(args.methods)) if args.methods else None
 
     fields = dict(
         backbone=args.backbone,
@@ -105,10 +103,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default=None, help="backbone weights: a file, or 'hub' (default: random weights)")
     g.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     g.add_argument("--batch-size", type=int, default=8, help="images per training step (default: 8)")
-    g.add_argument("--methods", default=None, help="comma-separated methods (default: every one in `sidetune methods`)")
+    g.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods (default: every one in `sidetune methods`). METHOD[KEY=VALUE,...] adds a row "
+        "of METHOD with those options, named as written, beside the plain one: "
+        "'losa,losa[recompute=true],e3va,e3va[recompute=true]' (quote the list: [ ] are shell glob characters)",
+    )
     g.add_argument("--num-classes", type=int, default=10, help="classifier size (default: 10)")
     g.add_argument(
-        "--option", action="append", metavar="METHOD.KEY=VALUE", help="a method option (JSON value), repeatable"
+        "--option",
+        action="append",
+        metavar="METHOD.KEY=VALUE",
+        help="a method option (JSON value) for every row of METHOD, repeatable (one extra row: METHOD[KEY=VALUE])",
     )
     g.add_argument("--backbone-kwargs", default=None, metavar="JSON", help="extra timm.create_model arguments")
     g = p.add_argument_group("levers (side methods; each adds rows measured with it, alone and together)")

@@ -43,7 +43,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import json
 import logging
+import re
 import shlex
 import sys
 import tempfile
@@ -86,13 +88,16 @@ class BenchConfig:
 
     Attributes:
         backbone: timm model name.
-        methods: method names (None: every method in :func:`sidetune.list_methods`).
+        methods: method names (None: every method in :func:`sidetune.list_methods`). An entry may carry
+            options of its own, ``METHOD[KEY=VALUE,...]`` (``losa[recompute=true]``): an extra row of that
+            method, named as written, measured beside the plain one (see :func:`parse_method`).
         weights: backbone weights as in :func:`sidetune.create` (None: random).
         img_size: input size (None: the model's default).
         batch_size: images per training step.
         num_classes: classifier size.
         backbone_kwargs: extra ``timm.create_model`` arguments.
-        method_options: per method name, options for :func:`sidetune.create`.
+        method_options: per method name, options for :func:`sidetune.create`, applied to every row of that
+            method (a variant's own options override them).
         precision, compile, channels_last: levers for the frozen forward of side methods; each one asked
             for adds rows measured with it alone, and with all together (see :mod:`sidetune.bench.levers`).
         compile_backend: ``torch.compile`` backend.
@@ -161,7 +166,9 @@ class BenchConfig:
         Levers(precision=self.precision)  # validates the name
         if self.methods is not None:
             self.methods = tuple(self.methods)
-            resolve_methods(self.methods)
+        for request in resolve_methods(self.methods):  # names, then every row's options, before measuring
+            options = {**self.method_options.get(request.method, {}), **request.options}
+            check_options(request.method, options, where=request.name)
 
     @property
     def torch_device(self) -> torch.device:
@@ -285,33 +292,141 @@ class BenchReport:
 # ------------------------------------------------------------------------------------------------------
 
 
-def resolve_methods(methods: tuple[str, ...] | list[str] | None) -> list[str]:
-    """Validate method names (an unknown one fails listing the choices); None gives every method."""
+@dataclass(frozen=True)
+class MethodRequest:
+    """One entry of :attr:`BenchConfig.methods`: a method, and options of its own for a variant row.
+
+    ``losa`` is ``MethodRequest("losa", "losa", {})``; ``losa[recompute=true]`` is
+    ``MethodRequest("losa[recompute=true]", "losa", {"recompute": True})``.
+    """
+
+    name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_option_value(raw: str) -> Any:
+    """An option value as written on a command line: JSON (``32``, ``true``, ``[0,1]`` as a tuple), Python's
+    ``True``/``False``/``None``, else the text itself."""
+    raw = raw.strip()
+    if raw in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[raw]
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    return tuple(value) if isinstance(value, list) else value
+
+
+def split_methods(text: str) -> list[str]:
+    """Split a comma-separated method list, keeping the commas inside ``[...]`` (a variant's options).
+
+    ``"full,losa[recompute=true,channel_rank=32],e3va"`` -> ``["full", "losa[recompute=true,channel_rank=32]",
+    "e3va"]``. Blank entries are dropped.
+    """
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0:
+            raise ConfigError(f"unbalanced ']' in the method list {text!r}.")
+        current.append(char)
+    if depth:
+        raise ConfigError(f"unclosed '[' in the method list {text!r}.")
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+_VARIANT = re.compile(r"([^\[\]\s]+)\[(.*)\]")
+
+
+def parse_method(text: str) -> MethodRequest:
+    """``METHOD`` or ``METHOD[KEY=VALUE,...]`` (values as :func:`parse_option_value` reads them).
+
+    The row is named as written, without spaces. Raises ConfigError for an unknown method (with the choices)
+    or an option the method does not have (with its options).
+    """
+    text = "".join(text.split())
+    match = _VARIANT.fullmatch(text)
+    if not match and ("[" in text or "]" in text):
+        raise ConfigError(f"bench: {text!r} is neither METHOD nor METHOD[KEY=VALUE,...], e.g. losa[recompute=true].")
+    method = match.group(1) if match else text
     known = [m["name"] for m in list_methods()]
+    if method not in known:
+        raise unknown_choice("method", method, known, hint="See `sidetune methods`.")
+    if not match:
+        return MethodRequest(text, text, {})
+    options: dict[str, Any] = {}
+    for item in split_methods(match.group(2)):
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(
+                f"bench: {text!r}: options are KEY=VALUE separated by commas, e.g. {method}[recompute=true]; "
+                f"got {item!r}."
+            )
+        options[key] = parse_option_value(raw)
+    if not options:
+        raise ConfigError(f"bench: {text!r} names no option; write {method} for the plain row.")
+    check_options(method, options, where=text)
+    return MethodRequest(text, method, options)
+
+
+def check_options(method: str, options: dict[str, Any], where: str | None = None) -> None:
+    """Fail unless ``method`` has every option in ``options`` (the message names the method, the entry
+    ``where`` it was asked for and the method's options) and accepts their values."""
+    spec = get_method(method)
+    known = sorted(f.name for f in dataclasses.fields(spec.config_cls))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        valid = ", ".join(known) if known else "none"
+        context = f" (in {where!r})" if where and where != method else ""
+        raise ConfigError(
+            f"bench: method {method!r} has no option {', '.join(map(repr, unknown))}{context}. "
+            f"Valid options of {method!r}: {valid}."
+        )
+    try:
+        spec.make_config(**options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bench: options {options} of {where or method!r}: {err}") from None
+
+
+def resolve_methods(methods: tuple[str, ...] | list[str] | None) -> list[MethodRequest]:
+    """Parse and validate the method entries (see :func:`parse_method`); None gives every method plain.
+
+    An unknown method fails listing the choices; an unknown option of a variant names the method and its
+    options. Duplicate entries are measured once.
+    """
     if methods is None:
-        return known
-    for name in methods:
-        if name not in known:
-            raise unknown_choice("method", name, known, hint="See `sidetune methods`.")
+        return [MethodRequest(m["name"], m["name"], {}) for m in list_methods()]
     if not methods:
         raise ConfigError("bench: no method to measure.")
-    return list(dict.fromkeys(methods))
+    requests = {}
+    for text in methods:
+        request = parse_method(text)
+        requests.setdefault(request.name, request)
+    return list(requests.values())
 
 
 def plan_rows(config: BenchConfig) -> list[RowPlan]:
-    """The rows of a run: each method plain, then its lever variants (side) or ``+gc`` (in-place)."""
+    """The rows of a run: each method entry (plain or a variant with its options), then its lever variants
+    (side) or ``+gc`` (in-place)."""
     variants = lever_variants(config.precision, config.compile, config.channels_last)
     variants = [dataclasses.replace(v, compile_backend=config.compile_backend) for v in variants]
     rows = []
-    for name in resolve_methods(config.methods):
-        spec = get_method(name)
-        options = dict(config.method_options.get(name, {}))
-        rows.append(RowPlan(name, name, spec.kind, options, variants[0]))
+    for request in resolve_methods(config.methods):
+        name = request.name
+        spec = get_method(request.method)
+        options = {**config.method_options.get(request.method, {}), **request.options}
+        rows.append(RowPlan(name, request.method, spec.kind, options, variants[0]))
         has_gc = "grad_checkpointing" in {f.name for f in dataclasses.fields(spec.config_cls)}
         if spec.kind == "side":
-            rows += [RowPlan(name + v.label, name, spec.kind, options, v) for v in variants[1:]]
-        elif config.grad_checkpointing and has_gc:
-            rows.append(RowPlan(name + "+gc", name, spec.kind, {**options, "grad_checkpointing": True}, variants[0]))
+            rows += [RowPlan(name + v.label, request.method, spec.kind, options, v) for v in variants[1:]]
+        elif config.grad_checkpointing and has_gc and "grad_checkpointing" not in request.options:
+            gc_options = {**options, "grad_checkpointing": True}
+            rows.append(RowPlan(name + "+gc", request.method, spec.kind, gc_options, variants[0]))
     return rows
 
 

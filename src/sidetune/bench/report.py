@@ -391,12 +391,12 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
 def plot_pareto(report: BenchReport, accuracies: dict[str, float], path: str | os.PathLike) -> Path | None:
     """Accuracy against trainable parameters, peak memory growth and step time, with the Pareto front.
 
-    A row is matched to an accuracy by its method name; rows with levers or ``+gc`` share the plain
-    method's accuracy (they train the same numbers). Returns None when nothing matches.
+    A row is matched to an accuracy by its name (``losa``, or a variant such as ``losa[channel_rank=32]`` when
+    the results name it so); rows with levers, ``+gc`` or a variant's options are left out unless the results
+    name them, which keeps one point per trained model. Returns None when nothing matches.
     """
     plt = _pyplot()
-    rows = [r for r in report.rows if r.status == OK and r.method in accuracies and r.levers == "none"]
-    rows = [r for r in rows if "grad_checkpointing" not in r.options]
+    rows = [r for r in report.rows if r.status == OK and r.name in accuracies]
     if not rows:
         logger.warning("no measured row matches the results' methods %s", sorted(accuracies))
         return None
@@ -407,7 +407,7 @@ def plot_pareto(report: BenchReport, accuracies: dict[str, float], path: str | o
     ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     for ax, (key, label, log, scale) in zip(axes, axes_spec, strict=True):
-        pts = [(getattr(r, key) * scale, 100 * accuracies[r.method], r) for r in rows if getattr(r, key) is not None]
+        pts = [(getattr(r, key) * scale, 100 * accuracies[r.name], r) for r in rows if getattr(r, key) is not None]
         for x, y, r in pts:
             ax.scatter(x, y, color="tab:green" if r.kind == "side" else "tab:orange", zorder=3)
             ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
