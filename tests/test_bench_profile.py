@@ -30,6 +30,7 @@ from sidetune.bench.profile import (
     failure_status,
     plan_rows,
     profile,
+    split_methods,
 )
 from sidetune.bench.report import csv_text, markdown, read_accuracies, write_report
 from sidetune.errors import ConfigError
@@ -128,7 +129,7 @@ _TINY = dict(backbone="test_vit", img_size=64, batch_size=2, warmup=1, rounds=2,
 
 @pytest.fixture(scope="module")
 def report():
-    config = BenchConfig(methods=("full", "linear", "losa"), peak_memory=False, **_TINY)
+    config = BenchConfig(methods=("full", "linear", "losa", "losa[recompute=true]"), peak_memory=False, **_TINY)
     return profile(config, command="pytest")
 
 
@@ -196,13 +197,19 @@ def test_json_schema_is_stable(report) -> None:
     assert {"torch", "timm", "device", "torch_threads", "git_commit"} <= set(data["environment"])
     assert data["settings"]["backbone"] == "test_vit" and data["settings"]["img_size"] == [64, 64]
     assert data["reference"] == "full" and data["reference_found"] is True
-    assert [r["name"] for r in data["rows"]] == ["full", "linear", "losa"]
+    # A variant row (a method with options of its own) has the same fields as every row: its name as written,
+    # the method, and its options.
+    assert [r["name"] for r in data["rows"]] == ["full", "linear", "losa", "losa[recompute=true]"]
+    assert data["settings"]["methods"] == ["full", "linear", "losa", "losa[recompute=true]"]
     for row in data["rows"]:
         assert set(row) == _ROW_KEYS
         assert row["status"] == OK, row
         for key, typ in _ROW_TYPES.items():
             assert isinstance(row[key], typ), (row["name"], key, row[key])
-    full, linear, losa = data["rows"]
+    full, linear, losa, recompute = data["rows"]
+    assert (recompute["method"], recompute["options"], losa["options"]) == ("losa", {"recompute": True}, {})
+    assert recompute["trainable_params"] == losa["trainable_params"]
+    assert 0 < recompute["saved_activation_bytes"] < losa["saved_activation_bytes"]
     assert full["time_vs_ref"] == full["saved_vs_ref"] == 1.0
     assert (full["floor_kind"], linear["floor_kind"], losa["floor_kind"]) == ("inference_forward", "side", "side")
     assert losa["floor_s"] == pytest.approx(losa["floor_frozen_s"] + losa["floor_side_s"])
@@ -223,8 +230,10 @@ def test_saved_bytes_are_deterministic(report) -> None:
 def test_markdown_and_csv(report) -> None:
     text = markdown(report)
     assert "Command: `pytest`" in text and "| losa | side |" in text and "x full time" in text
+    assert "| losa[recompute=true] | side |" in text
     rows = list(csv.DictReader(line for line in csv_text(report).splitlines() if not line.startswith("#")))
-    assert [r["name"] for r in rows] == ["full", "linear", "losa"]
+    assert [r["name"] for r in rows] == ["full", "linear", "losa", "losa[recompute=true]"]
+    assert json.loads(rows[3]["options"]) == {"recompute": True}
     assert set(rows[0]) == _ROW_KEYS
 
 
@@ -282,6 +291,81 @@ def test_rows_plan_levers_and_gc() -> None:
     assert [v.label for v in lever_variants("fp32", False, True)] == ["", "+channels_last"]
     assert _parse_option("losa.channel_rank=32") == ("losa", "channel_rank", 32)
     assert _parse_option("losa.blocks=[0,1]") == ("losa", "blocks", (0, 1))
+    assert _parse_option("losa.recompute=True") == ("losa", "recompute", True)
+
+
+def test_variant_rows_carry_their_options_beside_the_plain_method() -> None:
+    text = "full,losa,losa[recompute=true],losa[recompute=true,channel_rank=8],e3va[ recompute = true ]"
+    assert split_methods(text) == [
+        "full",
+        "losa",
+        "losa[recompute=true]",
+        "losa[recompute=true,channel_rank=8]",
+        "e3va[ recompute = true ]",
+    ]
+    config = BenchConfig(
+        methods=(*split_methods(text), "losa"),  # a repeated entry is measured once
+        method_options={"losa": {"token_rank": 4}},  # --option: every losa row, a variant's own options win
+        precision="bf16",
+        grad_checkpointing=True,
+    )
+    rows = {r.name: r for r in plan_rows(config)}
+    assert list(rows) == [
+        "full",
+        "full+gc",
+        "losa",
+        "losa+bf16",
+        "losa[recompute=true]",
+        "losa[recompute=true]+bf16",
+        "losa[recompute=true,channel_rank=8]",
+        "losa[recompute=true,channel_rank=8]+bf16",
+        "e3va[recompute=true]",
+        "e3va[recompute=true]+bf16",
+    ]
+    assert rows["losa"].options == {"token_rank": 4}
+    assert rows["losa[recompute=true,channel_rank=8]"].options == {
+        "token_rank": 4,
+        "recompute": True,
+        "channel_rank": 8,
+    }
+    assert rows["e3va[recompute=true]+bf16"].method == "e3va" and rows["e3va[recompute=true]"].options == {
+        "recompute": True
+    }
+    lora = {r.name: r.options for r in plan_rows(BenchConfig(methods=("lora[r=4]",), grad_checkpointing=True))}
+    assert lora == {"lora[r=4]": {"r": 4}, "lora[r=4]+gc": {"r": 4, "grad_checkpointing": True}}
+
+
+@pytest.mark.parametrize(
+    ("methods", "options", "message"),
+    [
+        (
+            ("losa[recompuet=true]",),
+            {},
+            r"method 'losa' has no option 'recompuet' .*Valid options of 'losa': .*recompute",
+        ),
+        (("linear[rank=4]",), {}, r"method 'linear' has no option 'rank'.*Valid options of 'linear': none"),
+        (("losa",), {"losa": {"bogus": 1}}, r"method 'losa' has no option 'bogus'.*Valid options of 'losa'"),
+        (("losa[recompute]",), {}, r"KEY=VALUE separated by commas"),
+        (("losa[recompute=true",), {}, r"unclosed '\['"),
+        (("losa[]",), {}, r"names no option"),
+        (("lossa[recompute=true]",), {}, r"unknown method 'lossa'.*Did you mean 'losa'"),
+    ],
+)
+def test_bad_variants_fail_before_measuring(methods, options, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BenchConfig(methods=tuple(split_methods(",".join(methods))), method_options=options)
+
+
+def test_cli_variant_rows_parse_and_unknown_options_are_one_line(capsys) -> None:
+    from sidetune.bench.commands import _config_from_args
+    from sidetune.cli import build_parser, main
+
+    args = build_parser().parse_args(["bench", "--methods", "full,losa,losa[recompute=true],e3va[recompute=true]"])
+    assert _config_from_args(args).methods == ("full", "losa", "losa[recompute=true]", "e3va[recompute=true]")
+    assert main(["bench", "--methods", "losa[rank=4]", "--backbone", "test_vit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sidetune bench: error: bench: method 'losa' has no option 'rank'") and "\n" not in err
+    assert "channel_rank" in err and "recompute" in err
 
 
 def test_levers_keep_side_numerics_in_float32() -> None:

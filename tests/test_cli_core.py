@@ -10,7 +10,7 @@ import torch
 
 import sidetune
 from sidetune.cli import main
-from sidetune.demo import IMG_SIZE, format_table, load_digits, train_one
+from sidetune.demo import IMG_SIZE, DemoResult, format_table, load_digits, run_demo, train_one
 
 
 def test_methods_lists_every_registered_method_with_its_kind(capsys) -> None:
@@ -66,3 +66,40 @@ def test_demo_losa_learns_the_digits_well_above_chance() -> None:
     assert result.test_acc > 0.6  # chance is 0.1
     table = format_table([result])
     assert "losa" in table and "14,766" in table
+
+
+@pytest.mark.slow
+def test_demo_ends_with_a_bench_of_its_vit(monkeypatch) -> None:
+    """The bench part of ``sidetune demo`` (training stubbed): a row per method with sane values, the table,
+    how to read it and the command for one's own model."""
+    import sidetune.bench.commands as commands
+
+    def fake_train(backbone, method, data, steps):
+        return DemoResult(backbone, method, trainable=1, train_acc=0.5, test_acc=0.5, ms_per_step=1.0, steps=1)
+
+    reports = []
+    real_bench = commands.demo_bench
+
+    def bench(**kwargs):
+        reports.append(real_bench(**kwargs))
+        return reports[-1]
+
+    monkeypatch.setattr("sidetune.demo.train_one", fake_train)
+    monkeypatch.setattr(commands, "demo_bench", bench)
+    lines: list[str] = []
+    tiny_bench = dict(batch_size=4, warmup=0, rounds=1)
+    run_demo(steps=1, backbones=("vit",), methods=("linear",), log=lines.append, bench_options=tiny_bench)
+    (report,) = reports
+    known = {m["name"] for m in sidetune.list_methods()}
+    expected = [m for m in ("full", "lora", "linear", "losa", "e3va") if m in known]
+    assert [r.name for r in report.rows] == expected
+    assert report.config.img_size == IMG_SIZE and report.config.backbone_kwargs["embed_dim"] == 64
+    rows = {r.name: r for r in report.rows}
+    assert all(r.status == "ok" and r.step_time_s > 0 and r.trainable_params > 0 for r in rows.values())
+    assert rows["full"].saved_activation_bytes > rows["losa"].saved_activation_bytes > 0
+    assert rows["e3va"].trainable_params < rows["full"].trainable_params
+    assert rows["linear"].saved_vs_ref < 0.1 and rows["full"].time_vs_ref == 1.0
+    assert all(rows[m].floor_kind == "side" and rows[m].time_vs_floor > 0 for m in ("linear", "losa", "e3va"))
+    out = "\n".join(lines)
+    assert "| losa " in out and "x full saved" in out and "How to read it" in out
+    assert "sidetune bench --backbone vit_base_patch16_224 --methods full,lora,linear,losa,e3va" in out

@@ -40,7 +40,7 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(steps=args.steps)
+    run_demo(steps=args.steps, bench=not args.no_bench)
     return 0
 
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: LoSA and E3VA on a ViT and a Swin, trained on sklearn digits")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per method (default: 200)")
+    p.add_argument("--no-bench", action="store_true", help="skip the short sidetune bench the demo ends with")
     p.set_defaults(func=_cmd_demo)
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module).register(sub)
