@@ -477,3 +477,22 @@ def test_write_report_without_plots(report, tmp_path) -> None:
     written = write_report(report, tmp_path, "r", plots=False)
     assert sorted(written) == ["csv", "json", "md"]
     assert json.loads(written["json"].read_text())["rows"] == [r.as_dict() for r in report.rows]
+
+
+def test_efficiency_benchmark_targets_list_the_recompute_rows(report, tmp_path) -> None:
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("efficiency", REPO / "benchmarks" / "efficiency.py")
+    efficiency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(efficiency)
+    assert {"losa[recompute=true]", "e3va[recompute=true]"} <= set(efficiency.METHODS)
+    BenchConfig(methods=efficiency.METHODS)  # every default entry parses
+    table, _ = efficiency.targets_markdown(report)
+    assert "| losa | saved for backward / full |" in table
+    assert "| losa[recompute=true] | saved for backward / full |" in table
+    write_report(report, tmp_path, "efficiency_test_vit", plots=False)
+    summary = efficiency.write_summary(tmp_path).read_text()
+    assert "| efficiency_test_vit | losa |" in summary and "| efficiency_test_vit | losa[recompute=true] |" in summary
+    assert "| efficiency_test_vit | full |" not in summary
