@@ -41,7 +41,18 @@ OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 SCALER = "scaler.pt"
 # fields of ModelConfig that must agree between a checkpoint and the model it is loaded into
-_IDENTITY = ("backbone", "method", "method_config", "num_classes", "img_size", "backbone_kwargs", "task")
+_IDENTITY = (
+    "backbone",
+    "method",
+    "task",
+    "method_config",
+    "num_classes",
+    "img_size",
+    "backbone_kwargs",
+    "head_options",
+)
+# what a field of an older checkpoint that lacks it stands for
+_ABSENT = {"task": "classification", "head_options": {}}
 
 
 class CheckpointError(SidetuneError):
@@ -56,7 +67,7 @@ class TrainerState:
         step: optimizer steps done.
         epoch: the epoch in progress (0-based); equal to the epoch count when training finished.
         batch_in_epoch: micro-batches of ``epoch`` already consumed (per process).
-        best_metric: best validation top-1 so far, or None.
+        best_metric: best validation score so far (top-1; dense tasks: mIoU or box mAP), or None.
         best_epoch: the epoch (1-based) that reached it.
         elapsed_s: training wall time before this checkpoint (summed over resumed segments).
         model: the model's :class:`~sidetune.model.ModelConfig` as a dict (checked on resume).
@@ -201,17 +212,29 @@ def check_compatible(saved: dict[str, Any], model: SidetuneModel, checkpoint: Pa
     """Refuse a checkpoint of another model, naming the checkpoint and both values.
 
     Raises:
-        CheckpointError: method, backbone or another identity field differs.
+        CheckpointError: method, backbone, task or another identity field (head options...) differs.
     """
     current = asdict(model.config)
-    if saved.get("method") != current["method"] or saved.get("backbone") != current["backbone"]:
+    saved_task = saved.get("task", _ABSENT["task"])
+    if (saved.get("method"), saved.get("backbone"), saved_task) != (
+        current["method"],
+        current["backbone"],
+        current["task"],
+    ):
+        # the task is named when it differs or is a dense one; classification messages stay as they were
+        named = saved_task != current["task"] or current["task"] != "classification"
+
+        def trained(config: dict[str, Any], task: str) -> str:
+            text = f"method {config.get('method')!r} on backbone {config.get('backbone')!r}"
+            return text + (f" for task {task!r}" if named else "")
+
         raise CheckpointError(
-            f"cannot resume from {str(checkpoint)!r}: it was trained with method {saved.get('method')!r} on backbone "
-            f"{saved.get('backbone')!r}, but this run trains method {current['method']!r} on backbone "
-            f"{current['backbone']!r}. Resume with the same method and backbone, or start a new run (another --output)."
+            f"cannot resume from {str(checkpoint)!r}: it was trained with {trained(saved, saved_task)}, but this run "
+            f"trains {trained(current, current['task'])}. Resume with the same "
+            f"{'method, backbone and task' if named else 'method and backbone'}, or start a new run (another --output)."
         )
     for key in _IDENTITY:
-        a, b = _normal(saved.get(key)), _normal(current[key])
+        a, b = _normal(saved.get(key, _ABSENT.get(key))), _normal(current[key])
         if a != b:
             raise CheckpointError(
                 f"cannot resume from {str(checkpoint)!r}: its {key} is {a!r} but this run's is {b!r}. Use the same "

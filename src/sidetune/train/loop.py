@@ -173,6 +173,77 @@ def unused_parameters(model: SidetuneModel, dataset: Dataset) -> list[str]:
     return names
 
 
+def open_run(out: Path, resume: str | os.PathLike | None) -> Path | None:
+    """The checkpoint to resume from (None: a new run); refuses to start a new run over an existing one.
+
+    Raises:
+        ConfigError: ``out`` holds a run's log and ``resume`` is None.
+        CheckpointError: ``resume`` points at nothing resumable.
+    """
+    if resume is None and (out / LOG).exists():
+        raise ConfigError(
+            f"output directory {str(out)!r} already holds a run ({LOG}); pass --resume {out} to continue it or "
+            "choose another --output."
+        )
+    return find_checkpoint(resume) if resume is not None else None
+
+
+def make_train_loader(
+    dataset: SeededDataset,
+    batch_size: int,
+    seed: int,
+    num_processes: int,
+    **loader_kwargs: Any,
+) -> tuple[DataLoader, EpochSampler]:
+    """The training loader (not yet prepared) and its sampler: the order of epoch ``e`` depends on (seed, e) alone.
+
+    The last incomplete batch is dropped unless the data is smaller than one global batch; the loader's own
+    generator (which seeds its workers) is seeded too, so iterating it never draws on the global RNG.
+    """
+    sampler = EpochSampler(len(dataset), seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=len(dataset) >= batch_size * num_processes,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_kwargs,
+    )
+    return loader, sampler
+
+
+def epoch_loader(train_loader, sampler: EpochSampler, dataset: SeededDataset, epoch: int, skip: int = 0):
+    """The prepared ``train_loader`` positioned at ``epoch``, its first ``skip`` batches skipped (a resume)."""
+    dataset.set_epoch(epoch)
+    loader = skip_first_batches(train_loader, skip) if skip else train_loader
+    loader.set_epoch(epoch)  # accelerate's own epoch counter, which it hands to the sampler on iteration
+    sampler.set_epoch(epoch)  # the permutation of this epoch, whichever wrappers sit between
+    return loader
+
+
+def start_or_resume(
+    checkpoint: Path | None,
+    accelerator: Accelerator,
+    model: SidetuneModel,
+    optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    run_facts: dict[str, Any],
+    log: JsonlLog,
+    seed: int,
+) -> TrainerState:
+    """Restore ``checkpoint`` (and drop the log records written after it), or seed a new run's dropout stream.
+
+    ``model`` is the unwrapped model; ``run_facts`` describe this run's schedule and replace the saved ones.
+    """
+    if checkpoint is None:
+        _seed_everything(seed + 1009 * accelerator.process_index)  # dropout differs across processes
+        return TrainerState(model=asdict(model.config), run=run_facts)
+    tstate = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+    tstate.model, tstate.run = asdict(model.config), run_facts
+    log.truncate_after(tstate.step)
+    return tstate
+
+
 def _checksum(model: SidetuneModel) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(model.adapter_state_dict().items()):
@@ -255,12 +326,7 @@ def fit(
     out = Path(config.output).expanduser()
     on_cpu = config.cpu or not torch.cuda.is_available()
     mixed_precision = resolve_mixed_precision(config.mixed_precision, on_cpu)
-    if config.resume is None and (out / LOG).exists():
-        raise ConfigError(
-            f"output directory {str(out)!r} already holds a run ({LOG}); pass --resume {out} to continue it or "
-            "choose another --output."
-        )
-    checkpoint = find_checkpoint(config.resume) if config.resume is not None else None
+    checkpoint = open_run(out, config.resume)
     state = PartialState(cpu=on_cpu)
 
     # -- model and data ---------------------------------------------------------------------------------------
@@ -308,16 +374,10 @@ def fit(
         config.save(out / CONFIG)
     log = JsonlLog(out / LOG, enabled=main)
 
-    sampler = EpochSampler(len(train_set), config.seed)
     global_batch = config.batch_size * accelerator.num_processes
     loader_kwargs = dict(num_workers=config.workers, pin_memory=not on_cpu, persistent_workers=False)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        drop_last=len(train_set) >= global_batch,  # no tiny last batch, unless the data is smaller than one
-        generator=torch.Generator().manual_seed(config.seed),  # keeps the loader off the global RNG
-        **loader_kwargs,
+    train_loader, sampler = make_train_loader(
+        train_set, config.batch_size, config.seed, accelerator.num_processes, **loader_kwargs
     )
     eval_bs = config.eval_batch_size or 2 * config.batch_size
     eval_loaders = {
@@ -347,13 +407,7 @@ def fit(
     }
 
     # -- resume or start ------------------------------------------------------------------------------------
-    tstate = TrainerState(model=asdict(unwrapped.config), run=run_facts)
-    if checkpoint is not None:
-        tstate = load_checkpoint(checkpoint, accelerator, unwrapped, optimizer, scheduler)
-        tstate.model, tstate.run = asdict(unwrapped.config), run_facts
-        log.truncate_after(tstate.step)
-    else:
-        _seed_everything(config.seed + 1009 * accelerator.process_index)  # dropout differs across processes
+    tstate = start_or_resume(checkpoint, accelerator, unwrapped, optimizer, scheduler, run_facts, log, config.seed)
     logger.info(
         "training %s/%s on %s: %d trainable parameters, %d steps (%d per epoch), %d process(es), %s, precision %s",
         config.backbone,
@@ -383,10 +437,7 @@ def fit(
 
     for epoch in range(tstate.epoch, config.epochs):
         skip = tstate.batch_in_epoch if epoch == tstate.epoch else 0
-        train_set.set_epoch(epoch)
-        loader = skip_first_batches(train_loader, skip) if skip else train_loader
-        loader.set_epoch(epoch)  # accelerate's own epoch counter, which it hands to the sampler on iteration
-        sampler.set_epoch(epoch)  # the permutation of this epoch, whichever wrappers sit between
+        loader = epoch_loader(train_loader, sampler, train_set, epoch, skip)
         model.train()
         batch_in_epoch = skip
         # loss sum, correct, seen: accumulated on the device (no host sync per batch), reduced at the epoch end
