@@ -283,3 +283,206 @@ def test_fit_dense_instance_segmentation(tmp_path: Path):
     assert saved_task(result.output / "best") == "instance"
     pred = predict_dense_adapter(result.output / "best", data / "val", tmp_path / "pred", score_threshold=0.0)
     assert pred["images"] == 2 and (tmp_path / "pred" / "predictions.json").is_file()
+
+
+# -- resumable state and gradient accumulation ---------------------------------------------------------------------
+def crash_at(step: int):
+    def callback(event, record):
+        if event == "step" and record["step"] == step:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-epoch
+
+    return callback
+
+
+def step_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_log(run / "log.jsonl") if "loss" in r]
+
+
+def epoch_records(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in read_log(run / "log.jsonl") if "train_loss" in r]
+
+
+def same_adapters(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    return set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def trainer_state(run: Path) -> tuple[int, int, int]:
+    from sidetune.train import find_checkpoint
+
+    state = json.loads((find_checkpoint(run) / "trainer_state.json").read_text())
+    return state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+def test_dense_segmentation_resume_mid_epoch_replays_the_uninterrupted_run_exactly(tmp_path: Path):
+    # scale-jitter crops, flips, the head's Dropout2d and accumulation all draw on state the checkpoint must carry
+    data = make_camvid(tmp_path / "camvid", counts=(("train", 8), ("val", 2)))
+    opts = dict(epochs=3, batch_size=2, grad_accum=2, save_every_steps=1, cpu=True)  # 4 micro-batches, 2 steps/epoch
+    fit_dense(seg_config(tmp_path, data, output=str(tmp_path / "straight"), **opts))
+    stopped = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        fit_dense(seg_config(tmp_path, data, output=str(stopped), **opts), callback=crash_at(4))
+    assert trainer_state(stopped) == (3, 1, 2)  # epoch 2 (steps 3, 4) stopped after 2 of its 4 micro-batches
+    assert len(step_losses(stopped)) == 4  # the step that died is in the log until the resume drops it
+    result = fit_dense(seg_config(tmp_path, data, output=str(stopped), resume=str(stopped), **opts))
+    straight = step_losses(tmp_path / "straight")
+    assert len(straight) == 6 and step_losses(stopped) == straight
+    assert epoch_records(stopped) == epoch_records(tmp_path / "straight")  # train_loss of the resumed epoch too
+    for sub in ("best", "last"):
+        assert same_adapters(tmp_path / "straight" / sub, stopped / sub), sub
+    assert result.summary["resumed_from"].endswith("step-00000003") and result.summary["timing"]["steps"] == 6
+
+
+def test_dense_detection_resume_mid_epoch_replays_the_uninterrupted_run_exactly(tmp_path: Path):
+    # the RPN and ROI heads sample proposals with the global RNG: restored from the checkpoint
+    data = make_voc(tmp_path / "voc", counts=(("train", 6),))
+
+    def config(out: Path, **extra) -> DenseConfig:
+        return DenseConfig(
+            backbone=SWIN, method="e3va", task="detection", data=str(data), img_size=64, val_split=None,
+            backbone_kwargs=dict(SWIN_TINY), head_options={"fpn_channels": 16, "box_head_dim": 32},
+            epochs=2, batch_size=2, lr=1e-3, save_every_steps=1, cpu=True, output=str(out), **extra,
+        )  # fmt: skip
+
+    fit_dense(config(tmp_path / "straight"))
+    with pytest.raises(KeyboardInterrupt):
+        fit_dense(config(tmp_path / "stopped"), callback=crash_at(5))
+    assert trainer_state(tmp_path / "stopped") == (4, 1, 1)
+    fit_dense(config(tmp_path / "stopped", resume=str(tmp_path / "stopped")))
+    straight = step_losses(tmp_path / "straight")
+    assert len(straight) == 6 and step_losses(tmp_path / "stopped") == straight
+    parts = [{k: v for k, v in r.items() if k.startswith("loss_")} for r in read_log(tmp_path / "stopped/log.jsonl")]
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness"} <= set(parts[0])
+    assert same_adapters(tmp_path / "straight" / "last", tmp_path / "stopped" / "last")
+
+
+def test_dense_failure_during_save_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch):
+    from sidetune.train import checkpoint as checkpoint_module
+    from sidetune.train import find_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    data = make_camvid(tmp_path / "camvid", counts=(("train", 4),))
+    real_save = checkpoint_module.torch.save
+    calls = {"n": 0}
+
+    def flaky_save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # a checkpoint makes 3 torch.save calls (rng, optimizer, scheduler); die in the 2nd's
+            raise Crash("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    out = tmp_path / "run"
+    opts = dict(epochs=3, val_split=None, cpu=True)  # 4 images, batch 4: one step and one checkpoint an epoch
+    monkeypatch.setattr(checkpoint_module.torch, "save", flaky_save)
+    with pytest.raises(Crash):
+        fit_dense(seg_config(tmp_path, data, output=str(out), **opts))
+    monkeypatch.undo()
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step-00000001"]  # no half-written folder
+    assert find_checkpoint(out) == root / "step-00000001"
+    fit_dense(seg_config(tmp_path, data, output=str(out), resume=str(out), **opts))
+    fit_dense(seg_config(tmp_path, data, output=str(tmp_path / "straight"), **opts))
+    assert step_losses(out) == step_losses(tmp_path / "straight") and len(step_losses(out)) == 3
+
+
+def test_dense_resume_from_another_method_or_task_names_both(tmp_path: Path):
+    from sidetune.errors import ConfigError
+    from sidetune.train import CheckpointError
+
+    data = make_camvid(tmp_path / "camvid", counts=(("train", 4),))
+    fit_dense(seg_config(tmp_path, data, epochs=1, val_split=None))
+    run = str(tmp_path / "run")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"method 'e3va' on backbone '{SWIN}' for task 'segmentation', but this run trains method 'losa' "
+        rf"on backbone '{SWIN}' for task 'segmentation'",
+    ):
+        fit_dense(seg_config(tmp_path, data, method="losa", output=str(tmp_path / "losa"), resume=run))
+    assert not (tmp_path / "losa").exists()  # refused before writing anything
+    voc = make_voc(tmp_path / "voc", counts=(("train", 2),))
+    with pytest.raises(CheckpointError, match=r"for task 'segmentation', but this run .* for task 'detection'"):
+        fit_dense(seg_config(tmp_path, voc, task="detection", output=str(tmp_path / "det"), resume=run))
+    assert not (tmp_path / "det").exists()
+    with pytest.raises(
+        CheckpointError, match=r"head_options is \{'channels': 16\} but this run's is \{'channels': 8\}"
+    ):
+        fit_dense(seg_config(tmp_path, data, head_options={"channels": 8}, output=str(tmp_path / "c8"), resume=run))
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        fit_dense(seg_config(tmp_path, data, output=str(tmp_path / "x"), resume=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="pass --resume"):
+        fit_dense(seg_config(tmp_path, data, epochs=1, val_split=None))
+
+
+class FlatSquares(torch.utils.data.Dataset):
+    """Segmentation samples with no ignored pixel and no augmentation: every image weighs the same in the loss."""
+
+    classes = ("red", "blue")
+
+    def __init__(self, n: int, size: int = 64) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.masks = (torch.rand(n, 1, size // 8, size // 8, generator=g) > 0.5).long()
+        self.masks = torch.nn.functional.interpolate(self.masks.float(), size=(size, size)).long()[:, 0]
+        self.images = self.masks[:, None].float().expand(-1, 3, -1, -1) + 0.3 * torch.randn(
+            n, 3, size, size, generator=g
+        )
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.masks[i]
+
+
+def test_dense_grad_accum_matches_one_big_batch(tmp_path: Path):
+    data = FlatSquares(8)
+    opts = dict(epochs=1, warmup_epochs=0.0, val_split=None, head_options={"channels": 16, "dropout": 0.0}, cpu=True)
+    big = fit_dense(seg_config(tmp_path, None, output=str(tmp_path / "big"), batch_size=8, **opts), train_dataset=data)
+    accum = fit_dense(
+        seg_config(tmp_path, None, output=str(tmp_path / "accum"), batch_size=4, grad_accum=2, **opts),
+        train_dataset=data,
+    )
+    assert accum.summary["timing"]["steps"] == big.summary["timing"]["steps"] == 1  # one optimizer step each
+    assert accum.summary["timing"]["images_per_step"] == 8
+    assert step_losses(tmp_path / "accum") == pytest.approx(step_losses(tmp_path / "big"), rel=1e-5)
+    pairs = zip(big.model.named_trainable_parameters(), accum.model.named_trainable_parameters(), strict=True)
+    for (name, a), (_, b) in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    # not vacuous: batch 4 without accumulation takes two different steps and ends elsewhere
+    half = fit_dense(
+        seg_config(tmp_path, None, output=str(tmp_path / "half"), batch_size=4, **opts), train_dataset=data
+    )
+    assert half.summary["timing"]["steps"] == 2
+    pairs = zip(big.model.trainable_parameters(), half.model.trainable_parameters(), strict=True)
+    assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in pairs)
+
+
+def test_sidetune_cli_dense_grad_accum_and_resume(tmp_path: Path, capsys):
+    from sidetune.cli import main as sidetune_main
+
+    data = make_camvid(tmp_path / "camvid", counts=(("train", 4),))
+    run = tmp_path / "run"
+    args = ["train", SWIN, "e3va", "--task", "segmentation", "--data", str(data), "--layout", "camvid",
+            "--img-size", "64", "--epochs", "1", "--batch-size", "2", "--grad-accum", "2", "--save-every-steps", "1",
+            "--val-split", "none", "--head-opt", "channels=16", "--output", str(run), "--backbone-opt", "embed_dim=16",
+            "--backbone-opt", "depths=1,1,2,1", "--backbone-opt", "num_heads=1,1,2,2", "--backbone-opt",
+            "window_size=4"]  # fmt: skip
+    assert sidetune_main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["grad_accum"] == 2 and summary["timing"]["steps"] == 1
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == "step-00000001"
+    capsys.readouterr()
+    assert sidetune_main(args) == 2  # the CLI prints the ConfigError and fails
+    assert "already holds a run" in capsys.readouterr().err
+    assert sidetune_main([*args, "--resume", str(run)]) == 0  # a finished run: nothing left to train
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-00000001") and summary["timing"]["steps"] == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        sidetune_main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "With a dense --task, --grad-accum, --resume and --save-every-steps work as for classification" in text
+    assert "--batch-size 8" in text and "Classification only: --config" in text

@@ -38,13 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = argparse.SUPPRESS
     p = subparsers.add_parser(
         "train",
-        help="train a classifier: a frozen backbone adapted by one method, on an image dataset",
+        help="train a classifier (or, with --task, a segmentation/detection model): a frozen backbone adapted by "
+        "one method",
         description=(
             "Train a classifier on a frozen timm backbone adapted by METHOD, with AdamW, warm-up + cosine "
-            "schedule, evaluation, best/last adapter checkpoints and resumable state. Settings come from "
-            "--config run.yaml, overridden by the flags given on the command line. Runs the same under "
-            "`torchrun --nproc_per_node N -m sidetune.cli train ...` or `accelerate launch`. Writes "
-            "OUTPUT/{log.jsonl,summary.json,curves.png,train_config.yaml,best/,last/,checkpoints/}."
+            "schedule, gradient accumulation, evaluation, best/last adapter checkpoints and resumable state. "
+            "Settings come from --config run.yaml, overridden by the flags given on the command line. Runs the "
+            "same under `torchrun --nproc_per_node N -m sidetune.cli train ...` or `accelerate launch`. Writes "
+            "OUTPUT/{log.jsonl,summary.json,curves.png,train_config.yaml,best/,last/,checkpoints/}.\n\n"
+            "--task segmentation|detection|instance trains a dense model instead (docs/dense.md), with the same "
+            "recipe, --grad-accum and --resume; it writes OUTPUT/{log.jsonl,summary.json,train_config.json,best/,"
+            "last/,checkpoints/}."
         ),
         epilog=(
             "example: sidetune train vit_small_patch14_dinov2 losa --weights vit_s.safetensors --img-size 224 "

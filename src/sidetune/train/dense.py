@@ -13,9 +13,14 @@ AdamW groups, precision rules, JSONL log and summary facts.
   COCOeval (:class:`~sidetune.tasks.CocoEvaluator`, boxes and, for ``instance``, masks); the best checkpoint is
   the highest box mAP@[.5:.95].
 
-Not (yet) supported here, unlike the classification loop: resuming a run mid-way (``checkpoints/``), gradient
-accumulation and validation spread over several processes (under DDP the main process validates alone while the
-others wait).
+Resumable and reproducible as the classification loop is, through the same functions: the data order of epoch ``e``
+depends on ``(seed, e)`` alone (:class:`~sidetune.train.inputs.EpochSampler`), each sample's augmentation on
+``(seed, e, i)`` (:class:`~sidetune.train.inputs.SeededDataset`), and ``checkpoints/`` holds the atomic resumable
+state (:mod:`sidetune.train.checkpoint`: trainable tensors, AdamW, schedule, position, RNG states) written at each
+epoch end and every ``save_every_steps`` optimizer steps; ``resume=`` continues a run, mid-epoch included, with
+the losses of a run that never stopped (on the CPU). ``grad_accum`` micro-batches make one optimizer step
+(``Accelerator.accumulate``). Not supported here, unlike the classification loop: validation spread over several
+processes (under DDP the main process validates alone while the others wait).
 
 Command line: ``sidetune train --task segmentation|detection|instance`` (see :func:`main` for the standalone
 parser, ``python -m sidetune.train.dense train|eval|predict ...``).
@@ -24,6 +29,7 @@ parser, ``python -m sidetune.train.dense train|eval|predict ...``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -60,19 +66,26 @@ from ..errors import ConfigError
 from ..heads import predict_segmentation, segmentation_loss
 from ..model import SidetuneModel
 from ..tasks import CocoEvaluator, SegmentationMetrics
+from .checkpoint import check_compatible, read_trainer_state, save_checkpoint
+from .config import _check_int
 from .inference import INFERENCE, load_for_inference
+from .inputs import SeededDataset
 from .loop import (
     LOG,
     SUMMARY,
     Callback,
     WarmupCosine,
     _seed_everything,
+    epoch_loader,
     make_accelerator,
+    make_train_loader,
+    open_run,
     param_groups,
     resolve_mixed_precision,
+    start_or_resume,
 )
 from .loop import TrainResult as TrainResult
-from .metrics import JsonlLog, _finite, device_name, git_commit, peak_memory, versions
+from .metrics import JsonlLog, _finite, device_name, git_commit, peak_memory, read_log, versions
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +106,9 @@ class DenseConfig:
         head_options: ``create(head_options=...)`` (``channels`` for UPerNet; ``detector``, ``fpn_channels``...).
         eval_mode: segmentation inference at full resolution: ``whole`` (resize) or ``slide`` (windows).
         train_limit / val_limit: use only the first N images of a split (quick runs); None: all.
+        grad_accum: micro-batches (of ``batch_size`` images per process) per optimizer step.
+        save_every_steps: also save the resumable state every this many optimizer steps (0: at epoch ends only).
+        resume: a run directory (its newest checkpoint) or a checkpoint folder to continue from, or None.
     """
 
     backbone: str = ""
@@ -117,14 +133,17 @@ class DenseConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    grad_accum: int = 1
     clip_grad: float | None = None
     mixed_precision: str = "auto"
     eval_every: int = 1
     eval_mode: str = "whole"
+    save_every_steps: int = 0
     seed: int = 0
     workers: int = 0
     cpu: bool = False
     output: str = "runs/dense"
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in DENSE_TASKS:
@@ -134,6 +153,11 @@ class DenseConfig:
         for name in ("epochs", "batch_size", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
+        _check_int("grad_accum", self.grad_accum, minimum=1)
+        _check_int("save_every_steps", self.save_every_steps, minimum=0)
+        for name in ("output", "resume"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -336,8 +360,7 @@ def fit_dense(
     out = Path(config.output).expanduser()
     on_cpu = config.cpu or not torch.cuda.is_available()
     mixed_precision = resolve_mixed_precision(config.mixed_precision, on_cpu)
-    if (out / LOG).exists():
-        raise ConfigError(f"output directory {str(out)!r} already holds a run ({LOG}); choose another --output.")
+    checkpoint = open_run(out, config.resume)
     PartialState(cpu=on_cpu)
     task = config.task
 
@@ -364,6 +387,8 @@ def fit_dense(
         head_options=dict(config.head_options) or None,
         **config.method_options,
     )
+    if checkpoint is not None:  # before anything is written: a wrong checkpoint must not touch the output
+        check_compatible(read_trainer_state(checkpoint).model, model, checkpoint)
     size = tuple(model.config.img_size)
     dc = model.data_config
     if train_dataset is None:
@@ -375,88 +400,124 @@ def fit_dense(
             val_dataset = build_dense_dataset(task, config.data, config.val_split, limit=config.val_limit, **kw)
         if config.test_split:
             test_dataset = build_dense_dataset(task, config.data, config.test_split, **kw)
+    train_set = SeededDataset(train_dataset, config.seed)  # sample i of epoch e: augmented from (seed, e, i)
 
-    accelerator = make_accelerator(mixed_precision, cpu=on_cpu, rng_types=[])
+    accelerator = make_accelerator(
+        mixed_precision, cpu=on_cpu, gradient_accumulation_steps=config.grad_accum, rng_types=[]
+    )
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / CONFIG, asdict(config))
     log = JsonlLog(out / LOG, enabled=main)
     collate = _stack_collate if task == "segmentation" else detection_collate
-    train_loader = DataLoader(
-        train_dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=len(train_dataset) >= config.batch_size * accelerator.num_processes,
-        num_workers=config.workers,
+    train_loader, sampler = make_train_loader(
+        train_set, config.batch_size, config.seed, accelerator.num_processes, num_workers=config.workers,
         collate_fn=collate,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+    )  # fmt: skip
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     unwrapped: SidetuneModel = accelerator.unwrap_model(model)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
         raise DataError(f"the training data ({len(train_dataset)} images) gives no batch of {config.batch_size}.")
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer, WarmupCosine(warmup_steps, total_steps, config.min_lr / config.lr)
     )
-    _seed_everything(config.seed + 1009 * accelerator.process_index)
+    run_facts = {
+        "task": task,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "num_processes": accelerator.num_processes,
+        "images_per_step": config.batch_size * accelerator.num_processes * config.grad_accum,
+    }
+
+    # -- resume or start ---------------------------------------------------------------------------------------
+    tstate = start_or_resume(checkpoint, accelerator, unwrapped, optimizer, scheduler, run_facts, log, config.seed)
     logger.info(
-        "training %s %s/%s: %d trainable parameters, %d steps, %s",
-        task, config.backbone, config.method, unwrapped.num_parameters(), total_steps, accelerator.device,
+        "training %s %s/%s: %d trainable parameters, %d steps (%d per epoch, %d micro-batches each), %s%s",
+        task, config.backbone, config.method, unwrapped.num_parameters(), total_steps, steps_per_epoch,
+        config.grad_accum, accelerator.device, f", resumed at step {tstate.step}" if checkpoint is not None else "",
     )  # fmt: skip
-    callback("start", {"step": 0, "total_steps": total_steps, "epoch": 0})
+    callback("start", {"step": tstate.step, "total_steps": total_steps, "epoch": tstate.epoch})
     trainable = unwrapped.trainable_parameters()
     eval_bs = config.eval_batch_size or config.batch_size
-    best_metric: float | None = None
-    best_epoch: int | None = None
-    step = 0
-    step_times: list[float] = []
+    step = tstate.step
     epochs_logged: list[dict[str, Any]] = []
     last_val: dict[str, Any] | None = None
-    train_start = time.perf_counter()
+    # the losses of the interrupted epoch's first steps, from the log, so its train_loss covers the whole epoch
+    resumed_losses = _epoch_losses(out / LOG, tstate.epoch) if checkpoint is not None and main else []
+    segment_start = time.perf_counter()
+    base_elapsed = tstate.elapsed_s
 
-    for epoch in range(config.epochs):
+    def _elapsed() -> float:
+        return base_elapsed + time.perf_counter() - segment_start
+
+    def save_state(epoch: int, batch_in_epoch: int) -> None:
+        tstate.step, tstate.epoch, tstate.batch_in_epoch, tstate.elapsed_s = step, epoch, batch_in_epoch, _elapsed()
+        save_checkpoint(out, accelerator, unwrapped, optimizer, scheduler, tstate)
+
+    for epoch in range(tstate.epoch, config.epochs):
+        skip = tstate.batch_in_epoch if epoch == tstate.epoch else 0
+        loader = epoch_loader(train_loader, sampler, train_set, epoch, skip)
         model.train()
-        losses: list[float] = []
-        data_start = time.perf_counter()
-        for images, targets in train_loader:
-            t0 = time.perf_counter()
-            data_time = t0 - data_start
-            with accelerator.autocast():
-                if task == "segmentation":
-                    loss_parts = {"loss_seg": segmentation_loss(model(images), targets)}
-                else:
-                    loss_parts = model(list(images), list(targets))
-                loss = sum(loss_parts.values())
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if config.clip_grad is not None:
-                accelerator.clip_grad_norm_(trainable, config.clip_grad)
-            optimizer.step()
+        losses: list[float] = list(resumed_losses) if skip else []
+        batch_in_epoch = skip
+        # per optimizer step: the micro-batches' loss and loss parts (summed on the device), compute and data time
+        window: dict[str, torch.Tensor] = {}
+        window_n, step_time, data_time = 0, 0.0, 0.0
+        t_data = time.perf_counter()
+        for images, targets in loader:
+            t_compute = time.perf_counter()
+            data_time += t_compute - t_data
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    if task == "segmentation":
+                        loss_parts = {"loss_seg": segmentation_loss(model(images), targets)}
+                    else:
+                        loss_parts = model(list(images), list(targets))
+                    loss = sum(loss_parts.values())
+                accelerator.backward(loss)  # divided by grad_accum
+                if config.clip_grad is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, config.clip_grad)
+                optimizer.step()  # a no-op until the last micro-batch of the step
+                optimizer.zero_grad(set_to_none=True)
+            batch_in_epoch += 1
+            for name, value in (("loss", loss), *loss_parts.items()):
+                detached = value.detach().float()
+                window[name] = window[name] + detached if name in window else detached
+            window_n += 1
+            if not accelerator.sync_gradients:
+                step_time += time.perf_counter() - t_compute
+                t_data = time.perf_counter()
+                continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             step += 1
-            step_time = time.perf_counter() - t0
-            if step > 1 or total_steps == 1:  # the first step pays for lazy initialisation
-                step_times.append(step_time)
-            value = float(accelerator.reduce(loss.detach().float(), "mean"))
+            means = accelerator.reduce(torch.stack(list(window.values())) / window_n, "mean").tolist()
+            parts = dict(zip(window, means, strict=True))
+            value = parts.pop("loss")
             losses.append(value)
             record = {
                 "step": step,
                 "epoch": epoch + 1,
                 "loss": value,
-                **{k: float(v.detach()) for k, v in loss_parts.items()},
-                "lr": scheduler.get_last_lr()[0],
-                "step_time_s": step_time,
+                **parts,
+                "lr": lr,
+                "step_time_s": step_time + time.perf_counter() - t_compute,
                 "data_time_s": data_time,
             }
             log.write(record)
             callback("step", record)
-            data_start = time.perf_counter()
+            window, window_n, step_time, data_time = {}, 0, 0.0, 0.0
+            if config.save_every_steps and step % config.save_every_steps == 0 and batch_in_epoch < batches_per_epoch:
+                save_state(epoch, batch_in_epoch)
+            t_data = time.perf_counter()
 
+        # -- end of epoch: validation, adapters, resumable state ---------------------------------------------------
         record = {"epoch": epoch + 1, "step": step, "train_loss": statistics.fmean(losses) if losses else None}
         do_eval = val_dataset is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs)
         if do_eval and main:
@@ -467,26 +528,34 @@ def fit_dense(
                 record["val_IoU"] = val["IoU"]
             score = headline(task, val)
             record["val_headline"] = score
-            if score is not None and (best_metric is None or score > best_metric):
-                best_metric, best_epoch = score, epoch + 1
+            if score is not None and (tstate.best_metric is None or score > tstate.best_metric):
+                tstate.best_metric, tstate.best_epoch = score, epoch + 1
                 _save_adapter(unwrapped, out / "best", classes, config)
+        if main:
+            _save_adapter(unwrapped, out / "last", classes, config)
         accelerator.wait_for_everyone()
-        record["elapsed_s"] = time.perf_counter() - train_start
+        record["elapsed_s"] = _elapsed()
         log.write(record)
         epochs_logged.append(record)
         callback("epoch", record)
+        save_state(epoch + 1, 0)
 
-    train_time = time.perf_counter() - train_start
-    if main:
-        _save_adapter(unwrapped, out / "last", classes, config)
-        if best_epoch is None:  # no validation (or nothing measurable): best is last
-            _save_adapter(unwrapped, out / "best", classes, config)
+    train_time = _elapsed()
+    best_epoch = tstate.best_epoch
+    if main and best_epoch is None:  # no validation (or nothing measurable): best is last
+        _save_adapter(unwrapped, out / "best", classes, config)
     accelerator.wait_for_everyone()
     if best_epoch is not None and best_epoch != config.epochs:
         _load_adapter_weights(unwrapped, out / "best")
     test = None
     if test_dataset is not None and main:
         test = evaluate_dense(unwrapped, test_dataset, batch_size=eval_bs, mode=config.eval_mode)
+    # timings and the last epoch from the log: a resumed run's log holds the steps of every segment
+    records = read_log(out / LOG) if main else []
+    step_times = [r["step_time_s"] for r in records if "loss" in r and (r["step"] > 1 or total_steps == 1)]
+    logged_epochs = [r for r in records if "train_loss" in r] or epochs_logged
+    if last_val is None and logged_epochs and "val_headline" in logged_epochs[-1]:  # resumed after the last eval
+        last_val = {k[4:]: v for k, v in logged_epochs[-1].items() if k.startswith("val_") and k != "val_headline"}
     summary = {
         "task": task,
         "config": asdict(config),
@@ -507,9 +576,9 @@ def fit_dense(
         },
         "metrics": {
             "headline": "mIoU" if task == "segmentation" else "bbox_mAP",
-            "best_val": best_metric,
+            "best_val": tstate.best_metric,
             "best_epoch": best_epoch,
-            "final_train_loss": epochs_logged[-1]["train_loss"] if epochs_logged else None,
+            "final_train_loss": logged_epochs[-1]["train_loss"] if logged_epochs else None,
             "final_val": last_val,
             "test": test,
         },
@@ -518,8 +587,9 @@ def fit_dense(
             "train_time_s": train_time,
             "steps": step,
             "median_step_time_s": statistics.median(step_times) if step_times else None,
-            "images_per_step": config.batch_size * accelerator.num_processes,
+            "images_per_step": run_facts["images_per_step"],
             "steps_per_epoch": steps_per_epoch,
+            "grad_accum": config.grad_accum,
         },
         "memory": peak_memory(accelerator.device),
         "device": device_name(accelerator.device),
@@ -527,12 +597,20 @@ def fit_dense(
         "mixed_precision": mixed_precision,
         "versions": versions(),
         "git_commit": git_commit(),
+        "resumed_from": str(checkpoint) if checkpoint is not None else None,
     }
     if main:
         _write_json(out / SUMMARY, summary)
     callback("end", summary)
     accelerator.wait_for_everyone()
     return TrainResult(output=out, summary=summary, model=unwrapped)
+
+
+def _epoch_losses(log_path: Path, epoch: int) -> list[float]:
+    """The step losses a log holds for ``epoch`` (0-based): the part of an epoch done before a resume."""
+    if not log_path.is_file():
+        return []
+    return [r["loss"] for r in read_log(log_path) if "loss" in r and r.get("epoch") == epoch + 1]
 
 
 def _load_adapter_weights(model: SidetuneModel, directory: Path) -> None:
@@ -737,6 +815,9 @@ def saved_task(adapter_dir: str | os.PathLike) -> str:
 
 # -- command line ----------------------------------------------------------------------------------------------
 
+# flags of `sidetune train` that only classification reads: refused with a dense --task
+_UNSUPPORTED = ("config", "val_fraction", "label_smoothing", "augmentation", "head_dropout", "num_classes")
+
 
 def _parse_kv(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
     from .config import parse_options
@@ -744,9 +825,9 @@ def _parse_kv(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
     return parse_options(list(items or []), flag)
 
 
-def add_dense_train_args(p: argparse.ArgumentParser) -> None:
+def add_dense_train_args(p: argparse.ArgumentParser, description: str | None = None) -> None:
     """Flags of a dense ``train`` that the classification parser lacks (all optional)."""
-    g = p.add_argument_group("dense tasks (--task segmentation|detection|instance)")
+    g = p.add_argument_group("dense tasks (--task segmentation|detection|instance)", description)
     g.add_argument("--detector", choices=("faster_rcnn", "retinanet", "mask_rcnn"), help="detection head")
     g.add_argument(
         "--head-opt", metavar="KEY=VALUE", action="append", help="dense head option, repeatable (e.g. channels=128)"
@@ -754,6 +835,24 @@ def add_dense_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-limit", type=int, help="use the first N training images only")
     g.add_argument("--val-limit", type=int, help="use the first N validation images only")
     g.add_argument("--eval-mode", choices=("whole", "slide"), help="segmentation inference (default: whole)")
+
+
+def _dense_defaults_note() -> str:
+    """Where a dense run's defaults differ from the classification defaults shown beside the flags."""
+    from .config import TrainConfig
+
+    dense = {f.name: f.default for f in dataclasses.fields(DenseConfig) if f.default is not dataclasses.MISSING}
+    classification = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    differ = [
+        f"--{name.replace('_', '-')} {'none' if value is None else value}"
+        for name, value in dense.items()
+        if name in classification and classification[name] != value and name not in ("backbone", "method")
+    ]
+    return (
+        "With a dense --task, --grad-accum, --resume and --save-every-steps work as for classification, the "
+        "evaluation batch defaults to --batch-size, and these defaults differ: " + ", ".join(differ) + ". "
+        f"Classification only: {', '.join('--' + n.replace('_', '-') for n in _UNSUPPORTED)}."
+    )
 
 
 def config_from_dense_args(args: argparse.Namespace) -> DenseConfig:
@@ -773,6 +872,9 @@ def config_from_dense_args(args: argparse.Namespace) -> DenseConfig:
             values[name] = a[name]
     if values.get("layout") in ("imagefolder", "vtab", "csv"):
         raise ConfigError(f"--layout {values['layout']} is a classification layout; see --help for dense layouts.")
+    for name in ("val_split", "test_split"):  # `--val-split none` (None, or the word) turns validation off
+        if name in a and (a[name] is None or str(a[name]).strip().lower() in ("none", "null", "")):
+            values[name] = None
     if values.get("val_split") in ("auto",):
         values["val_split"] = "val"
     if values.get("train_split") in ("auto", None):
@@ -789,7 +891,8 @@ def run_train(args: argparse.Namespace) -> int:
     def callback(event: str, record: dict[str, Any]) -> None:
         if event == "start":
             print(f"training {config.task} {config.backbone} / {config.method} -> {config.output} "
-                  f"({record['total_steps']} steps)")  # fmt: skip
+                  f"({record['total_steps']} steps"
+                  + (f", resuming after step {record['step']})" if record["step"] else ")"))  # fmt: skip
         elif event == "epoch":
             line = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}"
             if record.get("val_headline") is not None:
@@ -804,7 +907,7 @@ def run_train(args: argparse.Namespace) -> int:
         + (f", {step * 1000:.1f} ms/step (median)" if step else "")
         + f", wall {t['wall_time_s']:.1f} s"
     )
-    print(f"wrote {result.output}/{{summary.json,log.jsonl,best,last}}")
+    print(f"wrote {result.output}/{{summary.json,log.jsonl,best,last,checkpoints}}")
     return 0
 
 
@@ -853,9 +956,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                        ("min-lr", float), ("weight-decay", float), ("warmup-epochs", float), ("clip-grad", float),
                        ("eval-every", int), ("seed", int), ("workers", int)):  # fmt: skip
         p.add_argument(f"--{name}", type=kind)
+    p.add_argument("--grad-accum", type=int, help="micro-batches of --batch-size per optimizer step (default: 1)")
+    p.add_argument(
+        "--save-every-steps",
+        type=int,
+        help="also save the resumable state every N optimizer steps (default: 0, at epoch ends only)",
+    )
+    p.add_argument("--resume", help="continue a run: its directory (newest checkpoint) or a checkpoint folder")
     p.add_argument("--train-split")
-    p.add_argument("--val-split")
-    p.add_argument("--test-split")
+    p.add_argument("--val-split", default=argparse.SUPPRESS, help="validation split, 'none' for none (default: val)")
+    p.add_argument("--test-split", default=argparse.SUPPRESS, help="test split (default: none)")
     p.add_argument("--mixed-precision")
     p.add_argument("--cpu", action="store_true", default=None)
     p.add_argument("--output")
@@ -886,9 +996,6 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-_UNSUPPORTED = ("config", "val_fraction", "label_smoothing", "augmentation", "grad_accum", "resume", "head_dropout")
-
-
 def extend_parsers(parsers: dict[str, argparse.ArgumentParser]) -> None:
     """Teach ``sidetune train/eval/predict`` (the classification parsers of :mod:`sidetune.train.commands`) the
     dense tasks: ``train --task segmentation|detection|instance`` plus the dense flags, dense ``--layout``
@@ -904,7 +1011,7 @@ def extend_parsers(parsers: dict[str, argparse.ArgumentParser]) -> None:
             help="what to train (default: classification); dense tasks read --data as the dataset root and "
             "--layout as camvid/ade20k/voc/masks (segmentation) or voc/coco (detection)",
         )
-        add_dense_train_args(train)
+        add_dense_train_args(train, _dense_defaults_note())
         _allow_layouts(train)
         _route(train, lambda args: getattr(args, "task", "classification") != "classification", _dense_train)
     for name in ("eval", "predict"):
