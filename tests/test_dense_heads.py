@@ -35,6 +35,7 @@ from sidetune.heads import (
     UPerNetHead,
     build_detector,
     predict_segmentation,
+    run_detector,
     segmentation_loss,
     slide_inference,
     whole_inference,
@@ -308,6 +309,34 @@ def test_detectors_train_and_predict_on_a_side_network(kind, swin):
             assert o["boxes"][:, 2].max() <= image.shape[-1] + 1e-4 and o["boxes"][:, 3].max() <= image.shape[-2] + 1e-4
         if kind == "mask_rcnn":
             assert o["masks"].shape[1:] == (1, *image.shape[-2:])
+
+
+def test_run_detector_autocasts_the_features_only(swin):
+    """Under CPU bf16 autocast the method's maps are bf16; the FPN, RPN, box head and losses stay float32."""
+    torch.manual_seed(0)
+    detector = small_detector("faster_rcnn", swin).train()
+    seen: dict[str, torch.dtype] = {}
+    hooks = [
+        swin.method.register_forward_hook(lambda m, a, out: seen.__setitem__("features", out.pyramid[0].dtype)),
+        detector.backbone.fpn.register_forward_hook(lambda m, a, out: seen.__setitem__("fpn", out["0"].dtype)),
+        detector.roi_heads.box_predictor.register_forward_hook(lambda m, a, out: seen.__setitem__("box", out[1].dtype)),
+    ]
+    ims, targets = det_targets()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = run_detector(detector, ims, targets)
+            assert torch.is_autocast_enabled("cpu")  # restored for the caller
+        assert seen == {"features": torch.bfloat16, "fpn": torch.float32, "box": torch.float32}
+        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+        sum(losses.values()).backward()
+        backbone_untouched(swin)
+        swin.zero_grad(set_to_none=True)
+        seen.clear()
+        run_detector(detector, ims, targets)  # no autocast: everything float32, as a plain call
+        assert set(seen.values()) == {torch.float32}
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def test_fixed_size_transform_letterboxes_to_exactly_the_backbone_size():

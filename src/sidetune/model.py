@@ -15,6 +15,7 @@ from torch import nn
 
 from .backbones import TimmBackbone
 from .features import Features
+from .heads.detection import run_detector
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -112,7 +113,7 @@ class SidetuneModel(nn.Module):
         detections, as torchvision's detectors.
         """
         if self.config.task in ("detection", "instance"):
-            return self.head(images, targets)
+            return run_detector(self.head, images, targets)  # autocast, if any, around the features only
         if targets is not None:
             raise TypeError(f"{self.config.task} models take images only; compute the loss from the logits.")
         if self.config.task == "segmentation":

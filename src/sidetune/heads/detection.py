@@ -30,15 +30,22 @@ Choices, and why:
   the map size. A patch-14 ViT's simple pyramid has strides 3.5/7/14/28, so the neck resamples it to
   4/8/16/32 (:class:`~sidetune.heads.pyramid.SimpleFeaturePyramid` ``out_strides``); choose an image
   size divisible by 32 to make those strides exact.
+* **Mixed precision: the backbone only.** Under autocast (CPU bf16, CUDA fp16/bf16) only the feature
+  function (the frozen backbone and the side network, where the time goes) runs in 16 bits; the neck, FPN,
+  RPN and box/mask heads run in float32 (:func:`run_detector`, which ``SidetuneModel`` calls). torchvision
+  decodes boxes in the dtype of the regression output, and bfloat16's 8-bit mantissa moves a coordinate of
+  160 px by several pixels (decoded proposals, RoI boxes, NMS), enough to spoil mAP at high IoU.
 * **Labels**: ``num_classes`` counts the background, as in torchvision: a dataset with K classes has
   labels 1..K and needs ``num_classes = K + 1`` (for RetinaNet too, where index 0 is simply never a target).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any, Literal
 
 import torch
@@ -62,12 +69,48 @@ __all__ = [
     "PyramidBackbone",
     "build_detector",
     "default_anchor_sizes",
+    "run_detector",
 ]
 
 DetectorKind = Literal["retinanet", "faster_rcnn", "mask_rcnn"]
 #: The detectors :func:`build_detector` builds.
 DETECTORS: tuple[str, ...] = ("retinanet", "faster_rcnn", "mask_rcnn")
 FeaturesFn = Callable[[torch.Tensor], Features]
+#: The autocast states (device type, dtype) that :func:`run_detector` suspended around the detector and
+#: :class:`PyramidBackbone` restores around the feature function only.
+_FEATURE_AUTOCAST: ContextVar[tuple[tuple[str, torch.dtype], ...]] = ContextVar("_FEATURE_AUTOCAST", default=())
+
+
+def _active_autocast() -> tuple[tuple[str, torch.dtype], ...]:
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return tuple((d, torch.get_autocast_dtype(d)) for d in devices if torch.is_autocast_enabled(d))
+
+
+@contextlib.contextmanager
+def _autocast(states: Sequence[tuple[str, torch.dtype]], enabled: bool) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for device, dtype in states:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        yield
+
+
+def run_detector(detector: nn.Module, images: Any, targets: Any = None) -> Any:
+    """Call a detector of :func:`build_detector` with autocast, if any is active, around its features only.
+
+    The active autocast (e.g. the training loop's CPU bf16) is switched off for the detector and switched back on
+    by its :class:`PyramidBackbone` around the feature function (backbone + side network), whose maps then go
+    on in float32: the neck, FPN, RPN and heads, and with them every box computation, stay float32. Without an
+    active autocast this is ``detector(images, targets)``.
+    """
+    states = _active_autocast()
+    if not states:
+        return detector(images, targets)
+    token = _FEATURE_AUTOCAST.set(states)
+    try:
+        with _autocast(states, enabled=False):
+            return detector(images, targets)
+    finally:
+        _FEATURE_AUTOCAST.reset(token)
 
 
 def _size(img_size: int | Sequence[int]) -> tuple[int, int]:
@@ -168,8 +211,19 @@ class PyramidBackbone(nn.Module):
         return fn(images)
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        """(B, 3, H, W) normalised images -> ordered dict of (B, out_channels, H / s, W / s) maps, fine to coarse."""
-        pyramid = self.neck(_pyramid_of(self.features(images), "PyramidBackbone"))
+        """(B, 3, H, W) normalised images -> ordered dict of (B, out_channels, H / s, W / s) maps, fine to coarse.
+
+        Inside :func:`run_detector` with autocast, only the feature function runs under it; its maps are cast
+        to float32 for the neck and the FPN.
+        """
+        states = _FEATURE_AUTOCAST.get()
+        if states:
+            with _autocast(states, enabled=True):
+                levels = _pyramid_of(self.features(images), "PyramidBackbone")
+            levels = [x.float() for x in levels]
+        else:
+            levels = _pyramid_of(self.features(images), "PyramidBackbone")
+        pyramid = self.neck(levels)
         return self.fpn(OrderedDict((name, pyramid[i]) for name, i in zip(self.names, self.levels, strict=True)))
 
 
