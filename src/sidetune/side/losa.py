@@ -99,6 +99,18 @@ class LowRankMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.drop(self.act(self.down(x))))
 
+    def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The same MLP along the second-to-last axis: ``(..., dim, C) -> (..., dim, C)``.
+
+        Equal to ``forward(x.transpose(-1, -2)).transpose(-1, -2)``, computed as ``W x + b`` with the weight on
+        the left, so the (large) token tensor is read and written in its own layout instead of being copied
+        into a transposed contiguous one (and back) around each linear layer, forward and backward.
+        """
+        h = torch.matmul(self.down.weight, x)
+        h = self.drop(self.act(h + self.down.bias.to(h.dtype)[:, None]))
+        y = torch.matmul(self.up.weight, h)
+        return y + self.up.bias.to(y.dtype)[:, None]
+
 
 class LowRankTokenMixer(nn.Module):
     """Low-rank token mixing along each axis of a token grid, in turn, each with a norm and a residual.
@@ -132,6 +144,10 @@ class LowRankTokenMixer(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(channels) if norm else nn.Identity() for _ in self.token_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.refine(x)[0]
+
+    def refine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mixed, delta)``: the forward output and its refinement ``mixed - x``, summed exactly (no subtraction)."""
         b, n, c = x.shape
         if n != math.prod(self.token_shape):
             raise ConfigError(
@@ -140,12 +156,16 @@ class LowRankTokenMixer(nn.Module):
                 f"or build the model with img_size set to the new size."
             )
         grid = x.reshape(b, *self.token_shape, c)
+        delta: torch.Tensor | None = None
         axes = len(self.token_shape)
         for k, (mlp, norm) in enumerate(zip(self.mlps, self.norms, strict=True)):
             axis = axes - k  # token axes are 1..axes of (B, *token_shape, C); innermost first
-            mixed = mlp(norm(grid).movedim(axis, -1)).movedim(-1, axis)
+            # Mix along the token axis where it lies next to the channels (always, for an image's (N,)).
+            mixed = mlp.forward_rows(norm(grid).movedim(axis, -2)).movedim(-2, axis)
             grid = grid + mixed
-        return grid.reshape(b, n, c)
+            delta = mixed if delta is None else delta + mixed
+        assert delta is not None
+        return grid.reshape(b, n, c), delta.reshape(b, n, c)
 
 
 class LowRankMixer(nn.Module):
@@ -169,9 +189,9 @@ class LowRankMixer(nn.Module):
         self.channel_mixing = LowRankMLP(channels, config.channel_rank, config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.token_mixing(x)
-        y = y + self.channel_mixing(self.channel_norm(y))
-        return y - x
+        # (y + channel(y)) - x with y = x + token deltas, summed from the deltas: no subtraction of x
+        y, token_delta = self.token_mixing.refine(x)
+        return token_delta + self.channel_mixing(self.channel_norm(y))
 
 
 class LoSA(SideMethod):
