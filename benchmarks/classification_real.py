@@ -331,8 +331,13 @@ def main(argv: list[str] | None = None) -> int:
             if cached.is_file():
                 test = json.loads(cached.read_text())
             else:
-                with _autocast(args.mixed_precision):  # the precision validation ran in during training
-                    test = evaluate_adapter(Path(best["output"]) / "best", DATA / dataset, "test", workers=args.workers)
+                test = evaluate_adapter(
+                    Path(best["output"]) / "best",
+                    DATA / dataset,
+                    "test",
+                    workers=args.workers,
+                    mixed_precision=args.mixed_precision,  # the precision validation ran in during training
+                )
                 cached.write_text(json.dumps(test, indent=2) + "\n")
             if method not in act_cache:
                 act_cache[method] = activation_bytes(method, args.img_size, args.batch_size, args.mixed_precision)

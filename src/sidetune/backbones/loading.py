@@ -66,7 +66,9 @@ def load_weights_file(model: nn.Module, path: str) -> None:
         return family_filter(state_dict, model) if family_filter is not None else state_dict
 
     try:
-        result = timm.models.load_checkpoint(model, path, strict=False, filter_fn=filter_fn)
+        # a caller's autocast must not reach the filter functions (position-embedding resampling fails under it)
+        with torch.autocast("cpu", enabled=False):
+            result = timm.models.load_checkpoint(model, path, strict=False, filter_fn=filter_fn)
     except RuntimeError as err:  # shape mismatches raise even when not strict
         lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
         detail = "; ".join(lines[:4]) or str(err).splitlines()[0][:300]

@@ -53,12 +53,22 @@ def _transform(model: SidetuneModel, augmentation: str):
     return build_transforms(model.data_config, tuple(model.config.img_size), augmentation, train=False)
 
 
+def _autocast(mixed_precision: str, device: torch.device):
+    """The autocast context of ``mixed_precision`` (``no``, ``bf16``, ``fp16``) on ``device``."""
+    dtypes = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if mixed_precision not in dtypes:
+        raise ValueError(f"mixed_precision must be one of {tuple(dtypes)}, got {mixed_precision!r}.")
+    return torch.autocast(device.type, dtype=dtypes[mixed_precision], enabled=dtypes[mixed_precision] is not None)
+
+
 @torch.inference_mode()
-def _logits(model: SidetuneModel, dataset: Dataset, batch_size: int, workers: int):
+def _logits(model: SidetuneModel, dataset: Dataset, batch_size: int, workers: int, mixed_precision: str = "no"):
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     for images, labels in loader:
-        yield model(images.to(device)).float().cpu(), labels
+        with _autocast(mixed_precision, device):
+            logits = model(images.to(device))
+        yield logits.float().cpu(), labels
 
 
 def evaluate_adapter(
@@ -72,6 +82,7 @@ def evaluate_adapter(
     weights: Any = "saved",
     augmentation: str | None = None,
     device: str | torch.device | None = None,
+    mixed_precision: str = "no",
 ) -> dict[str, Any]:
     """Accuracy of a saved adapter on a labelled split.
 
@@ -85,6 +96,8 @@ def evaluate_adapter(
         weights: backbone weights (default: what the adapter recorded).
         augmentation: eval transform recipe (default: the one the run trained with).
         device: default CUDA when available.
+        mixed_precision: ``no``, ``bf16`` or ``fp16``: autocast of the forward (e.g. the precision the run
+            trained and validated in).
 
     Returns:
         ``{"top1", "top5", "mean_class_acc", "per_class", "loss", "count", "classes", "adapter", "data",
@@ -103,7 +116,7 @@ def evaluate_adapter(
         raise DataError(f"no images to evaluate at {data} (split {split!r}).")
     check_num_classes(dataset, model.config.num_classes)
     meter = ClassificationMeter(model.config.num_classes)
-    for logits, labels in _logits(model, dataset, batch_size, workers):
+    for logits, labels in _logits(model, dataset, batch_size, workers, mixed_precision):
         meter.update(logits, labels)
     return {
         **meter.compute(),
