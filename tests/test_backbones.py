@@ -102,6 +102,19 @@ def test_local_weights_are_resampled_to_another_image_size(tmp_path) -> None:
     assert model(torch.randn(1, 3, 96, 96)).shape == (1, 3)
 
 
+def test_fp16_weights_resample_under_a_callers_bf16_autocast(tmp_path) -> None:
+    # the shared DINOv2 file is fp16; loading it inside `with torch.autocast(...)` made timm's resampling fail
+    source = tiny("vit", "linear", seed=3).backbone.model
+    path = tmp_path / "w16.safetensors"
+    save_file({k: v.half().contiguous() for k, v in source.state_dict().items()}, str(path))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model = sidetune.create("test_vit", "linear", num_classes=3, img_size=96, weights=path)
+    assert model.backbone.model.pos_embed.shape == (1, 1 + 6 * 6, 64)
+    torch.testing.assert_close(
+        model.backbone.model.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight.half().float()
+    )
+
+
 @pytest.mark.e2e
 def test_shared_dinov2_weights_load_at_224_px() -> None:
     path = require_asset(DINOV2_WEIGHTS)
