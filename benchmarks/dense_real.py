@@ -92,12 +92,16 @@ def write(rows: list[dict], args: argparse.Namespace, invocation: str) -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("render_only", "runs", "from_runs")}
     data = {"command": invocation, "settings": settings, "rows": rows}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    _write_csv(args.name, rows)
+    render_page()
+
+
+def _write_csv(name: str, rows: list[dict]) -> None:
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    with (RESULTS / f"{args.name}.csv").open("w", newline="") as f:
+    with (RESULTS / f"{name}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    render_page()
 
 
 def _first(limit: int | None) -> str:
@@ -186,8 +190,9 @@ def render_page() -> None:
         "**CPU scale.** Every run shares a 2-core machine with other jobs, one thread per run: images are small",
         "(224 px), epochs few, one seed. The numbers show that the methods learn and how their costs compare, not",
         "the accuracy they reach at full scale (518 px, tens of epochs, a GPU). Step times are medians under that",
-        "shared load (noisy, compare within one result set only). Peak memory is the process's peak RSS",
-        "(includes Python and libraries). Full-size settings: raise `--seg-img-size/--det-img-size`, `--epochs`.",
+        "shared load, which changed between runs: compare costs with the side-by-side table further down. Peak",
+        "memory is the process's peak RSS (includes Python and libraries). Full-size settings: raise",
+        "`--seg-img-size/--det-img-size`, `--epochs`.",
         "",
     ]
     paths = sorted(RESULTS.glob("dense_real*.json"))
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row_of(task, method, json.loads(run.read_text())))
             saved["rows"] = rows
             path.write_text(json.dumps(saved, indent=2) + "\n")
+            _write_csv(args.name, rows)
         if "settings" not in saved:
             write(saved["rows"], args, saved["command"])
         render_page()
