@@ -264,6 +264,20 @@ def test_token_mixer_factorises_space_then_time() -> None:
     assert [m.down.in_features for m in mixer.mlps] == [s, t]
 
 
+@pytest.mark.parametrize("token_shape", [(6,), (2, 3)])
+def test_low_rank_mixer_keeps_the_refinement_in_the_inputs_precision_under_autocast(token_shape) -> None:
+    """Under bf16 autocast only the mixing products run in 16 bits: the refinement, and with it LoSA's side
+    state ``a`` summed over the blocks, stays float32 as ``(x + deltas) - x`` kept it."""
+    torch.manual_seed(0)
+    mixer = LowRankMixer(8, token_shape, LoSAConfig(channel_rank=3, token_rank=2))
+    _perturb(mixer)
+    x = torch.randn(2, 6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mixer(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, mixer(x), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("key", ["vit", "swin"])
 def test_losa_follows_the_refinement_recursion(key: str) -> None:
     """a[0] = 0, a[l] = a[l-1] + g_l(b[l] + a[l-1]); the head reads b[L] + a[L] (crossing stages through

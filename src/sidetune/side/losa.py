@@ -163,7 +163,8 @@ class LowRankTokenMixer(nn.Module):
             # Mix along the token axis where it lies next to the channels (always, for an image's (N,)).
             mixed = mlp.forward_rows(norm(grid).movedim(axis, -2)).movedim(-2, axis)
             grid = grid + mixed
-            delta = mixed if delta is None else delta + mixed
+            # summed in x's precision: under autocast the refinement (LoSA's side state) stays float32, as before
+            delta = mixed.to(x.dtype) if delta is None else delta + mixed
         assert delta is not None
         return grid.reshape(b, n, c), delta.reshape(b, n, c)
 
