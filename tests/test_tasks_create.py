@@ -63,6 +63,45 @@ def test_side_methods_keep_gradients_out_of_the_backbone_with_dense_heads(task: 
     assert all(p.grad is not None for p in model.method.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize(
+    ("task", "detector"), [("detection", "retinanet"), ("detection", "faster_rcnn"), ("instance", "mask_rcnn")]
+)
+def test_detection_models_under_autocast_run_only_the_features_in_16_bits(task: str, detector: str) -> None:
+    """SidetuneModel calls run_detector: under bf16 autocast the method's maps are bf16, every layer of the
+    detector (neck, FPN, RPN, heads) float32, in training and in evaluation."""
+    model = tiny("swin", "losa", task=task, num_classes=3, head_options={**DET, "detector": detector})
+    low: set[str] = set()
+
+    def record(name: str):
+        return lambda m, a, out: low.add(name) if torch.is_tensor(out) and out.dtype != torch.float32 else None
+
+    detector_layers = [
+        (n, m)
+        for n, m in model.head.named_modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear) and not n.startswith("backbone.source.")  # the method's
+    ]
+    assert detector_layers
+    hooks = [m.register_forward_hook(record(n)) for n, m in detector_layers]
+    method_dtype = []
+    hooks.append(model.method.register_forward_hook(lambda m, a, out: method_dtype.append(out.pyramid[0].dtype)))
+    x = list(images("swin", 2).sigmoid())
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 30.0]]), "labels": torch.tensor([2])} for _ in range(2)]
+    for t in targets:
+        t["masks"] = torch.zeros(1, 64, 64, dtype=torch.uint8)
+        t["masks"][0, 6:30, 4:40] = 1
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model.train()(x, targets)
+            with torch.no_grad():
+                detections = model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert method_dtype == [torch.bfloat16, torch.bfloat16] and not low
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    assert all(d["boxes"].dtype == torch.float32 for d in detections)
+
+
 def test_e3va_dense_pyramid_is_normalised_by_its_own_stage_norms() -> None:
     e3va = tiny("swin", "e3va", task="segmentation", head_options=SEG)
     assert e3va.method.out_stages == (0, 1, 2, 3) and e3va.method.pyramid_normalized
