@@ -460,6 +460,20 @@ def test_dense_grad_accum_matches_one_big_batch(tmp_path: Path):
     assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in pairs)
 
 
+def test_dense_schedule_steps_once_per_optimizer_step_with_a_partial_last_window(tmp_path: Path):
+    from sidetune.train.loop import WarmupCosine
+
+    # 5 micro-batches of 2 per epoch, 2 per step: steps of 2, 2 and 1 micro-batches, 3 steps per epoch
+    opts = dict(epochs=2, batch_size=2, grad_accum=2, warmup_epochs=1.0, lr=1e-3, val_split=None, cpu=True)
+    result = fit_dense(seg_config(tmp_path, None, **opts), train_dataset=FlatSquares(10))
+    records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    assert result.summary["timing"]["steps"] == 6 and result.summary["timing"]["steps_per_epoch"] == 3
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and [r["epoch"] for r in records] == [1, 1, 1, 2, 2, 2]
+    schedule = WarmupCosine(3, 6)
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 * schedule(k) for k in range(6)])
+    assert all(math.isfinite(r["loss"]) for r in records)
+
+
 def test_sidetune_cli_dense_grad_accum_and_resume(tmp_path: Path, capsys):
     from sidetune.cli import main as sidetune_main
 
