@@ -185,6 +185,22 @@ def test_resume_from_another_method_or_backbone_names_both(data, tmp_path):
         fit(config(data, tmp_path / "x", resume=str(tmp_path / "missing")))
 
 
+def test_resume_with_another_schedule_is_refused_and_leaves_the_run_as_it_was(data, tmp_path):
+    run = tmp_path / "run"
+    fit(config(data, run, method="losa", epochs=1))
+    saved_config = (run / "train_config.yaml").read_text()
+    log = (run / "log.jsonl").read_text()
+    # more epochs: the restored cosine would silently keep the old length
+    with pytest.raises(CheckpointError, match=r"total_steps 3 -> 6 \(--epochs\)"):
+        fit(config(data, run, method="losa", epochs=2, resume=str(run)))
+    # another batch size: the saved position in the epoch would skip the wrong images
+    with pytest.raises(CheckpointError, match=r"steps_per_epoch 3 -> 6 .*images_per_step 6 -> 3"):
+        fit(config(data, run, method="losa", epochs=1, batch_size=3, resume=str(run)))
+    assert (run / "train_config.yaml").read_text() == saved_config
+    assert (run / "log.jsonl").read_text() == log
+    fit(config(data, run, method="losa", epochs=1, resume=str(run)))  # the same schedule still resumes
+
+
 def test_an_existing_run_is_not_overwritten(data, tmp_path):
     fit(config(data, tmp_path / "run", epochs=1))
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -235,10 +251,6 @@ def test_mixed_precision_is_validated_against_the_device():
         TrainConfig(backbone="test_vit", method="linear", mixed_precision="fp8")
 
 
-@pytest.mark.skipif(
-    not __import__("sidetune.bench.levers", fromlist=["x"]).native_low_precision(torch.bfloat16, torch.device("cpu")),
-    reason="no native bfloat16 on this CPU",
-)
 @pytest.mark.skipif(
     not native_low_precision(torch.bfloat16, torch.device("cpu")), reason="no native bfloat16 on this CPU"
 )

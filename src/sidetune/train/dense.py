@@ -408,7 +408,6 @@ def fit_dense(
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / CONFIG, asdict(config))
     log = JsonlLog(out / LOG, enabled=main)
     collate = _stack_collate if task == "segmentation" else detection_collate
     train_loader, sampler = make_train_loader(
@@ -437,6 +436,8 @@ def fit_dense(
 
     # -- resume or start ---------------------------------------------------------------------------------------
     tstate = start_or_resume(checkpoint, accelerator, unwrapped, optimizer, scheduler, run_facts, log, config.seed)
+    if main:  # after the resume checks: a refused resume leaves the run's config as it was
+        _write_json(out / CONFIG, asdict(config))
     logger.info(
         "training %s %s/%s: %d trainable parameters, %d steps (%d per epoch, %d micro-batches each), %s%s",
         task, config.backbone, config.method, unwrapped.num_parameters(), total_steps, steps_per_epoch,

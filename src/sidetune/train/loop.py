@@ -47,6 +47,7 @@ from ..data import DataError, build_classification_dataset
 from ..errors import ConfigError
 from ..model import ADAPTER_WEIGHTS, SidetuneModel
 from .checkpoint import (
+    CheckpointError,
     TrainerState,
     check_compatible,
     find_checkpoint,
@@ -221,6 +222,36 @@ def epoch_loader(train_loader, sampler: EpochSampler, dataset: SeededDataset, ep
     return loader
 
 
+_SCHEDULE_FACTS = {
+    "steps_per_epoch": "--batch-size, --grad-accum or the training data",
+    "images_per_step": "--batch-size, --grad-accum or the number of processes",
+    "total_steps": "--epochs",
+}
+
+
+def check_schedule(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint into another schedule.
+
+    The position in the epoch (batches to skip) and the learning-rate schedule (whose warm-up and length the
+    scheduler's state carries) are only meaningful for the same steps per epoch, images per step and total
+    steps; resuming with, say, more epochs would silently follow the old cosine.
+
+    Raises:
+        CheckpointError: naming each fact that differs, both values and the setting behind it.
+    """
+    diffs = [
+        f"{key} {saved[key]} -> {current[key]} ({why})"
+        for key, why in _SCHEDULE_FACTS.items()
+        if key in saved and key in current and saved[key] != current[key]
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {str(checkpoint)!r}: this run's schedule differs from the checkpoint's: "
+            f"{'; '.join(diffs)}. Resume with the settings the run started with, or start a new run "
+            "(another --output) initialised from its adapter."
+        )
+
+
 def start_or_resume(
     checkpoint: Path | None,
     accelerator: Accelerator,
@@ -238,6 +269,7 @@ def start_or_resume(
     if checkpoint is None:
         _seed_everything(seed + 1009 * accelerator.process_index)  # dropout differs across processes
         return TrainerState(model=asdict(model.config), run=run_facts)
+    check_schedule(read_trainer_state(checkpoint).run, run_facts, checkpoint)
     tstate = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
     tstate.model, tstate.run = asdict(model.config), run_facts
     log.truncate_after(tstate.step)
@@ -371,7 +403,6 @@ def fit(
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        config.save(out / CONFIG)
     log = JsonlLog(out / LOG, enabled=main)
 
     global_batch = config.batch_size * accelerator.num_processes
@@ -408,6 +439,8 @@ def fit(
 
     # -- resume or start ------------------------------------------------------------------------------------
     tstate = start_or_resume(checkpoint, accelerator, unwrapped, optimizer, scheduler, run_facts, log, config.seed)
+    if main:  # after the resume checks: a refused resume leaves the run's config as it was
+        config.save(out / CONFIG)
     logger.info(
         "training %s/%s on %s: %d trainable parameters, %d steps (%d per epoch), %d process(es), %s, precision %s",
         config.backbone,
