@@ -74,10 +74,10 @@ from .loop import (
     LOG,
     SUMMARY,
     Callback,
-    WarmupCosine,
     _seed_everything,
     epoch_loader,
     make_accelerator,
+    make_schedule,
     make_train_loader,
     open_run,
     param_groups,
@@ -418,21 +418,9 @@ def fit_dense(
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     unwrapped: SidetuneModel = accelerator.unwrap_model(model)
     batches_per_epoch = len(train_loader)
-    if batches_per_epoch == 0:
-        raise DataError(f"the training data ({len(train_dataset)} images) gives no batch of {config.batch_size}.")
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer.optimizer, WarmupCosine(warmup_steps, total_steps, config.min_lr / config.lr)
-    )
-    run_facts = {
-        "task": task,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "num_processes": accelerator.num_processes,
-        "images_per_step": config.batch_size * accelerator.num_processes * config.grad_accum,
-    }
+    scheduler, run_facts = make_schedule(config, optimizer, batches_per_epoch, len(train_dataset), accelerator)
+    run_facts["task"] = task
+    steps_per_epoch, total_steps = run_facts["steps_per_epoch"], run_facts["total_steps"]
 
     # -- resume or start ---------------------------------------------------------------------------------------
     tstate = start_or_resume(checkpoint, accelerator, unwrapped, optimizer, scheduler, run_facts, log, config.seed)

@@ -222,6 +222,34 @@ def epoch_loader(train_loader, sampler: EpochSampler, dataset: SeededDataset, ep
     return loader
 
 
+def make_schedule(
+    config, optimizer, batches_per_epoch: int, num_images: int, accelerator: Accelerator
+) -> tuple[torch.optim.lr_scheduler.LambdaLR, dict[str, Any]]:
+    """The warm-up + cosine scheduler of a run and its schedule facts (saved with checkpoints, checked on resume).
+
+    ``config`` is a ``TrainConfig`` or ``DenseConfig`` (batch_size, grad_accum, epochs, warmup_epochs, lr,
+    min_lr); ``optimizer`` the prepared one; one optimizer step per ``grad_accum`` batches.
+
+    Raises:
+        DataError: the training data gives no batch.
+    """
+    if batches_per_epoch == 0:
+        raise DataError(f"the training data ({num_images} images) gives no batch of {config.batch_size}.")
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer, WarmupCosine(warmup_steps, total_steps, config.min_lr / config.lr)
+    )
+    facts = {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "num_processes": accelerator.num_processes,
+        "images_per_step": config.batch_size * accelerator.num_processes * config.grad_accum,
+    }
+    return scheduler, facts
+
+
 _SCHEDULE_FACTS = {
     "steps_per_epoch": "--batch-size, --grad-accum or the training data",
     "images_per_step": "--batch-size, --grad-accum or the number of processes",
@@ -405,7 +433,6 @@ def fit(
         out.mkdir(parents=True, exist_ok=True)
     log = JsonlLog(out / LOG, enabled=main)
 
-    global_batch = config.batch_size * accelerator.num_processes
     loader_kwargs = dict(num_workers=config.workers, pin_memory=not on_cpu, persistent_workers=False)
     train_loader, sampler = make_train_loader(
         train_set, config.batch_size, config.seed, accelerator.num_processes, **loader_kwargs
@@ -422,20 +449,8 @@ def fit(
     unwrapped: SidetuneModel = accelerator.unwrap_model(model)
 
     batches_per_epoch = len(train_loader)
-    if batches_per_epoch == 0:
-        raise DataError(f"the training data ({len(train_set)} images) gives no batch of {config.batch_size}.")
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer.optimizer, WarmupCosine(warmup_steps, total_steps, config.min_lr / config.lr)
-    )
-    run_facts = {
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "num_processes": accelerator.num_processes,
-        "images_per_step": global_batch * config.grad_accum,
-    }
+    scheduler, run_facts = make_schedule(config, optimizer, batches_per_epoch, len(train_set), accelerator)
+    steps_per_epoch, total_steps = run_facts["steps_per_epoch"], run_facts["total_steps"]
 
     # -- resume or start ------------------------------------------------------------------------------------
     tstate = start_or_resume(checkpoint, accelerator, unwrapped, optimizer, scheduler, run_facts, log, config.seed)
