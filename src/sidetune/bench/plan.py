@@ -42,12 +42,13 @@ from .profile import (
     RowPlan,
     _command_line,
     _family,
+    build_row_model,
     failure_status,
     plan_rows,
     probe_peak_rss,
 )
 from .report import fmt_bytes
-from .workload import build_model, make_batch, make_step, optimizer_for
+from .workload import make_batch, make_step, optimizer_for
 
 logger = logging.getLogger(__name__)
 
@@ -226,17 +227,7 @@ class PlanReport:
 def _peak_cuda(config: BenchConfig, row: RowPlan, batch: int, device: torch.device) -> tuple[bool, int, str | None]:
     model = None
     try:
-        model = build_model(
-            config.backbone,
-            row.method,
-            num_classes=config.num_classes,
-            img_size=config.img_size,
-            weights=config.weights,
-            backbone_kwargs=config.backbone_kwargs,
-            options=row.options,
-            seed=config.seed,
-            device=device,
-        )
+        model = build_row_model(config, row, device)
         apply_levers(model, row.levers, row.kind, device)
         images, labels = make_batch(batch, model.backbone.layout.img_size, config.num_classes, config.seed, device)
         with torch.no_grad():

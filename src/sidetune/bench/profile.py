@@ -430,6 +430,21 @@ def plan_rows(config: BenchConfig) -> list[RowPlan]:
     return rows
 
 
+def build_row_model(config: BenchConfig, row: RowPlan, device: torch.device) -> torch.nn.Module:
+    """The model of one bench row (its method and options) on ``config``'s backbone, size and seed."""
+    return build_model(
+        config.backbone,
+        row.method,
+        num_classes=config.num_classes,
+        img_size=config.img_size,
+        weights=config.weights,
+        backbone_kwargs=config.backbone_kwargs,
+        options=row.options,
+        seed=config.seed,
+        device=device,
+    )
+
+
 def _probe_kwargs(config: BenchConfig, row: RowPlan, batch_size: int) -> dict[str, Any]:
     return {
         "backbone": config.backbone,
@@ -586,17 +601,7 @@ class _Profiler:
 
     def _measure_in_process(self, plan: RowPlan, row: BenchRow) -> None:
         cfg, dev = self.config, self.device
-        model = build_model(
-            cfg.backbone,
-            plan.method,
-            num_classes=cfg.num_classes,
-            img_size=cfg.img_size,
-            weights=cfg.weights,
-            backbone_kwargs=cfg.backbone_kwargs,
-            options=plan.options,
-            seed=cfg.seed,
-            device=dev,
-        )
+        model = build_row_model(cfg, plan, dev)
         side = plan.kind == "side"
         # channels_last converts weights in place: such a row keeps its own copy. The source (whose backbone
         # also runs the in-place rows' floor) is a row without levers.
