@@ -72,7 +72,7 @@ def test_demo_losa_learns_the_digits_well_above_chance() -> None:
 def test_demo_ends_with_a_bench_of_its_vit(monkeypatch) -> None:
     """The bench part of ``sidetune demo`` (training stubbed): a row per method with sane values, the table,
     how to read it and the command for one's own model."""
-    import sidetune.bench.commands as commands
+    import sidetune.demo as commands
 
     def fake_train(backbone, method, data, steps):
         return DemoResult(backbone, method, trainable=1, train_acc=0.5, test_acc=0.5, ms_per_step=1.0, steps=1)

@@ -1,7 +1,8 @@
 """The method registry: every adaptation method sidetune offers, with its kind and description.
 
 Methods are registered by one explicit call per method module (see ``_builtin_specs``), PEFT-style, and
-discovered with :func:`list_methods`. A method is built from a backbone and a typed config dataclass and
+discovered with :func:`list_methods`. The spec type lives in :mod:`sidetune.method_spec` (re-exported here),
+so that method files never import this registry. A method is built from a backbone and a typed config dataclass and
 is an ``nn.Module`` mapping images to :class:`~sidetune.features.Features`.
 """
 
@@ -9,59 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from .errors import unknown_choice
+from .method_spec import MethodSpec
 
-from .errors import ConfigError, unknown_choice
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """How to build one method.
-
-    Attributes:
-        name: registry name (``losa``, ``e3va+``, ...).
-        description: one line for ``list_methods()``.
-        kind: ``side`` (backprop-free: the backbone runs without autograd) or ``inplace`` (gradients
-            flow through the backbone).
-        config_cls: the method's config dataclass.
-        build: ``build(backbone, config, task) -> nn.Module`` returning Features from images.
-        families: backbone families the method supports; others fail at construction with ``why_not``.
-        defaults: preset values applied before the user's options (``e3va+`` is ``e3va`` with alpha=16).
-        why_not: family -> reason, for the error message when the family is unsupported.
-    """
-
-    name: str
-    description: str
-    kind: str
-    config_cls: type
-    build: Callable[..., nn.Module]
-    families: tuple[str, ...]
-    defaults: dict[str, Any] = field(default_factory=dict)
-    why_not: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def backprop_through_backbone(self) -> bool:
-        return self.kind == "inplace"
-
-    def make_config(self, **options: Any) -> Any:
-        """Build the config from the preset defaults and the user's options, naming unknown options."""
-        known = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"method {self.name!r} has no option(s) {', '.join(unknown)}. Its options: {', '.join(sorted(known))}."
-            )
-        return self.config_cls(**{**self.defaults, **options})
-
-    def check_family(self, family: str, backbone: str) -> None:
-        if family not in self.families:
-            reason = self.why_not.get(family, f"it supports the {', '.join(self.families)} families only")
-            raise ConfigError(f"method {self.name!r} cannot adapt {backbone!r} ({family} family): {reason}.")
-
+__all__ = ["MethodSpec", "get_method", "list_methods", "register_method"]
 
 _REGISTRY: dict[str, MethodSpec] = {}
 

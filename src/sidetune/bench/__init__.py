@@ -25,7 +25,6 @@ if TYPE_CHECKING:
         static_memory_bytes,
         time_step,
     )
-    from sidetune.bench.commands import demo_bench
     from sidetune.bench.memory_probe import (
         ProbeResult,
         available_memory_bytes,
@@ -45,7 +44,6 @@ _EXPORTS = {
     "static_memory_bytes": "accounting",
     "time_step": "accounting",
     "ProbeResult": "memory_probe",
-    "demo_bench": "commands",
     "available_memory_bytes": "memory_probe",
     "measure_cuda_peak": "memory_probe",
     "measure_peak_rss": "memory_probe",
@@ -59,7 +57,6 @@ __all__ = [
     "StaticMemory",
     "TimingReport",
     "available_memory_bytes",
-    "demo_bench",
     "environment_info",
     "inference_flops",
     "measure_cuda_peak",

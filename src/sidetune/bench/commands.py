@@ -10,7 +10,6 @@ import argparse
 import json
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,73 +266,3 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     (out / f"{name}.json").write_text(json.dumps(report.as_dict(), indent=2, default=str) + "\n")
     print(f"wrote {out / (name + '.md')}, {out / (name + '.json')}")
     return 0 if any(r.status == "ok" for r in report.rows) else 1
-
-
-DEMO_BENCH_METHODS = ("full", "lora", "linear", "losa", "e3va")
-
-
-def demo_bench(
-    log: Callable[[str], None] = print,
-    out: str | None = None,
-    *,
-    methods: tuple[str, ...] = DEMO_BENCH_METHODS,
-    batch_size: int = 16,
-    warmup: int = 1,
-    rounds: int = 5,
-    peak_memory: bool = False,
-) -> Any:
-    """The short bench that ``sidetune demo`` ends with: ``profile`` of the demo's ViT (its model config, at the
-    demo's image size) for each of ``methods`` that is registered, on this machine, one thread.
-
-    The peak-memory probe (a fresh process per row, seconds each) is off by default: the table's bytes saved
-    for backward are the deterministic memory figure. Steps are timed on the CPU-time clock of the one thread,
-    which other load on the machine does not inflate (the same as wall time on an idle machine). ``out`` also
-    writes ``demo_bench.{md,csv,json}`` there.
-    Returns the report.
-    """
-    from ..demo import DEMO_BACKBONES, IMG_SIZE
-    from ..methods import list_methods
-    from .profile import BenchConfig, profile
-    from .report import terminal_table, write_report
-
-    name, kwargs = DEMO_BACKBONES["vit"]
-    known = {m["name"] for m in list_methods()}
-    methods = tuple(m for m in methods if m in known)
-    config = BenchConfig(
-        backbone=name,
-        backbone_kwargs=kwargs,
-        methods=methods,
-        img_size=IMG_SIZE,
-        batch_size=batch_size,
-        warmup=warmup,
-        rounds=rounds,
-        peak_memory=peak_memory,
-        threads=1,  # as the demo's training: tiny models gain nothing from a second thread
-        clock="cpu",
-    )
-    size = f"{IMG_SIZE}x{IMG_SIZE}"
-    words = ["sidetune", "bench", "--backbone", name, "--backbone-kwargs", json.dumps(kwargs), "--img-size"]
-    words += [str(IMG_SIZE), "--batch-size", str(batch_size), "--methods", ",".join(methods), "--threads", "1"]
-    words += ["--clock", "cpu"]
-    words += ["--warmup", str(warmup), "--rounds", str(rounds)] + ([] if peak_memory else ["--no-peak"])
-    command = shlex.join(words)  # the same table from the command line
-    log(f"\nsidetune bench on the demo ViT ({', '.join(methods)}; batch {batch_size}, {size}, this machine):\n")
-    report = profile(config, log=lambda _: None, command=command)
-    log(terminal_table(report))
-    for note in report.notes:
-        log(f"note: {note}")
-    if out:
-        write_report(report, out, "demo_bench", plots=False)
-    log(
-        "\nHow to read it: every row trains the same batch. `saved for bwd` is what autograd keeps for the "
-        "backward pass:\nthe side methods (linear, losa, e3va) never back-propagate into the frozen backbone, so "
-        "they keep a fraction of\nfull fine-tuning's (`x full saved`); `x full time` compares step times and "
-        "`x floor` divides a step by the least\nit can cost (the frozen forward plus the side network's own step). "
-        "On a model this small fixed overheads\ndominate the times; measure your own model at its real size "
-        "(peak memory, plots, CSV/JSON under runs/bench):\n"
-        f"  sidetune bench --backbone vit_base_patch16_224 --methods {','.join(DEMO_BENCH_METHODS)} "
-        "--img-size 224 --batch-size 8\n"
-        "(docs/bench.md explains every column; the largest batch within a budget: sidetune plan --budget 11GB ...).\n"
-        f"This table again: {command}"
-    )
-    return report

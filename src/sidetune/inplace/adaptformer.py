@@ -30,7 +30,7 @@ from torch import nn
 
 from ..backbones import TimmBackbone
 from ..errors import ConfigError, require_positive, require_positive_int
-from ..methods import MethodSpec
+from ..method_spec import MethodSpec
 from .adapter import ACTIVATIONS, Bottleneck, check_positions
 from .base import InplaceConfig, InplaceMethod
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..backbones import TimmBackbone
 from ..errors import ConfigError, require_positive, require_positive_int
-from ..methods import MethodSpec
+from ..method_spec import MethodSpec
 from .base import InplaceConfig, InplaceMethod
 
 #: Default LoRA targets per timm model class.

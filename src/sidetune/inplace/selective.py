@@ -29,7 +29,7 @@ from torch import nn
 
 from ..backbones import TimmBackbone
 from ..errors import ConfigError
-from ..methods import MethodSpec
+from ..method_spec import MethodSpec
 from .base import InplaceConfig, InplaceMethod, residual_blocks
 
 

@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backbones import FrozenBackbone, TapRequest, Taps
 from ..errors import ConfigError, require_positive, require_positive_int
 from ..features import Features
-from ..methods import MethodSpec
+from ..method_spec import MethodSpec
 from .base import SideMethod, carry_across_stage, to_final_format, to_map
 
 

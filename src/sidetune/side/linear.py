@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
 from ..features import Features
-from ..methods import MethodSpec
+from ..method_spec import MethodSpec
 from .base import SideMethod, dense_stage_ends, features_from_final, stage_pyramid
 
 

@@ -41,7 +41,7 @@ from torch import nn
 from ..backbones import FrozenBackbone, TapRequest, Taps
 from ..errors import ConfigError, require_positive, require_positive_int
 from ..features import Features
-from ..methods import MethodSpec
+from ..method_spec import MethodSpec
 from .base import SideMethod, to_final_format, to_map
 
 
