@@ -69,8 +69,11 @@ class RunLock:
         except ImportError:  # not a POSIX system: no lock (documented)
             logger.warning("no file locking on this platform: do not start two runs into %s", self.path.parent)
             return self
-        self._created = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        directory = self.path.parent
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(f"--output {str(directory)!r} is a file; give a directory for the run.")
+        self._created = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")  # noqa: SIM115 (held open for the run's lifetime)
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
