@@ -61,6 +61,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sidetune.train.commands",
         "predict a folder of images: CSV (classification), PNG masks (segmentation), COCO JSON (detection)",
     ),
+    "cache": ("sidetune.cache.commands", "build or inspect a tap cache: the backbone's taps on disk, for training"),
+    "sweep": ("sidetune.cache.commands", "train a grid of settings in one pass over a tap cache; choose on val"),
     "bench": ("sidetune.bench.commands", "measure what each method costs: parameters, memory, step time"),
     "plan": ("sidetune.bench.commands", "the largest batch per method within a memory budget, checked by a real run"),
 }

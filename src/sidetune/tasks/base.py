@@ -43,6 +43,7 @@ class TaskData:
         source: where the data came from (for logs and the summary).
         splits: the split names used (``{"train": ..., "val": ..., "test": ...}``), or None for given datasets.
         skipped: files the readers skipped, as ``(path, reason)`` pairs, over all splits.
+        collate, eval_collate: loader collate functions that replace the task's (a tap cache's), or None.
     """
 
     train: Dataset
@@ -52,6 +53,8 @@ class TaskData:
     source: str
     splits: dict[str, Any] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    collate: Any = None
+    eval_collate: Any = None
 
     def sizes(self) -> dict[str, int | None]:
         return {
@@ -230,6 +233,15 @@ class Task:
             lines.append(f"  per class, worst first ({self.per_class_name}): {shown}{more}")
         lines += [f"  warning: {w}" for w in self.collapse_warnings(metrics, classes)]
         return "\n".join(lines)
+
+    # -- the tap cache ----------------------------------------------------------------------------------------------
+    def check_cacheable(self, config: Any) -> None:
+        """Refuse settings whose samples a tap cache cannot hold (raises ConfigError)."""
+
+    def cache_inputs(self, model: SidetuneModel, batch: Any) -> tuple[torch.Tensor, list[Any], list[dict[str, Any]]]:
+        """For a tap cache: a collated batch -> (the (B, 3, H, W) backbone input, exactly as the model would compute
+        it; the per-sample targets to store; per-sample facts the model needs besides the taps)."""
+        raise ConfigError(f"the {self.name} task cannot be cached.")
 
     # -- saved adapters ------------------------------------------------------------------------------------------
     def inference_info(self, config: Any) -> dict[str, Any]:

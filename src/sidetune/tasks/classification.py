@@ -361,6 +361,11 @@ class ClassificationTask(Task):
             )
         return warnings
 
+    # -- the tap cache ----------------------------------------------------------------------------------------------
+    def cache_inputs(self, model, batch):
+        images, labels = batch
+        return images, [torch.as_tensor(y) for y in labels], [{} for _ in labels]
+
     # -- saved adapters ------------------------------------------------------------------------------------------
     def inference_info(self, config) -> dict[str, Any]:
         return {"augmentation": config.augmentation}
@@ -456,7 +461,7 @@ class _ImageList(Dataset):
 
 def _class_counts(dataset: Dataset, num_classes: int) -> list[int]:
     """Images per class of a classification dataset (from its labels, no image decoded)."""
-    targets = getattr(dataset, "targets", None)
+    targets = getattr(getattr(dataset, "source", dataset), "targets", None)  # a tap cache's split: its files
     if targets is None:
         return [0] * num_classes  # a dataset handed to fit() without labels to read: nothing to count
     counts = [0] * num_classes

@@ -40,6 +40,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Dataset
 
+from ..cache.batch import CachedTaps
 from ..data import (
     CocoDetectionDataset,
     DataError,
@@ -311,7 +312,10 @@ class DetectionEvaluator(Evaluator):
     def update(self, model, batch) -> None:
         images, targets = batch
         device = next(model.parameters()).device
-        outputs = model([im.as_subclass(torch.Tensor).to(device) for im in images])
+        if isinstance(images, CachedTaps):
+            outputs = model(images)
+        else:
+            outputs = model([im.as_subclass(torch.Tensor).to(device) for im in images])
         self.evaluator.update([{k: v.cpu() for k, v in o.items()} for o in outputs], targets)
 
     def state(self) -> tuple[dict[str, list], list[int]]:
@@ -434,7 +438,7 @@ class DetectionTask(Task):
     # -- training and evaluation ---------------------------------------------------------------------------------
     def step(self, model, batch) -> StepOutput:
         images, targets = batch
-        parts = model(list(images), list(targets))
+        parts = model(images if isinstance(images, CachedTaps) else list(images), list(targets))
         loss = sum(parts.values())
         return StepOutput(loss=loss, count=len(images), parts=parts)
 
@@ -462,6 +466,22 @@ class DetectionTask(Task):
         elif zero:
             warnings.append(f"{len(zero)} class(es) with box AP 0: {', '.join(zero[:8])}")
         return warnings
+
+    # -- the tap cache ----------------------------------------------------------------------------------------------
+    def cache_inputs(self, model, batch):
+        """The detector's own transform (normalise, letterbox to the model's size, pad) on the images and their
+        targets; the letterboxed and original sizes go with the taps (predictions map back to the original)."""
+        images, targets = batch
+        transform = model.head.transform
+        copies = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+        plain = [im.as_subclass(torch.Tensor) for im in images]
+        with torch.no_grad():
+            image_list, resized = transform(plain, copies)
+        meta = [
+            {"image_size": torch.tensor(size), "original_size": torch.tensor(tuple(im.shape[-2:]))}
+            for size, im in zip(image_list.image_sizes, plain, strict=True)
+        ]
+        return image_list.tensors, resized, meta
 
     # -- saved adapters ------------------------------------------------------------------------------------------
     def inference_info(self, config) -> dict[str, Any]:

@@ -25,8 +25,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..cache.batch import CachedTaps
 from ..data import (
     DataError,
     MaskFolderDataset,
@@ -176,6 +178,12 @@ class SegmentationEvaluator(Evaluator):
 
     def update(self, model, batch) -> None:
         images, masks = batch
+        if isinstance(images, CachedTaps):  # taps of the resized images: the rest of whole-image inference
+            logits = model(images)
+            for i, mask in enumerate(masks):
+                up = F.interpolate(logits[i : i + 1], tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
+                self.metrics.update(up.argmax(1).cpu(), mask[None].cpu())
+            return
         device = next(model.parameters()).device
         for group in _same_size_groups(images):
             x = torch.stack([images[i] for i in group]).to(device)
@@ -365,6 +373,28 @@ class SegmentationTask(Task):
             )
         return warnings
 
+    # -- the tap cache ----------------------------------------------------------------------------------------------
+    def check_cacheable(self, config) -> None:
+        if self.options.eval_mode == "slide":
+            raise ConfigError(
+                "--eval-mode slide runs the model on several windows of each image, which a tap cache does not hold; "
+                "cache with --eval-mode whole."
+            )
+
+    def cache_inputs(self, model, batch):
+        images, masks = batch
+        size = tuple(model.config.img_size)
+        if isinstance(images, torch.Tensor):  # training batches: crops or resized images at the model's size
+            x = images
+        else:  # evaluation: each image resized as whole-image inference resizes it; the mask keeps its size
+            x = torch.stack([
+                im if tuple(im.shape[-2:]) == size
+                else F.interpolate(im[None], size, mode="bilinear", align_corners=False)[0]
+                for im in images
+            ])  # fmt: skip
+        targets = [m.to(torch.uint8) if int(m.max()) <= 255 and int(m.min()) >= 0 else m for m in masks]
+        return x, targets, [{} for _ in targets]
+
     # -- saved adapters ------------------------------------------------------------------------------------------
     def inference_info(self, config) -> dict[str, Any]:
         return {"layout": config.layout, "eval_mode": self.options.eval_mode}
@@ -440,6 +470,7 @@ class _Picked(torch.utils.data.Subset):
 
 def pixel_counts(dataset: Dataset, num_classes: int) -> list[int]:
     """Pixels per class over the masks of a segmentation dataset (ignored pixels excluded; masks decoded once)."""
+    dataset = getattr(dataset, "source", dataset)  # a tap cache's split: count the masks on disk
     base, indices = dataset, range(len(dataset))
     while isinstance(base, torch.utils.data.Subset):
         indices = [base.indices[i] for i in indices]

@@ -287,6 +287,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume", default=s, help="continue a run: its directory (newest checkpoint) or a checkpoint folder"
     )
     g.add_argument(
+        "--cache",
+        default=s,
+        help="train from a tap cache (sidetune cache build) instead of running the backbone; the data settings, "
+        "transforms and backbone must be those of the cache (checked)",
+    )
+    g.add_argument(
         "--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)"
     )
     g.add_argument(

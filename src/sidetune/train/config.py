@@ -80,6 +80,8 @@ class TrainConfig:
         cpu: train on the CPU even when CUDA is available.
         output: run directory (logs, summary, checkpoints).
         resume: run directory or checkpoint directory to continue from, or None.
+        cache: a tap cache folder (``sidetune cache build``) to train from instead of running the backbone: the
+            splits, transforms and backbone must be those the cache was built with (checked).
     """
 
     backbone: str = ""
@@ -120,6 +122,7 @@ class TrainConfig:
     cpu: bool = False
     output: str = "runs/run"
     resume: str | None = None
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         from ..tasks import get_task
@@ -127,7 +130,7 @@ class TrainConfig:
         if not self.backbone or not self.method:
             raise ConfigError("a run needs a backbone and a method (e.g. `sidetune train test_vit losa --data DIR`).")
         task = get_task(self.task)
-        for name in ("data", "weights", "output", "resume"):
+        for name in ("data", "weights", "output", "resume", "cache"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from .. import create
+from ..errors import ConfigError
 from ..model import ADAPTER_WEIGHTS, SidetuneModel
 from ..tasks import Task, TaskData, make_task
 from .checkpoint import (
@@ -175,8 +176,14 @@ def _fit(
     if checkpoint is not None:  # before anything is written: a wrong checkpoint must not touch the output
         check_compatible(read_trainer_state(checkpoint).model, model, checkpoint)
     if given:
+        if config.cache is not None:
+            raise ConfigError("give a tap cache (cache=) or datasets to fit(), not both.")
         data = TaskData(train_dataset, val_dataset, test_dataset, classes, source="datasets passed to fit()")
         task.prepare(data)
+    elif config.cache is not None:  # the taps of every image come from disk: the backbone never runs
+        from ..cache.reader import open_cache
+
+        data = open_cache(config, model, task, mixed_precision)
     else:
         data = task.build_data(config, model)
     data_warnings = task.check_data(data)
@@ -204,7 +211,7 @@ def _fit(
     log = JsonlLog(out / LOG, enabled=main)
     train_loader, sampler = make_train_loader(
         train_set, config.batch_size, config.seed, accelerator.num_processes, num_workers=config.workers,
-        collate_fn=task.collate, pin_memory=not on_cpu,
+        collate_fn=data.collate or task.collate, pin_memory=not on_cpu,
     )  # fmt: skip
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -214,7 +221,8 @@ def _fit(
     steps_per_epoch, total_steps = run_facts["steps_per_epoch"], run_facts["total_steps"]
 
     def evaluate(dataset: Dataset) -> dict[str, Any]:
-        return evaluate_split(task, unwrapped, dataset, data.classes, accelerator, eval_batch, config.workers)
+        return evaluate_split(task, unwrapped, dataset, data.classes, accelerator, eval_batch, config.workers,
+                              collate=data.eval_collate)  # fmt: skip
 
     eval_batch = config.eval_batch_size or task.eval_batch_factor * config.batch_size
 
@@ -445,6 +453,7 @@ def evaluate_split(
     accelerator,
     batch_size: int,
     workers: int = 0,
+    collate=None,
 ) -> dict[str, Any]:
     """The task's metrics of ``model`` on ``dataset``, each process scoring its own shard, merged exactly.
 
@@ -454,7 +463,7 @@ def evaluate_split(
     model.eval()
     evaluator = task.evaluator(model, dataset, classes)
     rank, world = accelerator.process_index, accelerator.num_processes
-    loader = make_eval_loader(dataset, batch_size, rank, world, task.eval_collate, workers)
+    loader = make_eval_loader(dataset, batch_size, rank, world, collate or task.eval_collate, workers)
     try:
         for batch in loader:
             with accelerator.autocast():
