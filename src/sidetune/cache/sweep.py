@@ -158,13 +158,18 @@ def sweep(
         models, tasks = [], []
         shared = None
         for config in configs:
-            _seed_everything(config.seed)  # each configuration starts from its own run's initialisation
+            # each configuration starts from its own run's initialisation: built as fit() builds it (the backbone
+            # first, from the seed), then made to read the one shared backbone (the same weights, checked)
+            _seed_everything(config.seed)
             model = create(
                 config.backbone, config.method, num_classes=len(classes), weights=config.weights,
                 img_size=config.img_size, backbone_kwargs=config.backbone_kwargs or None,
-                shared_backbone=shared, **task.model_kwargs(config), **config.method_options,
+                **task.model_kwargs(config), **config.method_options,
             ).to(device)  # fmt: skip
-            shared = shared or model.backbone
+            if shared is None:
+                shared = model.backbone
+            else:
+                _share_backbone(model, shared, models[0])
             check_cache(Manifest.load(cache), Path(cache), config, model, task, precision)
             models.append(model)
             tasks.append(make_task(config.task, config.task_options))
@@ -301,6 +306,13 @@ def sweep(
         return SweepResult(output=out, configs=rows, best=chosen["index"], test=test, summary=summary)
     finally:
         lock.release()
+
+
+def _share_backbone(model, shared, first) -> None:
+    """Point ``model``'s side method at ``shared`` (the same frozen weights) and let its own copy go."""
+    if model.config.backbone_fingerprint != first.config.backbone_fingerprint:
+        raise CacheError("the configurations' backbones differ; a sweep shares one backbone.")
+    model.method.backbone = shared
 
 
 def _keys(model) -> list[str]:
