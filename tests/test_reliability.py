@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -245,3 +246,21 @@ def test_summary_records_data_warnings_and_collapse(tmp_path):
     assert any("1 class(es) with images" in w for w in result.summary["data"]["warnings"])
     assert result.summary["warnings"] == result.summary["data"]["warnings"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["data"]["warnings"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "inference.json' is not valid JSON"),
+        ('{"classes": "cat"}', "'classes' must be a list"),
+        ('{"classes": ["a", "b"]}', "names 2 classes but the adapter has 3"),
+        ('{"task": "segmentation"}', "inference.json says task 'segmentation'"),
+    ],
+)
+def test_a_tampered_inference_json_is_named(content, message, run, data, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run / "best", adapter)
+    (adapter / "inference.json").write_text(content)
+    assert main(["eval", str(adapter), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

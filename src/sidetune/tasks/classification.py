@@ -269,6 +269,7 @@ class ClassificationTask(Task):
         for name, ds in (("validation", val), ("test", test)):
             if ds is not None and len(ds) == 0:
                 raise DataError(f"the {name} split of {root} holds no images.")
+        train, val = _first(train, config.train_limit), _first(val, config.val_limit)
         splits = {
             "train": train_split,
             "val": f"{config.val_fraction} of train" if config.val_fraction is not None else val_split,
@@ -457,6 +458,17 @@ class _ImageList(Dataset):
 
     def __getitem__(self, index: int):
         return self.transform(load_rgb(self.paths[index])), index
+
+
+def _first(dataset: Dataset | None, n: int | None) -> Dataset | None:
+    """The first ``n`` images of a split in a seeded order that mixes the classes (the folder order would keep
+    the first classes only)."""
+    if dataset is None or n is None or n >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].sort().values.tolist()
+    base = dataset.dataset if isinstance(dataset, ClassificationSubset) else dataset
+    indices = [dataset.indices[i] for i in order] if isinstance(dataset, ClassificationSubset) else order
+    return ClassificationSubset(base, indices)
 
 
 def _class_counts(dataset: Dataset, num_classes: int) -> list[int]:
