@@ -24,12 +24,7 @@ from train_data import comparable_log, config, make_task_data, step_losses, task
 TASKS = ("classification", "segmentation", "detection")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

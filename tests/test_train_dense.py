@@ -21,13 +21,7 @@ from train_data import SWIN, make_camvid, make_coco, make_voc
 
 from conftest import SWIN_TINY
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def saved_task(adapter: Path) -> str:

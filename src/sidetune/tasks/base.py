@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch.utils.data import Dataset
 
+from ..data import DataError
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -288,3 +290,80 @@ def classes_of(dataset: Dataset) -> list[str]:
     if classes is None:
         raise ConfigError(f"{type(dataset).__name__} has no `classes` attribute (the K class names).")
     return [str(c) for c in classes]
+
+
+class DenseTask(Task):
+    """What segmentation and detection share: datasets of named splits under one root, built by the subclass's
+    :meth:`dataset` with its :meth:`transforms`; ``auto`` splits resolve to ``train``/``val``/``test`` when present.
+    """
+
+    def dataset(self, root: Any, split: str, layout: str, transform: Any) -> Dataset:
+        """One split of the data at ``root`` in ``layout``, with ``transform``."""
+        raise NotImplementedError
+
+    def transforms(self, model: SidetuneModel, augmentation: str, train: bool) -> Any:
+        """The training (``augmentation``) or evaluation transform for ``model``."""
+        raise NotImplementedError
+
+    def resolve_splits(self, config: Any) -> tuple[str, str | None, str | None]:
+        root = Path(config.data).expanduser()
+
+        def auto(value: str | None, name: str) -> str | None:
+            return (name if self.split_available(root, name) else None) if value == "auto" else value
+
+        train = "train" if config.train_split == "auto" else config.train_split
+        if train is None:
+            raise ConfigError(f"{self.name} needs a training split (--train-split NAME; 'auto' is 'train').")
+        return train, auto(config.val_split, "val"), auto(config.test_split, "test")
+
+    def scan_classes(self, config: Any) -> list[str]:
+        train, _, _ = self.resolve_splits(config)
+        return classes_of(self.dataset(config.data, train, config.layout, None))
+
+    def build_data(self, config: Any, model: SidetuneModel) -> TaskData:
+        train_split, val_split, test_split = self.resolve_splits(config)
+        train_tf = self.transforms(model, config.augmentation, train=True)
+        eval_tf = self.transforms(model, config.augmentation, train=False)
+        train = self.dataset(config.data, train_split, config.layout, train_tf)
+        val = test = None
+        if config.val_fraction is not None:
+            twin = self.dataset(config.data, train_split, config.layout, eval_tf)
+            train, val = split_fraction(train, twin, config.val_fraction, config.seed)
+        elif val_split is not None:
+            val = self.dataset(config.data, val_split, config.layout, eval_tf)
+        if test_split is not None:
+            test = self.dataset(config.data, test_split, config.layout, eval_tf)
+        train, val = limited(train, config.train_limit), limited(val, config.val_limit)
+        splits = {
+            "train": train_split,
+            "val": f"{config.val_fraction} of train" if config.val_fraction is not None else val_split,
+            "test": test_split,
+        }
+        data = TaskData(train, val, test, classes_of(train), source=str(config.data), splits=splits)
+        self.prepare(data)
+        return data
+
+    def eval_dataset(self, model, info, data, split, layout) -> Dataset:
+        split = "val" if split in (None, "auto") else split
+        layout = info.get("layout", "auto") if layout == "auto" else layout
+        dataset = self.dataset(data, split, layout, self.transforms(model, "none", train=False))
+        if len(dataset) == 0:
+            raise DataError(f"no images to evaluate at {data} (split {split!r}).")
+        dataset.split = split  # type: ignore[attr-defined]
+        return dataset
+
+
+def split_fraction(train: Dataset, twin: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A seeded random ``fraction`` of ``train`` as validation (taken from ``twin``, its eval-transform copy)."""
+    n = len(train)
+    n_val = min(max(1, math.floor(fraction * n + 0.5)), n - 1)
+    if n < 2:
+        raise DataError(f"val_fraction={fraction} needs at least 2 training images, the split has {n}.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return _Picked(train, sorted(order[n_val:])), _Picked(twin, sorted(order[:n_val]))
+
+
+class _Picked(torch.utils.data.Subset):
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        super().__init__(dataset, indices)
+        self.classes = classes_of(dataset)

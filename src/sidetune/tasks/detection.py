@@ -43,7 +43,6 @@ from torch.utils.data import Dataset
 from ..cache.batch import CachedTaps
 from ..data import (
     CocoDetectionDataset,
-    DataError,
     VOCDetectionDataset,
     build_detection_transforms,
     detection_collate,
@@ -52,7 +51,7 @@ from ..data import (
 )
 from ..data.detection import make_coco
 from ..errors import ConfigError
-from .base import Evaluator, StepOutput, Task, TaskData, classes_of, limited
+from .base import DenseTask, Evaluator, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +331,7 @@ class DetectionEvaluator(Evaluator):
         return self.evaluator.compute()
 
 
-class DetectionTask(Task):
+class DetectionTask(DenseTask):
     name = "detection"
     description = "boxes: torchvision Faster R-CNN or RetinaNet on the method's pyramid, COCO box mAP"
     options_cls = DetectionOptions
@@ -367,17 +366,6 @@ class DetectionTask(Task):
             root / "annotations" / f"instances_{split}.json"
         ).is_file()
 
-    def resolve_splits(self, config) -> tuple[str, str | None, str | None]:
-        root = Path(config.data).expanduser()
-
-        def auto(value: str | None, name: str) -> str | None:
-            return (name if self.split_available(root, name) else None) if value == "auto" else value
-
-        train = "train" if config.train_split == "auto" else config.train_split
-        if train is None:
-            raise ConfigError(f"{self.name} needs a training split (--train-split NAME; 'auto' is 'train').")
-        return train, auto(config.val_split, "val"), auto(config.test_split, "test")
-
     def dataset(self, root, split: str, layout: str, transform) -> Dataset:
         """One split of a VOC or COCO detection dataset with ``transform`` (joint image + boxes)."""
         root = Path(root).expanduser()
@@ -395,42 +383,6 @@ class DetectionTask(Task):
     def transforms(self, model, augmentation: str, train: bool):
         jitter = train and augmentation == "standard"
         return build_detection_transforms(train=jitter, img_size=tuple(model.config.img_size) if jitter else None)
-
-    def scan_classes(self, config) -> list[str]:
-        train, _, _ = self.resolve_splits(config)
-        return classes_of(self.dataset(config.data, train, config.layout, None))
-
-    def build_data(self, config, model) -> TaskData:
-        from .segmentation import split_fraction
-
-        train_split, val_split, test_split = self.resolve_splits(config)
-        train_tf = self.transforms(model, config.augmentation, train=True)
-        eval_tf = self.transforms(model, config.augmentation, train=False)
-        train = self.dataset(config.data, train_split, config.layout, train_tf)
-        val = test = None
-        if config.val_fraction is not None:
-            twin = self.dataset(config.data, train_split, config.layout, eval_tf)
-            train, val = split_fraction(train, twin, config.val_fraction, config.seed)
-        elif val_split is not None:
-            val = self.dataset(config.data, val_split, config.layout, eval_tf)
-        if test_split is not None:
-            test = self.dataset(config.data, test_split, config.layout, eval_tf)
-        train, val = limited(train, config.train_limit), limited(val, config.val_limit)
-        splits = {
-            "train": train_split,
-            "val": f"{config.val_fraction} of train" if config.val_fraction is not None else val_split,
-            "test": test_split,
-        }
-        return TaskData(train, val, test, classes_of(train), source=str(config.data), splits=splits)
-
-    def eval_dataset(self, model, info, data, split, layout) -> Dataset:
-        split = "val" if split in (None, "auto") else split
-        layout = info.get("layout", "auto") if layout == "auto" else layout
-        dataset = self.dataset(data, split, layout, self.transforms(model, "none", train=False))
-        if len(dataset) == 0:
-            raise DataError(f"no images to evaluate at {data} (split {split!r}).")
-        dataset.split = split  # type: ignore[attr-defined]
-        return dataset
 
     def collate(self, batch):
         return detection_collate(batch)

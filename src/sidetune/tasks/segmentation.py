@@ -17,7 +17,6 @@ image), the convention of mmsegmentation and of the papers' ADE20K / CamVid numb
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..data import (
 )
 from ..errors import ConfigError, require_positive_int
 from ..heads.segmentation import IGNORE_INDEX, predict_segmentation, segmentation_loss
-from .base import Evaluator, StepOutput, Task, TaskData, classes_of, limited
+from .base import DenseTask, Evaluator, StepOutput, TaskData
 from .classification import check_class_weights, loss_weights
 
 logger = logging.getLogger(__name__)
@@ -223,7 +222,7 @@ def _list_collate(batch):
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-class SegmentationTask(Task):
+class SegmentationTask(DenseTask):
     name = "segmentation"
     description = "a class per pixel: UPerNet on the method's pyramid, pixel cross-entropy, mIoU"
     options_cls = SegmentationOptions
@@ -256,17 +255,6 @@ class SegmentationTask(Task):
             )
         )
 
-    def resolve_splits(self, config) -> tuple[str, str | None, str | None]:
-        root = Path(config.data).expanduser()
-
-        def auto(value: str | None, name: str) -> str | None:
-            return (name if self.split_available(root, name) else None) if value == "auto" else value
-
-        train = "train" if config.train_split == "auto" else config.train_split
-        if train is None:
-            raise ConfigError(f"{self.name} needs a training split (--train-split NAME; 'auto' is 'train').")
-        return train, auto(config.val_split, "val"), auto(config.test_split, "test")
-
     def dataset(self, root, split: str, layout: str, transform) -> Dataset:
         """One split of a segmentation dataset in ``layout`` with ``transform`` (joint image + mask)."""
         root = Path(root).expanduser()
@@ -287,48 +275,13 @@ class SegmentationTask(Task):
         # evaluation keeps each image's size (scored at full resolution); `none` trains on whole resized images
         return build_segmentation_transforms(size, train=False, mean=dc["mean"], std=dc["std"], resize_eval=train)
 
-    def scan_classes(self, config) -> list[str]:
-        train, _, _ = self.resolve_splits(config)
-        return classes_of(self.dataset(config.data, train, config.layout, None))
-
-    def build_data(self, config, model) -> TaskData:
-        train_split, val_split, test_split = self.resolve_splits(config)
-        train_tf = self.transforms(model, config.augmentation, train=True)
-        eval_tf = self.transforms(model, config.augmentation, train=False)
-        train = self.dataset(config.data, train_split, config.layout, train_tf)
-        val = test = None
-        if config.val_fraction is not None:
-            twin = self.dataset(config.data, train_split, config.layout, eval_tf)
-            train, val = split_fraction(train, twin, config.val_fraction, config.seed)
-        elif val_split is not None:
-            val = self.dataset(config.data, val_split, config.layout, eval_tf)
-        if test_split is not None:
-            test = self.dataset(config.data, test_split, config.layout, eval_tf)
-        train, val = limited(train, config.train_limit), limited(val, config.val_limit)
-        splits = {
-            "train": train_split,
-            "val": f"{config.val_fraction} of train" if config.val_fraction is not None else val_split,
-            "test": test_split,
-        }
-        data = TaskData(train, val, test, classes_of(train), source=str(config.data), splits=splits)
-        self.prepare(data)
-        return data
-
     def prepare(self, data: TaskData) -> None:
+        """``class_weights: auto``: inverse pixel frequency of the training masks."""
         if self.options.class_weights is None:
             return
         counts = pixel_counts(data.train, len(data.classes)) if self.options.class_weights == "auto" else []
         self.weight = loss_weights(self.options.class_weights, counts, data.classes)
         logger.info("class weights: %s", [round(w, 4) for w in self.weight.tolist()])
-
-    def eval_dataset(self, model, info, data, split, layout) -> Dataset:
-        split = "val" if split in (None, "auto") else split
-        layout = info.get("layout", "auto") if layout == "auto" else layout
-        dataset = self.dataset(data, split, layout, self.transforms(model, "none", train=False))
-        if len(dataset) == 0:
-            raise DataError(f"no images to evaluate at {data} (split {split!r}).")
-        dataset.split = split  # type: ignore[attr-defined]
-        return dataset
 
     def collate(self, batch):
         return _stack_collate(batch)
@@ -450,22 +403,6 @@ def _common_depth(paths: Sequence[Path]) -> int:
     while all(len(p) > depth for p in parts) and len({p[depth] for p in parts}) == 1:
         depth += 1
     return depth
-
-
-def split_fraction(train: Dataset, twin: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """A seeded random ``fraction`` of ``train`` as validation (taken from ``twin``, its eval-transform copy)."""
-    n = len(train)
-    n_val = min(max(1, math.floor(fraction * n + 0.5)), n - 1)
-    if n < 2:
-        raise DataError(f"val_fraction={fraction} needs at least 2 training images, the split has {n}.")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return _Picked(train, sorted(order[n_val:])), _Picked(twin, sorted(order[:n_val]))
-
-
-class _Picked(torch.utils.data.Subset):
-    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
-        super().__init__(dataset, indices)
-        self.classes = classes_of(dataset)
 
 
 def pixel_counts(dataset: Dataset, num_classes: int) -> list[int]:
