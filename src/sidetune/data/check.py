@@ -372,6 +372,9 @@ def _format_split(s: SplitReport, root: Path, max_listed: int) -> list[str]:
     for name_k, n, m in zip(c.classes, c.counts, c.images_with, strict=True):
         row = f"  {name_k.ljust(width)}  {n:>12}  {100 * n / total:>5.1f}%"
         lines.append(row + ("" if c.unit == "images" else f"  {m:>6}"))
+    ratio = c.imbalance()
+    if ratio is not None:
+        lines.append(f"  imbalance (most / least frequent class present): {ratio:.1f}x")
     if c.unit == "pixels":
         lines.append(f"  ignored pixels ({IGNORE_INDEX}/void): {c.ignored}; masks all void: {len(c.all_void)}")
     if c.unit == "boxes":
