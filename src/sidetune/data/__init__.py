@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # the names, for type checkers and editors; at run time __get
     from .detection import (
         BCCD_CLASSES,
         VOC_DETECTION_CLASSES,
+        BoxFixWarning,
         CocoDetectionDataset,
         DetectionDataset,
         DetectionRecord,
@@ -106,6 +107,7 @@ _EXPORTS: dict[str, str] = {
     "verify_images": "classification",
     # detection
     "BCCD_CLASSES": "detection",
+    "BoxFixWarning": "detection",
     "VOC_DETECTION_CLASSES": "detection",
     "CocoDetectionDataset": "detection",
     "DetectionDataset": "detection",
@@ -164,6 +166,7 @@ __all__ = [
     "VTAB_SPLITS",
     "WARNING_CODES",
     "ADE20KDataset",
+    "BoxFixWarning",
     "CSVDataset",
     "CamVidDataset",
     "ClassCounts",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ..errors import ConfigError, unknown_choice
 from .balance import ClassCounts, count_classes, mask_histogram, unwrap
 from .catalog import LAYOUTS, TASKS
 from .classification import VTAB_SPLITS, build_classification_dataset
-from .detection import build_detection_dataset, detect_detection_layout
+from .detection import BoxFixWarning, build_detection_dataset, detect_detection_layout
 from .files import _DECODE_ERRORS, DataError, _reason, load_rgb
 from .segmentation import IGNORE_INDEX, build_segmentation_dataset, detect_segmentation_layout
 
@@ -58,6 +59,7 @@ WARNING_CODES: dict[str, str] = {
     "skipped_files": "files the reader left out (the list gives each reason)",
     "unreadable": "files that cannot be read: training stops at the first one",
     "repeated_files": "files listed more than once in a list or CSV (each copy is read)",
+    "reader_warning": "a warning the dataset reader raised while reading the split",
 }
 _TRAIN_SPLITS = ("train", "training", "train800val200", "train800", "trainval")
 _SPLIT_ORDER = ("train", "training", "train800val200", "train800", "trainval", "val", "valid", "validation", "val200")
@@ -158,13 +160,17 @@ def split_warnings(
     if ratio is not None and ratio > imbalance_ratio:
         most = max(present, key=lambda k: counts.counts[k])
         least = min(present, key=lambda k: counts.counts[k])
+        remedy = (
+            "; class-balanced loss weights (--class-weights auto) counter it"
+            if counts.task in ("classification", "segmentation")
+            else ""
+        )
         out.append(
             DataWarning(
                 "imbalance",
                 f"{where}: class {classes[most]!r} has {ratio:.1f}x the {unit} of class {classes[least]!r} "
                 f"({counts.counts[most]} vs {counts.counts[least]}); a model may learn to predict the frequent "
-                "classes only. Watch the per-class metrics; class-balanced loss weights (--class-weights auto) "
-                "counter it.",
+                f"classes only: watch the per-class metrics{remedy}.",
                 split,
             )
         )
@@ -601,14 +607,17 @@ def check_dataset(
     report = DataReport(str(root), task, layout)
     classes: list[str] | None = None
     for split in found:
-        try:
-            dataset = _build(root, task, layout, split, classes)
-        except (DataError, ConfigError) as exc:
-            report.errors.append(f"split {split!r}: {exc}")
-            continue
+        # the readers' own warnings become part of the report (box fixes are reported from box_fixes)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                dataset = _build(root, task, layout, split, classes)
+            except (DataError, ConfigError) as exc:
+                report.errors.append(f"split {split!r}: {exc}")
+                continue
+            counts, sizes, problems = _read_split(dataset, task, decode, workers)
         if task == "classification" and classes is None:
             classes = list(dataset.classes)  # later splits are read with the training split's classes
-        counts, sizes, problems = _read_split(dataset, task, decode, workers)
         split_report = SplitReport(split, counts, _size_stats(sizes), list(dataset.skipped), problems)
         split_report.warnings = split_warnings(counts, split, imbalance_ratio=imbalance_ratio)
         if split_report.skipped:
@@ -630,6 +639,9 @@ def check_dataset(
                         split,
                     )
                 )
+        for w in caught:
+            if not issubclass(w.category, BoxFixWarning):
+                split_report.warnings.append(DataWarning("reader_warning", f"split {split!r}: {w.message}", split))
         repeated = _repeated(dataset) if layout in ("csv", "vtab") else 0
         if repeated:
             split_report.facts["repeated_files"] = repeated

@@ -80,6 +80,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BCCD_CLASSES",
     "VOC_DETECTION_CLASSES",
+    "BoxFixWarning",
     "CocoDetectionDataset",
     "DetectionDataset",
     "DetectionRecord",
@@ -128,6 +129,10 @@ class DetectionRecord:
     source: Path
     segmentations: list[Any] | None = None
     crowd: list[dict[str, Any]] = field(default_factory=list)
+
+
+class BoxFixWarning(UserWarning):
+    """Boxes were reordered, clipped or dropped while a detection dataset was read (counted in ``box_fixes``)."""
 
 
 class _BoxPolicy:
@@ -180,7 +185,7 @@ class _BoxPolicy:
             parts.append(f"dropped {self.dropped} of {total} boxes of zero area")
         msg = f"{where}: {' and '.join(parts)} (first in {self.first})."
         logger.info(msg)
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, BoxFixWarning, stacklevel=3)
 
 
 class DetectionDataset(Dataset):
