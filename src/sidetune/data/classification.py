@@ -38,10 +38,11 @@ counts them. ``sidetune data check`` (:func:`sidetune.data.check_dataset`) lists
 What an ImageFolder scan leaves out is recorded, never dropped silently: ``dataset.skipped`` lists
 ``(path, reason)`` for files of another format, hidden files and folders, files outside a class folder, and
 directory links that loop back to one of their own ancestors (not followed: a link to the data folder would
-otherwise read every class again under the link's class). One image file reached twice (through a link or a
-hard link) is read once: under two classes it is refused (one image cannot carry two labels), under one class
-the second path is skipped as a duplicate. A file listed twice with two labels in a VTAB list or a CSV is
-refused the same way.
+otherwise read every class again under the link's class). One image file reached twice through links (the
+same real path) is read once: under two classes it is refused (one image cannot carry two labels), under one
+class the second path is skipped as a duplicate. (Hard links are separate files to the folder scan, which
+avoids one system call per image; lists compare inodes.) A file listed twice with two labels in a VTAB list
+or a CSV (the same inode: hard links included) is refused the same way.
 
 Colour and depth: every image is converted to 8-bit RGB on load (grayscale, palette, CMYK and RGBA inputs
 occur); an alpha channel is dropped, as torchvision's ``pil_loader`` does. Images of more than 8 bits are
@@ -114,7 +115,8 @@ _FLOAT_LABEL = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
 
 
 def _sample_list(paths_labels: Sequence[tuple[Path, int]]) -> list[tuple[Path, int]]:
-    return [(Path(p), int(y)) for p, y in paths_labels]
+    # Path() parses its argument again even when given a Path: keep those as they are (large folders)
+    return [(p if isinstance(p, Path) else Path(p), int(y)) for p, y in paths_labels]
 
 
 class ClassificationDataset(Dataset):

@@ -139,15 +139,16 @@ def _loops(entry: os.DirEntry, parent_real: str) -> str | None:
     return target if _inside(parent_real, target) else None
 
 
-def _walk_images(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
-    """Image files under ``folder``, recursively, in ``torchvision``'s ``make_dataset`` order.
+def _walk_images(folder: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Image files under ``folder``, recursively, in ``torchvision``'s ``make_dataset`` order, each as
+    ``(path, real path)`` (links resolved: two paths of one file share their real path).
 
     Directory links are followed (datasets are often assembled from links) except one that points back at one of
     its own ancestors (it would read the tree again, forever or up to the OS's link limit) and one whose target
     was already walked; both are recorded in ``skipped``, as are hidden entries and files of other formats.
     """
     walked: dict[str, str] = {}
-    found: list[tuple[str, list[str]]] = []
+    found: list[tuple[str, list[tuple[str, str]]]] = []
     stack = [str(folder)]
     while stack:
         current = stack.pop()
@@ -173,17 +174,20 @@ def _walk_images(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
                     stack.append(entry.path)
             elif entry.is_file():
                 if has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
-                    files.append(entry.path)
+                    # the real path without a system call, unless the file itself is a link
+                    key = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                    files.append((entry.path, key))
                 else:
                     skipped.append((entry.path, _unsupported(entry.name)))
             else:
                 skipped.append((entry.path, "broken link" if entry.is_symlink() else "not a regular file"))
         found.append((current, files))
     found.sort()  # torchvision walks sorted(os.walk(...)): folders by path, files by name
-    return [Path(f) for _, files in found for f in files]
+    return [f for _, files in found for f in files]
 
 
-def _file_id(path: Path) -> tuple[int, int]:
+def _file_id(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(device, inode): one file has one id, whatever path or link reaches it (hard links included)."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
 
@@ -255,17 +259,17 @@ def _scan_class_folders(
             )
     class_to_idx = {c: i for i, c in enumerate(classes)}
     samples: list[tuple[Path, int]] = []
-    seen: dict[tuple[int, int], tuple[Path, int]] = {}
+    seen: dict[str, tuple[Path, int]] = {}
     for name in sorted(found):  # torchvision's order: classes by name
         label = class_to_idx[name]
-        for path in _walk_images(root / name, skipped):
-            key = _file_id(path)
+        for file, key in _walk_images(root / name, skipped):
             if key in seen:
                 first, first_label = seen[key]
                 if first_label != label:
-                    raise _two_labels_error(path, label, first, first_label, classes)
-                skipped.append((str(path), f"duplicate of {first} (the same file, reached through a link)"))
+                    raise _two_labels_error(Path(file), label, first, first_label, classes)
+                skipped.append((file, f"duplicate of {first} (the same file, reached through a link)"))
                 continue
+            path = Path(file)
             seen[key] = (path, label)
             samples.append((path, label))
     return list(classes), found, samples, skipped
