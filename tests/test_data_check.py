@@ -398,3 +398,17 @@ def test_data_commands_import_neither_torch_nor_pil() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code, str(REPO / "src" / "sidetune")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_docs_mask_folder_example_runs_and_checks_as_described(tmp_path: Path, monkeypatch) -> None:
+    import re
+
+    doc = (REPO / "docs" / "data.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "vessels" in b)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "docs/data.md", "exec"), {})
+    report = check_dataset("vessels", "segmentation")
+    (train,) = report.splits
+    assert report.layout == "masks" and train.counts.classes == ["background", "vessel"]
+    assert train.counts.counts == [48 * 64 - 8 * 64 - 2 * 64, 8 * 64] and train.counts.ignored == 2 * 64
+    assert report.ok
