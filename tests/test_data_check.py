@@ -309,6 +309,18 @@ def test_class_weights_for_labels_equal_the_hand_computation(tmp_path: Path) -> 
     raw = torch.tensor([6**-0.5, 3**-0.5, 1.0], dtype=torch.float64)
     torch.testing.assert_close(class_weights(ds, "labels", power=0.5), (raw / raw.mean()).float())
 
+    class Seeded(torch.utils.data.Dataset):  # the training loop's wrapper: same indices, a .dataset
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+
+    # a split carved off (a Subset) and wrapped: a 2, b 2, c 1 -> [1/2, 1/2, 1] / (2/3)
+    part = Seeded(torch.utils.data.Subset(ds, [0, 1, 6, 7, 9]))
+    assert count_classes(part).counts == [2, 2, 1]
+    torch.testing.assert_close(class_weights(part), torch.tensor([0.75, 0.75, 1.5]))
+
 
 def test_class_weights_change_the_loss_as_computed_by_hand(tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("bg\nthin\n")

@@ -138,6 +138,15 @@ def test_imagefolder_records_what_it_skips_with_the_reason(tmp_path: Path) -> No
     sub = ClassificationSubset(ds, [0])
     assert sub.skipped == ds.skipped == skipped_files(torch.utils.data.Subset(sub, [0]))
 
+    class Seeded(torch.utils.data.Dataset):  # a wrapper as the training loop's: same indices, a .dataset
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+
+    assert skipped_files(Seeded(torch.utils.data.Subset(ds, [1, 0]))) == ds.skipped
+
 
 def test_skip_corrupt_records_each_file_with_its_reason(tmp_path: Path) -> None:
     root = tree(tmp_path, {"a": 2, "b": 2})

@@ -30,11 +30,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
 
 from ..errors import ConfigError
 from .classification import ClassificationDataset
 from .detection import DetectionDataset
+from .files import unwrap
 from .segmentation import IGNORE_INDEX, SegmentationDataset
 
 logger = logging.getLogger(__name__)
@@ -117,15 +117,6 @@ class ClassCounts:
             ignored=int(pixels[IGNORE_INDEX]),
             all_void=all_void,
         )
-
-
-def unwrap(dataset: Any) -> tuple[Any, list[int]]:
-    """The dataset under (nested) ``Subset`` wrappers and the indices into it that the wrapper exposes."""
-    indices: Sequence[int] = range(len(dataset))
-    while isinstance(dataset, Subset):
-        indices = [dataset.indices[i] for i in indices]
-        dataset = dataset.dataset
-    return dataset, list(indices)
 
 
 def task_of(dataset: Any) -> str:

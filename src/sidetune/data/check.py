@@ -29,7 +29,7 @@ from torch.utils.data import Subset
 from ..errors import ConfigError, unknown_choice
 from .balance import ClassCounts, count_classes, mask_histogram, unwrap
 from .catalog import LAYOUTS, TASKS
-from .classification import VTAB_SPLITS, build_classification_dataset
+from .classification import VTAB_SPLITS, build_classification_dataset, skipped_files
 from .detection import BoxFixWarning, build_detection_dataset, detect_detection_layout
 from .files import _DECODE_ERRORS, DataError, _reason, load_rgb
 from .segmentation import IGNORE_INDEX, build_segmentation_dataset, detect_segmentation_layout
@@ -222,15 +222,10 @@ def check_training_data(
         where = f"training split {split!r}" if split is not None else "the training data"
         raise DataError(f"refusing to train on {where}: {refusal}")
     out = split_warnings(counts, split, imbalance_ratio=imbalance_ratio)
-    skipped = _skipped(dataset)
+    skipped = skipped_files(dataset)
     if skipped:
         out.append(_skipped_warning(skipped, split))
     return out
-
-
-def _skipped(dataset: Any) -> list[tuple[str, str]]:
-    base, _ = unwrap(dataset)
-    return list(getattr(base, "skipped", []))
 
 
 def _skipped_warning(skipped: Sequence[tuple[str, str]], split: str | None) -> DataWarning:

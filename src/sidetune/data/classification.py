@@ -73,7 +73,7 @@ from torchvision.transforms.functional import to_tensor
 
 from sidetune.errors import ConfigError
 
-from .files import DataError, _check_no_conflicts, _scan_class_folders, load_rgb, to_rgb, unreadable_images
+from .files import DataError, _check_no_conflicts, _scan_class_folders, load_rgb, to_rgb, unreadable_images, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -539,24 +539,24 @@ class ClassificationSubset(Subset):
     @property
     def skipped(self) -> list[tuple[str, str]]:
         """What the reader of the whole dataset left out (a subset skips nothing more)."""
-        return skipped_files(self.dataset)
+        return list(self.dataset.skipped)
 
     def __repr__(self) -> str:
         return f"ClassificationSubset({self.dataset!r}, samples={len(self)})"
 
 
 def skipped_files(dataset: Any) -> list[tuple[str, str]]:
-    """``(path, reason)`` of every file a dataset's reader left out; looks through ``Subset`` wrappers.
+    """``(path, reason)`` of every file a dataset's reader left out, looking through wrappers (``Subset``, the
+    training loop's seeding wrapper: anything with a ``dataset`` attribute).
 
     Every reader in :mod:`sidetune.data` records them in ``dataset.skipped``; a dataset without the attribute
     (one a user wrote) reports nothing.
 
     Args:
-        dataset: A dataset from :mod:`sidetune.data`, or a (nested) :class:`torch.utils.data.Subset` of one.
+        dataset: A dataset from :mod:`sidetune.data`, or a (nested) wrapper of one.
     """
-    while isinstance(dataset, Subset) and not hasattr(type(dataset), "skipped"):
-        dataset = dataset.dataset
-    return list(getattr(dataset, "skipped", []))
+    base, _ = unwrap(dataset)
+    return list(getattr(base, "skipped", []))
 
 
 def _labels_of(dataset: Any) -> list[int]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from torch.utils.data import Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from ..errors import SidetuneError
@@ -184,6 +185,22 @@ def _walk_images(folder: Path, skipped: list[tuple[str, str]]) -> list[tuple[str
         found.append((current, files))
     found.sort()  # torchvision walks sorted(os.walk(...)): folders by path, files by name
     return [f for _, files in found for f in files]
+
+
+def unwrap(dataset: Any) -> tuple[Any, list[int]]:
+    """The dataset a reader built, under its wrappers, and the indices into it that the wrapper exposes.
+
+    ``Subset`` wrappers map indices; any other wrapper with a ``dataset`` attribute and the same length (the
+    training loop's per-sample seeding, a transform wrapper) is taken to keep them.
+    """
+    indices: Sequence[int] = range(len(dataset))
+    while not hasattr(dataset, "skipped") and hasattr(dataset, "dataset"):
+        if isinstance(dataset, Subset):
+            indices = [dataset.indices[i] for i in indices]
+        elif len(dataset) != len(dataset.dataset):
+            break
+        dataset = dataset.dataset
+    return dataset, list(indices)
 
 
 def _file_id(path: str | os.PathLike[str]) -> tuple[int, int]:
