@@ -233,19 +233,29 @@ def test_sidetune_version_imports_neither_torch_nor_timm():
     assert help_proc.stdout.strip().endswith("[]") and "train" in help_proc.stdout
 
 
-def test_summary_records_data_warnings_and_collapse(tmp_path):
-    """A dataset with one class trains but is flagged loudly (warnings in the summary and on the console)."""
+def test_a_single_class_dataset_is_refused_and_imbalance_is_recorded(data, tmp_path):
+    """A dataset with one class would train to loss 0 without a word: refused. Imbalance trains, flagged."""
     import numpy as np
 
+    from sidetune.data import DataError
     from train_data import write_image
 
     rng = np.random.default_rng(0)
     for i in range(6):
         write_image(tmp_path / "one" / "train" / "only" / f"{i}.png", 0, rng)
-    result = fit(config(tmp_path / "one", tmp_path / "run", epochs=1, test_split="none"))
-    assert any("1 class(es) with images" in w for w in result.summary["data"]["warnings"])
-    assert result.summary["warnings"] == result.summary["data"]["warnings"]
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["data"]["warnings"]
+    with pytest.raises(DataError, match="refusing to train"):
+        fit(config(tmp_path / "one", tmp_path / "run", epochs=1, test_split="none"))
+    for i in range(22):
+        write_image(tmp_path / "skew" / "train" / "many" / f"{i}.png", 0, rng)
+    for i in range(2):
+        write_image(tmp_path / "skew" / "train" / "few" / f"{i}.png", 1, rng)
+    (tmp_path / "skew" / "train" / "few" / "notes.txt").write_text("not an image")
+    result = fit(config(tmp_path / "skew", tmp_path / "run2", epochs=1, test_split="none"))
+    summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert "imbalance" in summary["data"]["warning_codes"] and summary["data"]["warnings"]
+    assert summary["data"]["skipped"] == 1 and summary["data"]["skipped_files"][0]["path"].endswith("notes.txt")
+    assert summary["data"]["class_counts"]["counts"] == [2, 22]
+    assert result.summary["warnings"][: len(summary["data"]["warnings"])] == summary["data"]["warnings"]
 
 
 @pytest.mark.parametrize(

@@ -280,7 +280,7 @@ def test_sidetune_cli_dense_grad_accum_and_resume(tmp_path: Path, capsys):
         sidetune_main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "{classification,segmentation,detection,instance}" in text and "docs/data.md" in text
-    assert "camvid CamVid as SegNet ships it" in text and "coco COCO: <split>/ images" in text  # a line per layout
+    assert "segnet DIR/<split>/ images + DIR/<split>annot/" in text and "coco COCO JSON: DIR/<split>/" in text
     assert "default: 32 classification, 8 dense tasks" in text
 
 

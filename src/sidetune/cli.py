@@ -61,6 +61,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sidetune.train.commands",
         "predict a folder of images: CSV (classification), PNG masks (segmentation), COCO JSON (detection)",
     ),
+    "data": ("sidetune.data.commands", "check a dataset as training reads it: splits, classes, balance, skipped files"),
     "cache": ("sidetune.cache.commands", "build or inspect a tap cache: the backbone's taps on disk, for training"),
     "sweep": ("sidetune.cache.commands", "train a grid of settings in one pass over a tap cache; choose on val"),
     "bench": ("sidetune.bench.commands", "measure what each method costs: parameters, memory, step time"),

@@ -18,7 +18,15 @@ from .heads import ClassificationHead
 from .heads.detection import build_detector
 from .heads.segmentation import UPerNetHead
 from .methods import get_method
-from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelConfig, SidetuneModel
+from .model import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ModelConfig,
+    SidetuneModel,
+    config_from_json,
+    edited_fields,
+    non_finite_tensors,
+)
 
 TASKS = ("classification", "segmentation", "detection", "instance")
 DETECTORS = {"detection": ("faster_rcnn", "retinanet"), "instance": ("mask_rcnn",)}
@@ -217,6 +225,10 @@ def load(
 
     Raises:
         FingerprintMismatchError: the backbone's weights differ from those the adapter was trained on.
+        WeightsError: a missing or damaged file: ``adapter_config.json`` that is not JSON, has unknown, missing or
+            mistyped fields, or was edited after saving so that it no longer describes the saved adapter (the
+            message names the field); an adapter file that is unreadable, does not fit the model, or holds NaN or
+            infinite values.
     """
     directory = Path(directory)
     cfg_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
@@ -226,30 +238,51 @@ def load(
                 f"{str(p)!r} not found: {str(directory)!r} is not an adapter directory written by save_adapter()."
             )
     try:
-        raw = json.loads(cfg_path.read_text())
-        config = ModelConfig(**raw)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise WeightsError(f"{str(cfg_path)!r} is not a valid sidetune adapter config: {err}") from None
-    chosen = config.weights if isinstance(weights, str) and weights == "saved" else weights
-    model = create(
-        config.backbone,
-        config.method,
-        task=config.task,
-        num_classes=config.num_classes,
-        weights=chosen,
-        img_size=tuple(config.img_size),
-        backbone_kwargs=config.backbone_kwargs,
-        head_dropout=config.head_dropout,
-        head_options=config.head_options,
-        shared_backbone=shared_backbone,
-        **config.method_config,
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(
+            f"{str(cfg_path)!r} is not valid JSON ({err}); restore the file or save the adapter again."
+        ) from None
+    config = config_from_json(raw, cfg_path)
+    # An edited adapter_config.json surfaces as a model that does not fit the weights (another fingerprint, other
+    # shapes): the copy saved inside the weights file names the edited field instead.
+    edited = edited_fields(config, weights_path)
+    edit_note = (
+        f" {str(cfg_path)!r} was edited after the adapter was saved: {'; '.join(edited)}. Restore the field(s)."
+        if edited
+        else ""
     )
+    chosen = config.weights if isinstance(weights, str) and weights == "saved" else weights
+    try:
+        model = create(
+            config.backbone,
+            config.method,
+            task=config.task,
+            num_classes=config.num_classes,
+            weights=chosen,
+            img_size=tuple(config.img_size),
+            backbone_kwargs=config.backbone_kwargs,
+            head_dropout=config.head_dropout,
+            head_options=config.head_options,
+            shared_backbone=shared_backbone,
+            **config.method_config,
+        )
+    except (ConfigError, TypeError) as err:
+        raise WeightsError(
+            f"{str(cfg_path)!r} does not describe a model sidetune can build: {err}{edit_note}"
+        ) from None
     found = model.config.backbone_fingerprint
     if found != config.backbone_fingerprint:
+        if edited:
+            raise WeightsError(
+                f"the model described by {str(cfg_path)!r} does not fit its adapter: its backbone has other weights "
+                f"(fingerprint {found[:23]}..., saved {config.backbone_fingerprint[:23]}...).{edit_note}"
+            )
         raise FingerprintMismatchError(
             f"the adapter in {str(directory)!r} was trained on {config.backbone} weights with fingerprint "
             f"{config.backbone_fingerprint[:23]}..., but the backbone built from weights={chosen!r} has "
-            f"{found[:23]}.... Load it with the weights it was trained on."
+            f"{found[:23]}.... Load it with the weights it was trained on (and if {ADAPTER_CONFIG} was edited, "
+            "e.g. img_size or backbone_kwargs, restore it)."
         )
     try:
         state = load_file(str(weights_path))
@@ -260,14 +293,22 @@ def load(
     if missing or unexpected:
         raise WeightsError(
             f"{str(weights_path)!r} does not match the {config.method} model: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}."
+            f"unexpected {unexpected[:8]}.{edit_note}"
+        )
+    for name, tensor in state.items():
+        if expected[name].shape != tensor.shape:
+            raise WeightsError(
+                f"{str(weights_path)!r}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}.{edit_note}"
+            )
+    bad = non_finite_tensors(state)
+    if bad:
+        raise WeightsError(
+            f"{str(weights_path)!r} holds NaN or infinite values in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}. The run that saved it diverged; a model with these weights predicts "
+            "nothing meaningful. Use an earlier checkpoint, or train again with a lower learning rate."
         )
     with torch.no_grad():
         for name, tensor in state.items():
-            if expected[name].shape != tensor.shape:
-                raise WeightsError(
-                    f"{str(weights_path)!r}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                    f"{tuple(expected[name].shape)}."
-                )
             expected[name].copy_(tensor)
     return model.to(map_location)

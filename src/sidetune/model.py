@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -10,15 +12,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .backbones import TimmBackbone
+from .errors import WeightsError
 from .features import Features
 from .heads.detection import run_detector, run_detector_on_taps
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# A copy of the config rides in the weights file's metadata, so an edited adapter_config.json can be named as
+# the cause when the model it describes does not fit the weights.
+_METADATA_KEY = "sidetune_config"
+# The fields that decide the model's shapes and its backbone's weights (what an edit breaks); `weights` (a path
+# that may move) and the version are not among them.
+_SHAPE_FIELDS = (
+    "backbone", "img_size", "backbone_kwargs", "method", "method_config", "task", "num_classes", "head_options",
+    "head_dropout", "backbone_fingerprint",
+)  # fmt: skip
 
 
 @dataclass
@@ -59,6 +72,108 @@ class ModelConfig:
         self.backbone_kwargs = _tuples(dict(self.backbone_kwargs))
         self.method_config = _tuples(dict(self.method_config))
         self.head_options = _tuples(dict(self.head_options))
+
+
+def _type_problem(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for field ``name`` of :class:`ModelConfig` as read from JSON, or None."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if name in ("backbone", "method", "task"):
+        ok = isinstance(value, str) and value != ""
+        want = "a non-empty string"
+    elif name == "backbone_fingerprint":
+        ok = isinstance(value, str) and value.startswith("sha256:") and len(value) == 71
+        want = "'sha256:' followed by 64 hex digits"
+    elif name == "img_size":
+        ok = isinstance(value, list | tuple) and len(value) == 2 and all(is_int(v) and v > 0 for v in value)
+        want = "[height, width], two positive integers"
+    elif name == "weights":
+        ok = value is None or isinstance(value, str)
+        want = "null, 'hub' or a file path"
+    elif name == "num_classes":
+        ok = is_int(value) and value > 0
+        want = "a positive integer"
+    elif name in ("method_config", "backbone_kwargs", "head_options"):
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        want = "a JSON object"
+    elif name == "head_dropout":
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and 0.0 <= value < 1.0
+        want = "a number in [0, 1)"
+    else:  # sidetune_version
+        ok = isinstance(value, str)
+        want = "a string"
+    return None if ok else f"field {name!r} must be {want}, got {json.dumps(value)} ({type(value).__name__})"
+
+
+def config_from_json(raw: Any, source: str | os.PathLike) -> ModelConfig:
+    """Build a :class:`ModelConfig` from the parsed JSON of an ``adapter_config.json``, checking every field.
+
+    Args:
+        raw: the parsed JSON.
+        source: the file, named in errors.
+
+    Raises:
+        WeightsError: not a JSON object, unknown or missing fields, or a field of the wrong type or range; the
+            message names each field at fault and what it must be.
+    """
+    fix = "The file was edited or damaged: restore it (or save the adapter again)."
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{str(source)!r} holds {type(raw).__name__}, not a JSON object of adapter fields. {fix}")
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    required = [
+        n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    unknown = sorted(set(raw) - set(fields))
+    missing = [n for n in required if n not in raw]
+    problems = [p for n, v in raw.items() if n in fields and (p := _type_problem(n, v)) is not None]
+    if unknown:
+        problems.insert(0, f"unknown field(s) {unknown} (known: {sorted(fields)})")
+    if missing:
+        problems.insert(0, f"missing field(s) {missing}")
+    if problems:
+        raise WeightsError(f"{str(source)!r} is not a valid sidetune adapter config: {'; '.join(problems)}. {fix}")
+    return ModelConfig(**raw)
+
+
+def saved_config(weights_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The config copy :meth:`SidetuneModel.save_adapter` stores in the weights file's metadata (None: none)."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            text = (f.metadata() or {}).get(_METADATA_KEY)
+    except (SafetensorError, OSError):
+        return None
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+
+
+def edited_fields(config: ModelConfig, weights_path: str | os.PathLike) -> list[str]:
+    """The shape-deciding fields in which ``config`` differs from the copy saved with the weights, each as
+    ``"name: <config value> (saved with the weights: <value>)"``; empty when they agree or no copy exists."""
+    saved = saved_config(weights_path)
+    if not isinstance(saved, dict):
+        return []
+    current = json.loads(json.dumps(asdict(config)))  # tuples -> lists, as the saved JSON has them
+    return [
+        f"{name}: {json.dumps(current.get(name))} (saved with the weights: {json.dumps(saved.get(name))})"
+        for name in _SHAPE_FIELDS
+        if name in saved and current.get(name) != saved.get(name)
+    ]
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Each floating tensor of ``state`` holding NaN or inf, as ``"name (n of N values)"``."""
+    bad = []
+    for name, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad.append(f"{name} ({count} of {tensor.numel()} values)")
+    return bad
 
 
 def _tuples(value: Any) -> Any:
@@ -182,7 +297,8 @@ class SidetuneModel(nn.Module):
             raise FileExistsError(f"cannot save the adapter to {str(directory)!r}: it is a file, not a directory.")
         directory.mkdir(parents=True, exist_ok=True)
         config = asdict(self.config)
-        _atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(self.adapter_state_dict(), p))
+        metadata = {_METADATA_KEY: json.dumps(config, sort_keys=True)}
+        _atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(self.adapter_state_dict(), p, metadata=metadata))
         _atomic_write(
             directory / ADAPTER_CONFIG,
             lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),

@@ -130,6 +130,8 @@ def open_cache(config, model, task, precision: str):
         source=f"tap cache {root} of {data.source}",
         splits=data.splits,
         skipped=data.skipped,
+        counts=data.counts,
+        warnings=data.warnings,
         collate=cached_collate(task.collate),
         eval_collate=cached_collate(task.eval_collate),
     )

@@ -32,10 +32,24 @@ Corrupt or non-image files (policy): construction does **not** decode every imag
 costs as much as an epoch); it only checks that every referenced file exists. An image that fails to decode
 in ``__getitem__`` raises :class:`DataError` naming the file. :func:`verify_images` decodes every image once
 and returns the unreadable paths; ``build_classification_dataset(..., skip_corrupt=True)`` runs it at
-construction, drops the unreadable files and emits one ``warnings.warn`` that counts them.
+construction, drops the unreadable files, records them in ``skipped`` and emits one ``warnings.warn`` that
+counts them. ``sidetune data check`` (:func:`sidetune.data.check_dataset`) lists every unreadable file.
 
-Colour: every image is converted to RGB on load (grayscale, palette, CMYK and RGBA inputs occur); an alpha
-channel is dropped, as torchvision's ``pil_loader`` does.
+What an ImageFolder scan leaves out is recorded, never dropped silently: ``dataset.skipped`` lists
+``(path, reason)`` for files of another format, hidden files and folders, files outside a class folder, and
+directory links that loop back to one of their own ancestors (not followed: a link to the data folder would
+otherwise read every class again under the link's class). One image file reached twice through links (the
+same real path) is read once: under two classes it is refused (one image cannot carry two labels), under one
+class the second path is skipped as a duplicate. (Hard links are separate files to the folder scan, which
+avoids one system call per image; lists compare inodes.) A file listed twice with two labels in a VTAB list
+or a CSV (the same inode: hard links included) is refused the same way.
+
+Colour and depth: every image is converted to 8-bit RGB on load (grayscale, palette, CMYK and RGBA inputs
+occur); an alpha channel is dropped, as torchvision's ``pil_loader`` does. Images of more than 8 bits are
+scaled by their range, not clipped: 16-bit integer images (``I;16`` PNG/TIFF) by 65535 -> 255; 32-bit integer
+images (``I``) whose values lie in 0..255 as they are, in 0..65535 as 16-bit; float images (``F`` TIFF) in
+``[0, 1]`` by 255, in ``[0, 255]`` as they are. Anything else (negative or larger values, NaN) is refused with
+the mode and the value range named: guessing a scale would train on a wrong image without a word.
 """
 
 from __future__ import annotations
@@ -44,20 +58,22 @@ import csv
 import logging
 import math
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.functional import to_tensor
 
-from sidetune.errors import ConfigError, SidetuneError
+from sidetune.errors import ConfigError
+
+from .files import DataError, _check_no_conflicts, _scan_class_folders, load_rgb, to_rgb, unreadable_images, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +89,10 @@ __all__ = [
     "build_classification_dataset",
     "check_num_classes",
     "load_rgb",
+    "skipped_files",
     "split_train_val",
+    "to_rgb",
+    "unreadable_images",
     "verify_images",
 ]
 
@@ -90,49 +109,14 @@ VTAB_SPLITS: dict[str, str] = {
 VTAB_ALIASES: dict[str, str] = {"train": "train800val200", "trainval": "train800val200", "val": "val200"}
 # Folder names that mean "this is a split folder, not a class folder".
 _SPLIT_DIR_NAMES = frozenset({"train", "val", "valid", "validation", "test", "trainval"})
-# What PIL raises on a missing, truncated, unidentified or oversized image.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _MAX_LISTED = 5
-
-
-class DataError(SidetuneError):
-    """Data on disk (or the caller's description of it) is missing, malformed or inconsistent (a ``ValueError``)."""
-
-
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Open and fully decode an image, converted to RGB.
-
-    Args:
-        path: Image file.
-
-    Returns:
-        The decoded RGB image.
-
-    Raises:
-        DataError: The file is missing or cannot be decoded as an image; the message names the file.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
-    except _DECODE_ERRORS as exc:
-        raise DataError(
-            f"cannot read image {path}: {exc}. Fix or delete the file, or build the dataset with "
-            "skip_corrupt=True to drop unreadable images (see sidetune.data.verify_images)."
-        ) from exc
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert a PIL image of any mode to RGB (alpha is dropped; palette transparency goes through RGBA)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
-    return img.convert("RGB")
+# A label written as a decimal or exponent number ("1.0", "0.5", "2e1"): a float column, not a class name.
+_FLOAT_LABEL = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
 
 
 def _sample_list(paths_labels: Sequence[tuple[Path, int]]) -> list[tuple[Path, int]]:
-    return [(Path(p), int(y)) for p, y in paths_labels]
+    # Path() parses its argument again even when given a Path: keep those as they are (large folders)
+    return [(p if isinstance(p, Path) else Path(p), int(y)) for p, y in paths_labels]
 
 
 class ClassificationDataset(Dataset):
@@ -143,6 +127,11 @@ class ClassificationDataset(Dataset):
         classes: Class names; ``classes[label]`` names a label.
         transform: Applied to the RGB PIL image; ``None`` gives a float ``(3, H, W)`` tensor in ``[0, 1]``.
         root: Where the data came from (folder or list file), used in messages.
+        skipped: ``(path, reason)`` of every file the reader saw and left out (see ``skipped`` below).
+
+    Attributes:
+        skipped: ``(path, reason)`` of every file left out, in the order met: what a run reports (count) and
+            writes into its summary (list). Empty when nothing was left out.
 
     Raises:
         DataError: A label lies outside ``[0, len(classes))``.
@@ -154,11 +143,13 @@ class ClassificationDataset(Dataset):
         classes: Sequence[str],
         transform: Callable[[Image.Image], Any] | None = None,
         root: str | os.PathLike[str] | None = None,
+        skipped: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.samples: list[tuple[Path, int]] = _sample_list(samples)
         self.classes: list[str] = [str(c) for c in classes]
         self.transform = transform
         self.root = Path(root) if root is not None else None
+        self.skipped: list[tuple[str, str]] = [(str(p), str(r)) for p, r in skipped]
         for path, label in self.samples:
             if not 0 <= label < len(self.classes):
                 raise DataError(
@@ -185,23 +176,30 @@ class ClassificationDataset(Dataset):
         image = self.transform(img) if self.transform is not None else to_tensor(img)
         return image, label
 
-    def drop(self, paths: Sequence[str | os.PathLike[str]]) -> int:
-        """Remove the samples whose path is in ``paths`` (classes are kept). Returns how many were removed."""
+    def drop(self, paths: Sequence[str | os.PathLike[str]], reason: str = "dropped") -> int:
+        """Remove the samples whose path is in ``paths`` (classes are kept) and record them in ``skipped``.
+
+        Args:
+            paths: Sample paths to remove.
+            reason: Why, recorded beside each removed path.
+
+        Returns:
+            How many samples were removed.
+        """
         bad = {Path(p) for p in paths}
-        before = len(self.samples)
-        self.samples = [(p, y) for p, y in self.samples if p not in bad]
-        return before - len(self.samples)
+        kept = [(p, y) for p, y in self.samples if p not in bad]
+        self.skipped.extend((str(p), reason) for p, _ in self.samples if p in bad)
+        removed = len(self.samples) - len(kept)
+        self.samples = kept
+        return removed
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={self.root}, samples={len(self)}, classes={len(self.classes)})"
 
 
-def _is_image_file(path: str) -> bool:
-    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
-
-
 class ImageFolderDataset(ClassificationDataset):
-    """``root/<class>/<image>``: torchvision's ImageFolder scan, with checks and clear errors.
+    """``root/<class>/<image>``: torchvision's ImageFolder scan, with checks, clear errors and a record of what
+    was left out (``skipped``: other formats, hidden entries, looping directory links, duplicates).
 
     Args:
         root: The folder holding one sub-folder per class.
@@ -211,8 +209,8 @@ class ImageFolderDataset(ClassificationDataset):
             folder is allowed (it gets no samples).
 
     Raises:
-        DataError: ``root`` is missing or has no class folders, a class folder has no images, or a folder is
-            not in ``classes``.
+        DataError: ``root`` is missing or has no class folders, a class folder has no images, a folder is
+            not in ``classes``, or one image file is reached under two classes.
     """
 
     def __init__(
@@ -224,28 +222,13 @@ class ImageFolderDataset(ClassificationDataset):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DataError(f"data folder {root} does not exist (or is not a folder); check the path.")
-        try:
-            found, _ = find_classes(root)
-        except FileNotFoundError:
-            found = []
-        found = [c for c in found if not c.startswith(".")]
+        classes, found, samples, skipped = _scan_class_folders(root, classes)
         if not found:
             raise DataError(
                 f"data folder {root} has no class folders; expected the ImageFolder layout root/<class>/<image> "
                 "(or pass a VTAB list file / CSV instead)."
             )
-        if classes is None:
-            classes = found
-        else:
-            classes = [str(c) for c in classes]
-            unknown = sorted(set(found) - set(classes))
-            if unknown:
-                raise DataError(
-                    f"class folders {unknown} in {root} are not among the given classes {classes}; "
-                    "remove the folders or add them to classes."
-                )
         class_to_idx = {c: i for i, c in enumerate(classes)}
-        samples = make_dataset(root, class_to_idx, is_valid_file=_is_image_file, allow_empty=True)
         counts = Counter(label for _, label in samples)
         empty = [c for c in found if counts[class_to_idx[c]] == 0]
         if empty:
@@ -253,7 +236,9 @@ class ImageFolderDataset(ClassificationDataset):
                 f"class folder(s) {[str(root / c) for c in empty]} contain no images (extensions "
                 f"{', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)."
             )
-        super().__init__(samples, classes, transform=transform, root=root)
+        super().__init__(samples, classes, transform=transform, root=root, skipped=skipped)
+        if skipped:
+            logger.info("ImageFolder %s: skipped %d file(s), first %s (%s)", root, len(skipped), *skipped[0])
         logger.info("ImageFolder %s: %d images, %d classes", root, len(self), len(self.classes))
 
 
@@ -366,6 +351,7 @@ class VTABDataset(ClassificationDataset):
                 )
         samples = [(folder / rel, y) for _, rel, y in entries]
         _check_exist([(n, p) for (n, _, _), (p, _) in zip(entries, samples, strict=True) if not p.is_file()], list_file)
+        _check_no_conflicts(samples, classes)
         super().__init__(samples, classes, transform=transform, root=list_file)
         logger.info("VTAB list %s: %d images, %d classes", list_file, len(self), len(self.classes))
 
@@ -425,6 +411,7 @@ class CSVDataset(ClassificationDataset):
         folder = csv_file.parent
         samples = [(folder / p, y) for (_, p, _), y in zip(rows, labels, strict=True)]
         _check_exist([(n, p) for (n, _, _), (p, _) in zip(rows, samples, strict=True) if not p.is_file()], csv_file)
+        _check_no_conflicts(samples, classes)
         super().__init__(samples, classes, transform=transform, root=csv_file)
         logger.info("CSV %s: %d images, %d classes", csv_file, len(self), len(self.classes))
 
@@ -459,6 +446,14 @@ def _map_csv_labels(
             labels.append(y)
         return labels, classes
 
+    floats = [(n, label) for n, _, label in rows if _FLOAT_LABEL.match(label)]
+    if floats:
+        n, label = floats[0]
+        raise DataError(
+            f"{csv_file}, line {n}: label {label!r} is a decimal number ({len(floats)} such label(s) in the file); "
+            "labels must be integer class indices (0, 1, ...) or class names. Write the indices without a decimal "
+            "point (a pandas column holding a missing value turns into floats: fill it, then .astype(int))."
+        )
     indices = [_as_index(label) for _, _, label in rows]
     if all(y is not None for y in indices):
         for (n, _, _), y in zip(rows, indices, strict=True):
@@ -495,17 +490,7 @@ def verify_images(dataset: ClassificationDataset | ClassificationSubset, num_wor
         The unreadable image paths, in sample order.
     """
 
-    def ok(path: Path) -> bool:
-        try:
-            load_rgb(path)
-        except DataError:
-            return False
-        return True
-
-    paths = [p for p, _ in dataset.samples]
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        good = list(pool.map(ok, paths))
-    return [p for p, g in zip(paths, good, strict=True) if not g]
+    return [p for p, _ in unreadable_images(dataset, num_workers)]
 
 
 def check_num_classes(dataset: Any, num_classes: int) -> None:
@@ -551,8 +536,27 @@ class ClassificationSubset(Subset):
     def root(self) -> Path | None:
         return getattr(self.dataset, "root", None)
 
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """What the reader of the whole dataset left out (a subset skips nothing more)."""
+        return list(self.dataset.skipped)
+
     def __repr__(self) -> str:
         return f"ClassificationSubset({self.dataset!r}, samples={len(self)})"
+
+
+def skipped_files(dataset: Any) -> list[tuple[str, str]]:
+    """``(path, reason)`` of every file a dataset's reader left out, looking through wrappers (``Subset``, the
+    training loop's seeding wrapper: anything with a ``dataset`` attribute).
+
+    Every reader in :mod:`sidetune.data` records them in ``dataset.skipped``; a dataset without the attribute
+    (one a user wrote) reports nothing.
+
+    Args:
+        dataset: A dataset from :mod:`sidetune.data`, or a (nested) wrapper of one.
+    """
+    base, _ = unwrap(dataset)
+    return list(getattr(base, "skipped", []))
 
 
 def _labels_of(dataset: Any) -> list[int]:
@@ -724,11 +728,14 @@ def build_classification_dataset(
     if num_classes is not None:
         check_num_classes(dataset, num_classes)
     if skip_corrupt:
-        bad = verify_images(dataset)
+        problems = unreadable_images(dataset)
+        bad = [p for p, _ in problems]
         if bad:
             if len(bad) == len(dataset):
                 raise DataError(f"none of the {len(bad)} images under {dataset.root} can be decoded.")
-            dataset.drop(bad)
+            reasons = dict(problems)
+            dataset.samples = [(p, y) for p, y in dataset.samples if p not in reasons]
+            dataset.skipped.extend((str(p), r) for p, r in problems)
             warnings.warn(
                 f"skipped {len(bad)} of {len(bad) + len(dataset)} images under {dataset.root} that could not be "
                 f"decoded (first: {bad[0]}).",

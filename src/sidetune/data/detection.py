@@ -26,15 +26,24 @@ Layouts:
 
 Bad data (policies):
 
+* **Boxes with swapped corners** (``xmax < xmin`` or ``ymax < ymin``; a COCO box of negative width or height)
+  **are put back in order**: some annotation tools write the corners in the order they were dragged, and the box
+  is right once ordered.
 * **Boxes that extend outside their image are clipped** to it: annotators routinely draw a pixel or two past the
   border, and the box is still right. **Boxes of zero area** (after clipping, or degenerate in the file: BCCD has
-  two) **are dropped**. Both are counted at construction and reported in one ``warnings.warn`` per dataset.
+  two) **are dropped**. All three are counted at construction, reported in one ``warnings.warn`` per dataset,
+  and kept in ``dataset.box_fixes`` (``{"boxes", "swapped", "clipped", "dropped"}``).
 * A COCO file that references missing images, a VOC id without its image or XML, and an unreadable XML raise
   :class:`~sidetune.data.DataError` naming the file(s), at construction.
 * A VOC object with a class name that is not in ``classes`` raises :class:`DataError` naming the XML file, the name
   and the known classes (pass ``classes=`` to fix the list; by default it is every name in ``Annotations/``).
 * An image whose size differs from the size its annotation declares raises :class:`DataError` when loaded (the
   boxes would be in the wrong coordinates).
+
+Skipped files: ``dataset.skipped`` lists ``(path, reason)`` of every file a reader saw and left out (with
+:func:`build_detection_dataset`: images in a COCO split folder that its JSON does not list; in a VOC folder read
+without a split list, images without an XML). :func:`build_detection_dataset` reads either layout by name; every
+layout is described with its folder tree and an example in ``docs/data.md``.
 
 :func:`to_coco` builds a pycocotools ``COCO`` ground truth from any of these datasets (for mAP with
 :mod:`sidetune.tasks.detection`); :func:`detection_collate` batches samples for torchvision's detectors.
@@ -63,18 +72,22 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .classification import _DECODE_ERRORS, DataError, load_rgb
+from ..errors import ConfigError
+from .files import _DECODE_ERRORS, DataError, load_rgb
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BCCD_CLASSES",
     "VOC_DETECTION_CLASSES",
+    "BoxFixWarning",
     "CocoDetectionDataset",
     "DetectionDataset",
     "DetectionRecord",
     "VOCDetectionDataset",
+    "build_detection_dataset",
     "build_detection_transforms",
+    "detect_detection_layout",
     "detection_collate",
     "make_coco",
     "to_coco",
@@ -118,16 +131,30 @@ class DetectionRecord:
     crowd: list[dict[str, Any]] = field(default_factory=list)
 
 
+class BoxFixWarning(UserWarning):
+    """Boxes were reordered, clipped or dropped while a detection dataset was read (counted in ``box_fixes``)."""
+
+
 class _BoxPolicy:
-    """Clip boxes to their image and drop zero-area ones, counting both for one warning per dataset."""
+    """Order swapped corners, clip boxes to their image and drop zero-area ones, counting each for one warning."""
 
     def __init__(self) -> None:
+        self.swapped = 0
         self.clipped = 0
         self.dropped = 0
         self.first: Path | None = None
 
+    def order(self, boxes: np.ndarray, source: Path) -> np.ndarray:
+        """(N, 4) XYXY whose corners may be swapped -> the same boxes with ``x1 <= x2`` and ``y1 <= y2``."""
+        swapped = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+        if swapped.any():
+            self.swapped += int(swapped.sum())
+            self.first = self.first or source
+            boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+        return boxes
+
     def apply(self, boxes: np.ndarray, width: int, height: int, source: Path) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 4) XYXY -> (N, 4) clipped boxes and the (N,) mask of boxes to keep."""
+        """(N, 4) XYXY (corners in order) -> (N, 4) clipped boxes and the (N,) mask of boxes to keep."""
         clipped = boxes.copy()
         clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
         clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
@@ -140,17 +167,25 @@ class _BoxPolicy:
         self.dropped += dropped
         return clipped, keep
 
+    def facts(self, total: int) -> dict[str, int]:
+        """What the policy did: ``boxes`` read, and how many were ``swapped`` (reordered), ``clipped``, ``dropped``."""
+        return {"boxes": total, "swapped": self.swapped, "clipped": self.clipped, "dropped": self.dropped}
+
     def report(self, where: Path, total: int) -> None:
-        if not (self.clipped or self.dropped):
+        if not (self.swapped or self.clipped or self.dropped):
             return
         parts = []
+        if self.swapped:
+            parts.append(
+                f"reordered {self.swapped} of {total} boxes whose corners were swapped (xmax < xmin or ymax < ymin)"
+            )
         if self.clipped:
             parts.append(f"clipped {self.clipped} of {total} boxes that extended outside their image")
         if self.dropped:
             parts.append(f"dropped {self.dropped} of {total} boxes of zero area")
         msg = f"{where}: {' and '.join(parts)} (first in {self.first})."
         logger.info(msg)
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, BoxFixWarning, stacklevel=3)
 
 
 class DetectionDataset(Dataset):
@@ -164,6 +199,12 @@ class DetectionDataset(Dataset):
             gives a float image in ``[0, 1]``.
         masks: load instance masks (records must carry segmentations).
         root: where the data came from, for messages.
+        skipped: ``(path, reason)`` of the files the reader left out.
+        box_fixes: what the box policy did (see the module docstring).
+
+    Attributes:
+        skipped: ``(path, reason)`` of every file left out.
+        box_fixes: ``{"boxes": read, "swapped": reordered, "clipped": ..., "dropped": zero-area}``.
     """
 
     def __init__(
@@ -174,8 +215,13 @@ class DetectionDataset(Dataset):
         transform: Callable[..., Any] | None = None,
         masks: bool = False,
         root: str | os.PathLike[str] | None = None,
+        skipped: Sequence[tuple[str, str]] = (),
+        box_fixes: dict[str, int] | None = None,
     ) -> None:
         self.records = list(records)
+        self.skipped: list[tuple[str, str]] = [(str(p), str(r)) for p, r in skipped]
+        total = sum(len(r.boxes) for r in self.records)
+        self.box_fixes = dict(box_fixes or {"boxes": total, "swapped": 0, "clipped": 0, "dropped": 0})
         self.classes = [str(c) for c in classes]
         self.transform = transform
         self.masks = masks
@@ -324,12 +370,14 @@ class VOCDetectionDataset(DetectionDataset):
                     )
                 if difficult and skip_difficult:
                     continue
-                # 1-based inclusive corners -> pixel edges; a point or a line in the file stays of zero area (dropped)
-                degenerate = x2 <= x1 or y2 <= y1
-                boxes.append([x1, y1, x1, y1] if degenerate else [x1 - 1, y1 - 1, x2, y2])
+                boxes.append([x1, y1, x2, y2])
                 labels.append(index[cls])
             total += len(boxes)
-            array = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            array = policy.order(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), xml_file)
+            # 1-based inclusive corners -> pixel edges; a point or a line in the file stays of zero area (dropped)
+            degenerate = (array[:, 2] == array[:, 0]) | (array[:, 3] == array[:, 1])
+            array[:, :2] -= np.where(degenerate, 0.0, 1.0)[:, None]
+            array[degenerate, 2:] = array[degenerate, :2]
             array, keep = policy.apply(array, width, height, xml_file)
             records.append(
                 DetectionRecord(
@@ -350,7 +398,15 @@ class VOCDetectionDataset(DetectionDataset):
         if not records:
             raise DataError(f"split {split!r} of {root} lists no images.")
         policy.report(root, total)
-        super().__init__(records, classes, transform=transform, root=root)
+        skipped = []
+        if split is None:  # every XML is read: an image without one is left out, and said so
+            listed = {r.image_path.name for r in records}
+            for path in sorted((root / "JPEGImages").iterdir()) if (root / "JPEGImages").is_dir() else []:
+                if path.name not in listed:
+                    skipped.append((str(path), f"no annotation (no Annotations/{path.stem}.xml)"))
+        super().__init__(
+            records, classes, transform=transform, root=root, skipped=skipped, box_fixes=policy.facts(total)
+        )
 
 
 def _listed(items: Sequence[str]) -> str:
@@ -411,6 +467,8 @@ class CocoDetectionDataset(DetectionDataset):
         ann_file: the instances JSON.
         transform: see :class:`DetectionDataset`.
         masks: also return instance masks (``target["masks"]``) from the ``segmentation`` fields.
+        report_unlisted: record the files of ``image_dir`` that the JSON does not list in ``skipped`` (right when
+            the folder holds one split, as in :func:`build_detection_dataset`; off for a folder shared by splits).
 
     Attributes:
         category_ids: the original COCO category id of each label (``category_ids[label - 1]``).
@@ -427,6 +485,7 @@ class CocoDetectionDataset(DetectionDataset):
         transform: Callable[..., Any] | None = None,
         *,
         masks: bool = False,
+        report_unlisted: bool = False,
     ) -> None:
         image_dir, ann_file = Path(image_dir).expanduser(), Path(ann_file).expanduser()
         if not ann_file.is_file():
@@ -438,6 +497,7 @@ class CocoDetectionDataset(DetectionDataset):
         self.coco = coco
         self.category_ids = sorted(coco.getCatIds())
         label_of = {cat: i + 1 for i, cat in enumerate(self.category_ids)}
+        _check_coco_annotations(coco, label_of, ann_file)
         classes = [coco.cats[c]["name"] for c in self.category_ids]
         missing = [str(image_dir / coco.imgs[i]["file_name"]) for i in sorted(coco.imgs)]
         missing = [p for p in missing if not Path(p).is_file()]
@@ -455,7 +515,7 @@ class CocoDetectionDataset(DetectionDataset):
             plain = [a for a in anns if not a.get("iscrowd", 0)]
             crowd = [dict(a, category_id=label_of[a["category_id"]]) for a in anns if a.get("iscrowd", 0)]
             xywh = np.asarray([a["bbox"] for a in plain], dtype=np.float32).reshape(-1, 4)
-            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+            boxes = policy.order(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1), ann_file)
             total += len(boxes)
             boxes, keep = policy.apply(boxes, width, height, ann_file)
             kept = [a for a, k in zip(plain, keep, strict=True) if k]
@@ -473,7 +533,117 @@ class CocoDetectionDataset(DetectionDataset):
                 )
             )
         policy.report(ann_file, total)
-        super().__init__(records, classes, transform=transform, masks=masks, root=image_dir)
+        skipped = []
+        if report_unlisted:
+            listed = {Path(coco.imgs[i]["file_name"]).as_posix() for i in coco.imgs}
+            for path in sorted(p for p in image_dir.rglob("*") if p.is_file()):
+                if path.relative_to(image_dir).as_posix() not in listed:
+                    skipped.append((str(path), f"not listed in {ann_file.name} (no annotation entry)"))
+        super().__init__(
+            records,
+            classes,
+            transform=transform,
+            masks=masks,
+            root=image_dir,
+            skipped=skipped,
+            box_fixes=policy.facts(total),
+        )
+
+
+def _check_coco_annotations(coco: COCO, label_of: dict[int, int], ann_file: Path) -> None:
+    """Refuse annotations that pycocotools indexes without complaint but that cannot be read as boxes."""
+    for ann in coco.anns.values():
+        where = f"{ann_file}: annotation id {ann.get('id')!r} (image id {ann.get('image_id')!r})"
+        if ann.get("category_id") not in label_of:
+            raise DataError(
+                f"{where} has category_id {ann.get('category_id')!r}, which is not among the file's categories "
+                f"{sorted(label_of)}; add the category or fix the annotation."
+            )
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not all(isinstance(v, int | float) for v in bbox):
+            raise DataError(f"{where} has bbox {bbox!r}; a COCO bbox is [x, y, width, height] in pixels.")
+        if ann.get("image_id") not in coco.imgs:
+            raise DataError(f"{where} refers to an image id that the file's images do not list.")
+
+
+# -- one builder for both layouts -------------------------------------------------------------------------------
+#: The layouts :func:`build_detection_dataset` reads.
+LAYOUTS: tuple[str, ...] = ("voc", "coco")
+
+
+def detect_detection_layout(root: str | os.PathLike[str]) -> str:
+    """The layout ``layout="auto"`` picks: ``voc`` when ``root/Annotations/`` exists, ``coco`` when
+    ``root/annotations/`` does.
+
+    Raises:
+        DataError: neither folder exists; the message says what each layout expects and what was found.
+    """
+    root = Path(root).expanduser()
+    names = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    if "Annotations" in names:
+        return "voc"
+    if "annotations" in names:
+        return "coco"
+    found = sorted(names) if root.is_dir() else "nothing (no such folder)"
+    raise DataError(
+        f"no detection layout recognised in {root}: expected Annotations/ + JPEGImages/ + ImageSets/Main/ (Pascal "
+        f"VOC XML) or annotations/instances_<split>.json + <split>/ (COCO JSON); found {found}. The layouts are "
+        "described in docs/data.md."
+    )
+
+
+def build_detection_dataset(
+    root: str | os.PathLike[str],
+    split: str | None,
+    transform: Callable[..., Any] | None = None,
+    layout: str = "auto",
+    masks: bool = False,
+) -> DetectionDataset:
+    """Build a detection (or, with ``masks=True``, instance segmentation) dataset from a VOC or COCO tree.
+
+    * ``voc``: ``root/JPEGImages/<id>.jpg``, ``root/Annotations/<id>.xml``, ids from
+      ``root/ImageSets/Main/<split>.txt`` (``split=None``: every XML); classes are the sorted object names of
+      every XML (:class:`VOCDetectionDataset`). No masks.
+    * ``coco``: ``root/<split>/`` images and ``root/annotations/instances_<split>.json``
+      (:class:`CocoDetectionDataset`); images in ``root/<split>/`` that the JSON does not list are recorded in
+      ``skipped``.
+
+    Args:
+        root: the dataset folder.
+        split: the split name (``train``, ``val``, ``test``, ``train2017``, ...).
+        transform: the joint transform (:func:`build_detection_transforms`), or None.
+        layout: ``auto`` (``voc`` when ``root/Annotations/`` exists, else ``coco``), ``voc`` or ``coco``.
+        masks: load instance masks (instance segmentation; COCO only).
+
+    Raises:
+        DataError: no known layout, a missing split, or data that does not fit the layout.
+        ConfigError: an unknown ``layout``, or ``masks=True`` with the VOC layout.
+    """
+    root = Path(root).expanduser()
+    if layout == "auto":
+        layout = detect_detection_layout(root)
+    if layout == "voc":
+        if masks:
+            raise ConfigError(
+                "instance segmentation needs masks, which Pascal VOC XML does not hold: use a COCO layout "
+                "(--layout coco, polygons or RLE in the JSON's segmentation fields)."
+            )
+        return VOCDetectionDataset(root, split, transform)
+    if layout == "coco":
+        if split is None:
+            raise DataError("the COCO layout needs a split: root/<split>/ and root/annotations/instances_<split>.json.")
+        ann_file = root / "annotations" / f"instances_{split}.json"
+        if not ann_file.is_file():
+            have = sorted(p.name for p in (root / "annotations").glob("instances_*.json"))
+            raise DataError(
+                f"no {ann_file} for split {split!r}; found {have or 'no instances_<split>.json'} in "
+                f"{root / 'annotations'}."
+            )
+        image_dir = root / split
+        if not image_dir.is_dir():
+            raise DataError(f"image folder {image_dir} of split {split!r} does not exist (expected beside {ann_file}).")
+        return CocoDetectionDataset(image_dir, ann_file, transform, masks=masks, report_unlisted=True)
+    raise ConfigError(f"unknown detection layout {layout!r}; choose from 'auto', {', '.join(map(repr, LAYOUTS))}.")
 
 
 # -- ground truth, collate, transforms ---------------------------------------------------------------------------

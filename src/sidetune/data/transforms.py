@@ -32,7 +32,8 @@ from timm.data.transforms import MaybeToTensor, str_to_interp_mode
 from torch import nn
 from torchvision import transforms as T
 
-from sidetune.data.classification import to_rgb
+from sidetune.data.catalog import AUGMENTATIONS
+from sidetune.data.files import to_rgb
 from sidetune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["AUGMENTATIONS", "ToRGB", "build_transforms", "resolve_backbone_data_config"]
 
 Augmentation = Literal["none", "vtab", "standard"]
-AUGMENTATIONS: tuple[str, ...] = ("none", "vtab", "standard")
 # timm asserts that one source of config is non-empty; everything not given here takes timm's defaults.
 _DEFAULT_CFG: dict[str, Any] = {"input_size": (3, 224, 224)}
 

@@ -45,6 +45,9 @@ class TaskData:
         source: where the data came from (for logs and the summary).
         splits: the split names used (``{"train": ..., "val": ..., "test": ...}``), or None for given datasets.
         skipped: files the readers skipped, as ``(path, reason)`` pairs, over all splits.
+        counts: the training split's per-class counts (:func:`sidetune.data.count_classes`: images, pixels or
+            boxes), or None for datasets sidetune did not read.
+        warnings: what a user should know about the data before trusting the run (``DataWarning.to_dict()``).
         collate, eval_collate: loader collate functions that replace the task's (a tap cache's), or None.
     """
 
@@ -55,6 +58,8 @@ class TaskData:
     source: str
     splits: dict[str, Any] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    counts: Any = None
+    warnings: list[dict[str, Any]] = field(default_factory=list)
     collate: Any = None
     eval_collate: Any = None
 
@@ -186,10 +191,6 @@ class Task:
     def prepare(self, data: TaskData) -> None:
         """Compute what the loss needs from the training data (class weights); called once per run."""
 
-    def check_data(self, data: TaskData) -> list[str]:
-        """Warnings about the data that training should print and record (a split with one class...)."""
-        return []
-
     # -- training ------------------------------------------------------------------------------------------------
     def step(self, model: torch.nn.Module, batch: Any) -> StepOutput:
         """The loss of one micro-batch (called under the run's autocast, in train mode)."""
@@ -269,11 +270,6 @@ class LimitedSubset(torch.utils.data.Subset):
         super().__init__(dataset, range(min(n, len(dataset))))
         self.classes = list(dataset.classes)  # type: ignore[attr-defined]
 
-    def __getattr__(self, name: str) -> Any:  # skipped files, to_coco's records...: the full dataset's
-        if name in ("dataset", "indices"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
 
 def limited(dataset: Dataset | None, n: int | None) -> Dataset | None:
     """``dataset`` cut to its first ``n`` samples (None: all)."""
@@ -340,6 +336,7 @@ class DenseTask(Task):
             "test": test_split,
         }
         data = TaskData(train, val, test, classes_of(train), source=str(config.data), splits=splits)
+        inspect_data(data)
         self.prepare(data)
         return data
 
@@ -367,3 +364,27 @@ class _Picked(torch.utils.data.Subset):
     def __init__(self, dataset: Dataset, indices: list[int]) -> None:
         super().__init__(dataset, indices)
         self.classes = classes_of(dataset)
+
+
+def inspect_data(data: TaskData) -> None:
+    """Fill ``data.counts``, ``data.warnings`` and ``data.skipped`` from the readers, refusing a training split on
+    which training cannot mean anything (one class, no scored pixel, no box: :func:`sidetune.data.check_training_data`).
+
+    Datasets sidetune did not read (handed to ``fit`` directly) have nothing to inspect and are left as they are.
+
+    Raises:
+        DataError: the training split cannot train anything meaningful; the message says why and what to fix.
+    """
+    from ..data import check_training_data, count_classes, skipped_files
+
+    try:
+        counts = count_classes(data.train)
+    except (ConfigError, AttributeError, TypeError):
+        return  # not a dataset of sidetune.data
+    data.counts = counts
+    data.warnings = [w.to_dict() for w in check_training_data(data.train, counts=counts, split="train")]
+    seen: dict[tuple[str, str], None] = {}
+    for split in (data.train, data.val, data.test):
+        if split is not None:
+            seen.update(dict.fromkeys(skipped_files(split)))
+    data.skipped = list(seen)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import (
+    LAYOUTS,
     VTAB_SPLITS,
     ClassificationSubset,
     DataError,
@@ -30,7 +31,7 @@ from ..data import (
     split_train_val,
 )
 from ..errors import ConfigError
-from .base import Evaluator, StepOutput, Task, TaskData
+from .base import Evaluator, StepOutput, Task, TaskData, inspect_data
 
 logger = logging.getLogger(__name__)
 
@@ -73,22 +74,24 @@ def check_class_weights(value: Any) -> str | tuple[float, ...] | None:
     return weights
 
 
-def loss_weights(option: Any, counts: Sequence[int], classes: Sequence[str]) -> torch.Tensor | None:
-    """The (K,) loss weights of the ``class_weights`` option, from the per-class counts of the training split.
-
-    ``auto``: inverse frequency normalised to mean 1 over the classes present (an absent class gets weight 0:
-    it has nothing to weigh). Given weights must be one per class.
-    """
+def loss_weights(option: Any, data: TaskData) -> torch.Tensor | None:
+    """The (K,) loss weights of the ``class_weights`` option: ``auto`` from the training split's counts
+    (:func:`sidetune.data.class_weights`: inverse frequency, mean 1), or the given weights, one per class."""
     if option is None:
         return None
     if option == "auto":
-        counts_t = torch.tensor([float(c) for c in counts])
-        present = counts_t > 0
-        weights = torch.zeros_like(counts_t)
-        weights[present] = 1.0 / counts_t[present]
-        return weights * (present.sum() / weights.sum())
-    if len(option) != len(classes):
-        raise ConfigError(f"class_weights has {len(option)} values for {len(classes)} classes ({list(classes)}).")
+        if data.counts is None:
+            raise ConfigError(
+                "class_weights 'auto' counts the training split's classes, which needs a dataset read by sidetune "
+                "(not one handed to fit()): give one weight per class instead."
+            )
+        from ..data import class_weights
+
+        return class_weights(data.train, "auto", counts=data.counts)
+    if len(option) != len(data.classes):
+        raise ConfigError(
+            f"class_weights has {len(option)} values for {len(data.classes)} classes ({list(data.classes)})."
+        )
     return torch.tensor(option, dtype=torch.float32)
 
 
@@ -198,9 +201,7 @@ class ClassificationTask(Task):
     options_cls = ClassificationOptions
     layouts: ClassVar[dict[str, str]] = {
         "auto": "guess from the folder: VTAB-1k lists, <split>.csv, or <split>/<class>/<image>",
-        "imagefolder": "root/<split>/<class>/<image> (or root/<class>/<image> without splits)",
-        "vtab": "VTAB-1k lists: train800.txt, val200.txt, train800val200.txt, test.txt ('path label' lines)",
-        "csv": "a CSV with 'path' and 'label' columns (root/<split>.csv, or the file itself)",
+        **LAYOUTS["classification"],
     }
     augmentations = ("vtab", "none", "standard")
     headline = "top1"
@@ -276,34 +277,15 @@ class ClassificationTask(Task):
             "test": test_split,
         }
         data = TaskData(train, val, test, classes, source=str(root), splits=splits)
+        inspect_data(data)
         self.prepare(data)
         return data
 
     def prepare(self, data: TaskData) -> None:
         """Compute what the loss needs from the training split (``class_weights: auto``)."""
-        counts = _class_counts(data.train, len(data.classes))
-        self.weight = loss_weights(self.options.class_weights, counts, data.classes)
+        self.weight = loss_weights(self.options.class_weights, data)
         if self.weight is not None:
             logger.info("class weights: %s", [round(w, 4) for w in self.weight.tolist()])
-
-    def check_data(self, data: TaskData) -> list[str]:
-        counts = _class_counts(data.train, len(data.classes))
-        warnings = []
-        present = [c for c in counts if c > 0]
-        if len(present) < 2:
-            warnings.append(
-                f"the training split has {len(present)} class(es) with images: a classifier cannot learn anything "
-                "useful from it."
-            )
-        absent = [name for name, c in zip(data.classes, counts, strict=True) if c == 0]
-        if absent:
-            warnings.append(f"classes with no training image: {', '.join(absent[:10])}")
-        if len(present) >= 2 and max(present) >= 10 * min(present):
-            warnings.append(
-                f"class imbalance {max(present)}:{min(present)} images in the training split; consider "
-                "--class-weights auto."
-            )
-        return warnings
 
     def eval_dataset(self, model, info, data, split, layout) -> Dataset:
         if split == "auto":
@@ -469,15 +451,3 @@ def _first(dataset: Dataset | None, n: int | None) -> Dataset | None:
     base = dataset.dataset if isinstance(dataset, ClassificationSubset) else dataset
     indices = [dataset.indices[i] for i in order] if isinstance(dataset, ClassificationSubset) else order
     return ClassificationSubset(base, indices)
-
-
-def _class_counts(dataset: Dataset, num_classes: int) -> list[int]:
-    """Images per class of a classification dataset (from its labels, no image decoded)."""
-    targets = getattr(getattr(dataset, "source", dataset), "targets", None)  # a tap cache's split: its files
-    if targets is None:
-        return [0] * num_classes  # a dataset handed to fit() without labels to read: nothing to count
-    counts = [0] * num_classes
-    for y in targets:
-        if 0 <= int(y) < num_classes:
-            counts[int(y)] += 1
-    return counts

@@ -42,8 +42,8 @@ from torch.utils.data import Dataset
 
 from ..cache.batch import CachedTaps
 from ..data import (
-    CocoDetectionDataset,
-    VOCDetectionDataset,
+    LAYOUTS,
+    build_detection_dataset,
     build_detection_transforms,
     detection_collate,
     load_rgb,
@@ -337,8 +337,7 @@ class DetectionTask(DenseTask):
     options_cls = DetectionOptions
     layouts: ClassVar[dict[str, str]] = {
         "auto": "voc when the folder has Annotations/, else coco",
-        "voc": "Pascal VOC: JPEGImages/, Annotations/<id>.xml, ImageSets/Main/<split>.txt",
-        "coco": "COCO: <split>/ images + annotations/instances_<split>.json",
+        **LAYOUTS["detection"],
     }
     augmentations = ("standard", "none")
     headline = "bbox_mAP"
@@ -368,17 +367,7 @@ class DetectionTask(DenseTask):
 
     def dataset(self, root, split: str, layout: str, transform) -> Dataset:
         """One split of a VOC or COCO detection dataset with ``transform`` (joint image + boxes)."""
-        root = Path(root).expanduser()
-        if layout == "auto":
-            layout = "voc" if (root / "Annotations").is_dir() else "coco"
-        if layout == "voc":
-            if self.masks:
-                raise ConfigError("instance segmentation needs masks: use a COCO layout (--layout coco).")
-            return VOCDetectionDataset(root, split, transform)
-        if layout == "coco":
-            ann = root / "annotations" / f"instances_{split}.json"
-            return CocoDetectionDataset(root / split, ann, transform, masks=self.masks)
-        raise ConfigError(f"unknown {self.name} layout {layout!r}; choose from {', '.join(self.layouts)}.")
+        return build_detection_dataset(root, split, transform, layout=layout, masks=self.masks)
 
     def transforms(self, model, augmentation: str, train: bool):
         jitter = train and augmentation == "standard"

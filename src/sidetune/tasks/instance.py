@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..data.catalog import LAYOUTS
 from .detection import DetectionTask
 
 
@@ -27,9 +28,6 @@ class InstanceTask(DetectionTask):
     name = "instance"
     description = "instance masks: torchvision Mask R-CNN on the method's pyramid, COCO box and mask mAP"
     options_cls = InstanceOptions
-    layouts: ClassVar[dict[str, str]] = {
-        "auto": "coco",
-        "coco": "COCO with polygon or RLE masks: <split>/ images + annotations/instances_<split>.json",
-    }
+    layouts: ClassVar[dict[str, str]] = {"auto": "coco", **LAYOUTS["instance"]}
     detectors = ("mask_rcnn",)
     masks = True

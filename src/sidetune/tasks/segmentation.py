@@ -29,8 +29,7 @@ from torch.utils.data import Dataset
 
 from ..cache.batch import CachedTaps
 from ..data import (
-    DataError,
-    MaskFolderDataset,
+    LAYOUTS,
     build_segmentation_dataset,
     build_segmentation_transforms,
     load_rgb,
@@ -227,12 +226,8 @@ class SegmentationTask(DenseTask):
     description = "a class per pixel: UPerNet on the method's pyramid, pixel cross-entropy, mIoU"
     options_cls = SegmentationOptions
     layouts: ClassVar[dict[str, str]] = {
-        "auto": "guess from the folder: <split>annot/, images/+annotations/, ImageSets/Segmentation/",
-        "camvid": "CamVid as SegNet ships it: <split>/ images + <split>annot/ label PNGs (11 = void)",
-        "segnet": "the same as camvid",
-        "ade20k": "ADEChallengeData2016: images/<split>/ + annotations/<split>/ (0 = void)",
-        "voc": "Pascal VOC: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt (255 = void)",
-        "masks": "images/<split>/ + masks/<split>/ single-channel PNGs, classes.txt one name a line (255 = void)",
+        "auto": "guess from the folder: <split>annot/, images/+annotations/, ImageSets/Segmentation/, masks/",
+        **LAYOUTS["segmentation"],
     }
     augmentations = ("standard", "none")
     headline = "mIoU"
@@ -257,15 +252,7 @@ class SegmentationTask(DenseTask):
 
     def dataset(self, root, split: str, layout: str, transform) -> Dataset:
         """One split of a segmentation dataset in ``layout`` with ``transform`` (joint image + mask)."""
-        root = Path(root).expanduser()
-        if layout == "masks":
-            classes_file = root / "classes.txt"
-            if not classes_file.is_file():
-                raise DataError(f"layout 'masks' needs {classes_file} (one class name a line).")
-            classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
-            return MaskFolderDataset(root / "images" / split, root / "masks" / split, classes, transform)
-        name = "segnet" if layout == "camvid" else layout
-        return build_segmentation_dataset(root, split, transform, layout=name)  # type: ignore[arg-type]
+        return build_segmentation_dataset(root, split, transform, layout=layout)  # type: ignore[arg-type]
 
     def transforms(self, model, augmentation: str, train: bool):
         dc = model.data_config
@@ -276,12 +263,10 @@ class SegmentationTask(DenseTask):
         return build_segmentation_transforms(size, train=False, mean=dc["mean"], std=dc["std"], resize_eval=train)
 
     def prepare(self, data: TaskData) -> None:
-        """``class_weights: auto``: inverse pixel frequency of the training masks."""
-        if self.options.class_weights is None:
-            return
-        counts = pixel_counts(data.train, len(data.classes)) if self.options.class_weights == "auto" else []
-        self.weight = loss_weights(self.options.class_weights, counts, data.classes)
-        logger.info("class weights: %s", [round(w, 4) for w in self.weight.tolist()])
+        """``class_weights``: ``auto`` is the inverse pixel frequency of the training masks (ignored pixels out)."""
+        self.weight = loss_weights(self.options.class_weights, data)
+        if self.weight is not None:
+            logger.info("class weights: %s", [round(w, 4) for w in self.weight.tolist()])
 
     def collate(self, batch):
         return _stack_collate(batch)
@@ -403,22 +388,6 @@ def _common_depth(paths: Sequence[Path]) -> int:
     while all(len(p) > depth for p in parts) and len({p[depth] for p in parts}) == 1:
         depth += 1
     return depth
-
-
-def pixel_counts(dataset: Dataset, num_classes: int) -> list[int]:
-    """Pixels per class over the masks of a segmentation dataset (ignored pixels excluded; masks decoded once)."""
-    dataset = getattr(dataset, "source", dataset)  # a tap cache's split: count the masks on disk
-    base, indices = dataset, range(len(dataset))
-    while isinstance(base, torch.utils.data.Subset):
-        indices = [base.indices[i] for i in indices]
-        base = base.dataset
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    for i in indices:
-        mask = base.load_mask(i) if hasattr(base, "load_mask") else base[i][1]
-        m = torch.as_tensor(mask).long().flatten()
-        m = m[(m >= 0) & (m < num_classes)]
-        counts += torch.bincount(m, minlength=num_classes)
-    return counts.tolist()
 
 
 def palette(num_classes: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from .. import create
 from ..errors import ConfigError
 from ..model import ADAPTER_WEIGHTS, SidetuneModel
 from ..tasks import Task, TaskData, make_task
+from ..tasks.base import inspect_data
 from .checkpoint import (
     TrainerState,
     check_compatible,
@@ -179,6 +180,7 @@ def _fit(
         if config.cache is not None:
             raise ConfigError("give a tap cache (cache=) or datasets to fit(), not both.")
         data = TaskData(train_dataset, val_dataset, test_dataset, classes, source="datasets passed to fit()")
+        inspect_data(data)  # datasets of sidetune.data are counted and checked; others are taken as they are
         task.prepare(data)
     elif config.cache is not None:  # the taps of every image come from disk: the backbone never runs
         from ..cache.reader import open_cache
@@ -186,9 +188,11 @@ def _fit(
         data = open_cache(config, model, task, mixed_precision)
     else:
         data = task.build_data(config, model)
-    data_warnings = task.check_data(data)
+    data_warnings = [w["message"] for w in data.warnings]
     for warning in data_warnings:
         logger.warning("data: %s", warning)
+    if data.skipped:
+        logger.warning("data: %d file(s) skipped while reading (listed in summary.json)", len(data.skipped))
     train_set = SeededDataset(data.train, config.seed)  # sample i of epoch e: augmented from (seed, e, i)
 
     # -- Accelerate, loaders, optimizer, schedule --------------------------------------------------------------
@@ -524,6 +528,8 @@ def _summary(config, task, model, data, data_warnings, records, tstate, test, ch
             "skipped": len(data.skipped),
             "skipped_files": [{"path": p, "reason": r} for p, r in data.skipped],
             "warnings": data_warnings,
+            "warning_codes": sorted({w["code"] for w in data.warnings}),
+            "class_counts": data.counts.to_dict() if data.counts is not None else None,
         },
         "metrics": {
             "headline": task.headline,
