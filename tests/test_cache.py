@@ -225,3 +225,28 @@ def test_two_processes_build_one_cache(datasets, tmp_path):
     for shard in (tmp_path / "one").glob("*.safetensors"):
         a, b = load_file(str(shard)), load_file(str(tmp_path / "ddp" / shard.name))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), shard.name
+
+
+def test_one_cache_serves_several_seeds_with_one_validation_split(datasets, tmp_path):
+    """Deterministic transforms draw nothing at random: runs of other seeds (model init, data order) read the same
+    cache when they keep its validation split (split_seed); random augmentation is tied to its seed's views."""
+    data = datasets["classification"]
+    opts = dict(method="losa", val_fraction=0.34, test_split="none", epochs=1)
+    # a random backbone is drawn from the seed: share seed 0's weights by saving them as a file
+    from safetensors.torch import save_file
+
+    import sidetune
+
+    torch.manual_seed(0)
+    model = sidetune.create("test_vit", "losa", num_classes=3, img_size=IMG)
+    save_file(
+        {k: v.contiguous() for k, v in model.backbone.model.state_dict().items()}, str(tmp_path / "w.safetensors")
+    )
+    opts["weights"] = str(tmp_path / "w.safetensors")
+    build(task_config("classification", data, tmp_path / "x", **opts), ["losa"], tmp_path / "cw")
+    runs = [fit(task_config("classification", data, tmp_path / f"s{s}", cache=str(tmp_path / "cw"), seed=s,
+                            split_seed=0, **opts)) for s in (1, 2)]  # fmt: skip
+    assert step_losses(tmp_path / "s1") != step_losses(tmp_path / "s2")  # other seeds: other runs
+    assert all(r.summary["data"]["val"] == runs[0].summary["data"]["val"] for r in runs)
+    with pytest.raises(CacheError, match=r"split_seed 0 \(this run: 1\)"):
+        fit(task_config("classification", data, tmp_path / "s3", cache=str(tmp_path / "cw"), seed=1, **opts))

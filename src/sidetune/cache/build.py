@@ -30,8 +30,10 @@ from .store import DTYPES, CacheError, Manifest, shard_name, write_shard
 logger = logging.getLogger(__name__)
 
 #: The TrainConfig fields that decide which samples a split holds (the cache records them; a run must match).
-DATA_FIELDS = ("data", "layout", "train_split", "val_split", "test_split", "val_fraction", "seed", "train_limit",
-               "val_limit", "num_classes")  # fmt: skip
+DATA_FIELDS = ("data", "layout", "train_split", "val_split", "test_split", "val_fraction", "split_seed",
+               "train_limit", "val_limit", "num_classes")  # fmt: skip
+#: Transform recipes that draw nothing at random: a cache of them serves runs of any seed.
+DETERMINISTIC = ("vtab", "none")
 
 
 def tap_spec(model, methods: Sequence[str], method_options: dict[str, dict[str, Any]] | None = None):
@@ -119,6 +121,8 @@ def transform_spec(config, model, precision: str, views: int) -> dict[str, Any]:
         "interpolation": dc.get("interpolation"),
         "precision": precision,
         "views": views,
+        # random augmentation: the views are those of this seed's epochs
+        "seed": None if config.augmentation in DETERMINISTIC else config.seed,
     }
 
 

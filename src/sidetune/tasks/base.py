@@ -324,7 +324,7 @@ class DenseTask(Task):
         val = test = None
         if config.val_fraction is not None:
             twin = self.dataset(config.data, train_split, config.layout, eval_tf)
-            train, val = split_fraction(train, twin, config.val_fraction, config.seed)
+            train, val = split_fraction(train, twin, config.val_fraction, config.split_seed)
         elif val_split is not None:
             val = self.dataset(config.data, val_split, config.layout, eval_tf)
         if test_split is not None:

@@ -261,7 +261,7 @@ class ClassificationTask(Task):
             # the validation images must not get the training set's random transform: build a twin of the
             # training set with the eval transform and take the same indices from it
             twin = build_classification_dataset(root, train_split, eval_tf, config.layout, classes=classes)
-            train_sub, val_sub = split_train_val(train, val_fraction=config.val_fraction, seed=config.seed)
+            train_sub, val_sub = split_train_val(train, val_fraction=config.val_fraction, seed=config.split_seed)
             train, val = train_sub, ClassificationSubset(twin, val_sub.indices)
         elif val_split is not None:
             val = build_classification_dataset(root, val_split, eval_tf, config.layout, classes=classes)

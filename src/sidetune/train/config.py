@@ -54,8 +54,10 @@ class TrainConfig:
         val_split: validation split; ``auto`` uses ``val`` when the data has one; None for none.
         test_split: split scored once at the end with the best checkpoint; ``auto`` uses ``test`` when the
             data has one; None for none.
-        val_fraction: carve this fraction of the training split off as validation (seeded by ``seed``;
+        val_fraction: carve this fraction of the training split off as validation (seeded by ``split_seed``;
             classification: per class); replaces ``val_split``.
+        split_seed: the seed of that split (default: ``seed``); fix it to keep one validation split across runs
+            of several seeds.
         train_limit / val_limit: use only the first N images of the training / validation split (quick runs).
         epochs: passes over the training data.
         batch_size: images per process per micro-batch (default: the task's, 32 or 8).
@@ -101,6 +103,7 @@ class TrainConfig:
     val_split: str | None = AUTO
     test_split: str | None = AUTO
     val_fraction: float | None = None
+    split_seed: int | None = None
     train_limit: int | None = None
     val_limit: int | None = None
     epochs: int = 10
@@ -139,7 +142,9 @@ class TrainConfig:
                 setattr(self, name, value)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("save_every_steps", "nonfinite_patience", "workers", "seed"):
+        if self.split_seed is None:
+            self.split_seed = self.seed
+        for name in ("save_every_steps", "nonfinite_patience", "workers", "seed", "split_seed"):
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("img_size", "num_classes", "eval_batch_size", "train_limit", "val_limit", "threads"):
             if getattr(self, name) is not None:
