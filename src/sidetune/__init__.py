@@ -18,12 +18,14 @@ from .factory import create, load
 from .features import Features
 from .methods import get_method, list_methods, register_method
 from .model import SidetuneModel
+from .serve import MultiTask
 
 __all__ = [
     "ConfigError",
     "Features",
     "FingerprintMismatchError",
     "FrozenBackbone",
+    "MultiTask",
     "SidetuneError",
     "SidetuneModel",
     "TapRequest",
