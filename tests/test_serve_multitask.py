@@ -65,6 +65,8 @@ def test_one_backbone_forward_serves_every_task(multitask, outputs) -> None:
     # images at the backbone's size share one row across every task; the others need one row per distinct
     # preprocessing (vtab stretch, resize + crop, bilinear resize, letterbox; slide windows)
     assert stats.backbone_rows == 20
+    assert set(stats.seconds) == {"prepare", "backbone", "tasks"} and set(stats.seconds["tasks"]) == set(ADAPTERS)
+    assert all(v >= 0 for v in [stats.cpu_seconds["backbone"], *stats.cpu_seconds["tasks"].values()])
     calls = []
     # the patch embedding runs once per forward of the timm model (forward_features)
     handle = multitask.backbone.model.patch_embed.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))

@@ -151,28 +151,31 @@ class DynamicBatcher:
         live = [job for job in batch if job.future.set_running_or_notify_cancel()]
         if not live:
             return
+        # Each batch is counted before its futures are set, so that a caller who got an answer sees its batch in
+        # the counters.
         try:
             results = self.run_batch([job.item for job in live])
             if len(results) != len(live):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} items")
         except Exception as err:
             if len(live) == 1:
-                live[0].future.set_exception(err)
                 self._count(1)
+                live[0].future.set_exception(err)
                 return
             logger.warning("a batch of %d failed (%s); running its requests one by one", len(live), err)
             for job in live:
                 try:
                     (result,) = self.run_batch([job.item])
                 except Exception as single_err:
+                    self._count(1)
                     job.future.set_exception(single_err)
                 else:
+                    self._count(1)
                     job.future.set_result(result)
-                self._count(1)
             return
+        self._count(len(live))
         for job, result in zip(live, results, strict=True):
             job.future.set_result(result)
-        self._count(len(live))
 
     def _count(self, size: int) -> None:
         if self.on_batch is not None:

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import re
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -240,6 +241,9 @@ class PassStats:
         backbone_rows: rows of the one shared backbone call (unique backbone inputs).
         task_rows: backbone inputs the tasks asked for, in all (what separate models would have computed).
         recomputed: inputs that were not prepared and had to be computed separately (0 when all is shared).
+        seconds: where the time went, wall-clock: ``prepare`` (every task's preprocessing), ``backbone`` (the
+            shared pass) and, per task, its own part (side network, head, postprocessing).
+        cpu_seconds: the same in CPU time of the calling thread (all of it with one torch thread).
     """
 
     images: int = 0
@@ -247,6 +251,28 @@ class PassStats:
     backbone_rows: int = 0
     task_rows: int = 0
     recomputed: int = 0
+    seconds: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: dict[str, Any] = field(default_factory=dict)
+
+
+class _Clock:
+    """Wall and thread-CPU seconds of consecutive phases."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, Any] = {"tasks": {}}
+        self.cpu: dict[str, Any] = {"tasks": {}}
+        self._mark()
+
+    def _mark(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+
+    def lap(self, phase: str, task: str | None = None) -> None:
+        wall, cpu = time.perf_counter() - self._wall, time.thread_time() - self._cpu
+        if task is None:
+            self.wall[phase], self.cpu[phase] = wall, cpu
+        else:
+            self.wall["tasks"][task], self.cpu["tasks"][task] = wall, cpu
+        self._mark()
 
 
 # -- one runner per task kind: the single model's own inference, split into prepare and run ---------------------
@@ -588,6 +614,7 @@ class MultiTask(nn.Module):
         if not pil:
             raise ConfigError("MultiTask: no images given.")
         self.eval()
+        clock = _Clock()
         views: list[torch.Tensor] = []
         by_image: dict[int, list[int]] = {}
         prepared: dict[str, _Prepared] = {}
@@ -598,13 +625,16 @@ class MultiTask(nn.Module):
             order[name] = [_dedup(views, by_image, i, row) for i, row in prep.rows]
         request = _union(self.models[n].method.tap_request for n in names)
         views_t = torch.stack(views)
+        clock.lap("prepare")
         replay = _Replay(self.backbone, views_t, self.backbone.compute(views_t, request), request)
+        clock.lap("backbone")
         token = _REPLAY.set(replay)
         try:
             outputs = {}
             for name in names:
                 replay.start(name, order[name])
                 outputs[name] = self._runners[name].run(prepared[name].inputs)
+                clock.lap("tasks", name)
         finally:
             _REPLAY.reset(token)
         self.last_pass = PassStats(
@@ -613,6 +643,8 @@ class MultiTask(nn.Module):
             backbone_rows=len(views),
             task_rows=sum(len(o) for o in order.values()),
             recomputed=replay.recomputed,
+            seconds=clock.wall,
+            cpu_seconds=clock.cpu,
         )
         return outputs
 
