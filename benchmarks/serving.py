@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import shlex
@@ -300,8 +301,8 @@ def run_service(dirs: dict[str, Path], uploads: list[bytes], args: argparse.Name
             failures[str(status)] = failures.get(str(status), 0) + 1
     latencies = sorted(ok)
 
-    def pct(q: float) -> float | None:
-        return latencies[min(len(latencies) - 1, int(q / 100 * len(latencies)))] if latencies else None
+    def pct(q: float) -> float | None:  # nearest rank, as the service's /metrics
+        return latencies[max(0, math.ceil(q / 100 * len(latencies)) - 1)] if latencies else None
 
     return {
         "clients": args.clients,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +236,25 @@ def test_under_autocast_the_outputs_equal_the_models_alone_under_autocast(adapte
     assert multitask.last_pass.recomputed == 0
     for name, ref in refs.items():
         _assert_same(name, out[name], ref)
+
+
+def test_multi_adapter_predict_command_writes_the_records(adapters, tmp_path) -> None:
+    """What `sidetune predict --adapter A --adapter B IMAGES` runs once wired (sidetune.serve.commands)."""
+    import argparse
+
+    from sidetune.serve.commands import add_multi_predict_arguments, run_multi_predict
+
+    for i, image in enumerate(sample_images()[:3]):
+        image.save(tmp_path / f"img{i}.png")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("images")
+    parser.add_argument("--output", default="-")
+    add_multi_predict_arguments(parser)
+    out = tmp_path / "preds" / "predictions.json"
+    argv = [str(tmp_path), "--adapter", str(adapters["cls-losa"]), "--adapter", f"boxes={adapters['det']}"]
+    args = parser.parse_args([*argv, "--tasks", "boxes", "--score-threshold", "0.4", "--output", str(out)])
+    assert run_multi_predict(args) == 0
+    records = json.loads(out.read_text())
+    assert [Path(r["path"]).name for r in records] == ["img0.png", "img1.png", "img2.png"]
+    assert all(list(r["tasks"]) == ["boxes"] for r in records)
+    assert all(d["score"] >= 0.4 for r in records for d in r["tasks"]["boxes"]["detections"])

@@ -524,7 +524,7 @@ class MultiTask(nn.Module):
         self.models = nn.ModuleDict()
         self._runners: dict[str, _Runner] = {}
         infos_out: dict[str, TaskInfo] = {}
-        shared = {id(t) for t in [*backbone.parameters(), *backbone.buffers()]}
+        shared = {id(t) for t in [*self.backbone.parameters(), *self.backbone.buffers()]}  # after the move
         for name, directory in zip(names, dirs, strict=True):
             model = load(directory, weights=chosen, map_location=device, shared_backbone=backbone).eval()
             info = infos[name]
