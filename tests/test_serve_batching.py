@@ -139,3 +139,11 @@ def test_serve_registers_its_arguments() -> None:
     assert args.adapters == ["a", "seg=b"] and args.port == 9001 and args.max_batch == 4
     assert args.max_wait_ms == 10.0 and args.max_upload_mb == 2.0 and args.host == "127.0.0.1"
     assert args.func.__name__ == "run_serve"
+
+
+def test_serve_command_reports_a_bad_adapter_in_one_line(tmp_path, capsys) -> None:
+    from sidetune.serve.commands import main
+
+    assert main([str(tmp_path / "missing"), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "sidetune serve: error:" in err and "is not an adapter directory" in err and "Traceback" not in err

@@ -200,6 +200,13 @@ def test_adapters_of_another_backbone_size_or_weights_are_refused(adapters, tmp_
     with pytest.raises(sidetune.ConfigError, match=r"'size' differs from 'cls-losa' in img_size 48x48 vs 64x64"):
         MultiTask([adapters["cls-losa"], other_size])
 
+    torch.manual_seed(0)
+    sidetune.create(name, "losa", num_classes=3, img_size=64, backbone_kwargs={"depth": 4}).save_adapter(
+        tmp_path / "shallow"
+    )
+    with pytest.raises(sidetune.ConfigError, match=r"'shallow' differs from 'cls-losa' in backbone_kwargs \{'depth'"):
+        MultiTask([adapters["cls-losa"], tmp_path / "shallow"])
+
     reg_name, reg_kwargs, reg_size = TINY_BACKBONES["vit_reg"]
     torch.manual_seed(0)
     sidetune.create(reg_name, "losa", num_classes=3, img_size=reg_size, backbone_kwargs=reg_kwargs).save_adapter(
