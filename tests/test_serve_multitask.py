@@ -265,3 +265,16 @@ def test_multi_adapter_predict_command_writes_the_records(adapters, tmp_path) ->
     assert [Path(r["path"]).name for r in records] == ["img0.png", "img1.png", "img2.png"]
     assert all(list(r["tasks"]) == ["boxes"] for r in records)
     assert all(d["score"] >= 0.4 for r in records for d in r["tasks"]["boxes"]["detections"])
+
+
+def test_create_on_a_shared_backbone_checks_it_fits(multitask) -> None:
+    name, kwargs, size = TINY_BACKBONES[KEY]
+    shared = multitask.backbone
+    options = {"img_size": size, "backbone_kwargs": kwargs, "shared_backbone": shared}
+    model = sidetune.create(name, "linear", num_classes=2, **options)
+    assert model.backbone is shared
+    assert model.config.backbone_fingerprint == multitask.models["seg"].config.backbone_fingerprint
+    with pytest.raises(sidetune.ConfigError, match=r"shared_backbone is 'test_vit', but backbone='test_vit2'"):
+        sidetune.create("test_vit2", "losa", img_size=size, shared_backbone=shared)
+    with pytest.raises(sidetune.ConfigError, match=r"built for img_size=\(64, 64\), not \(32, 32\)"):
+        sidetune.create(name, "losa", img_size=32, backbone_kwargs=kwargs, shared_backbone=shared)
