@@ -29,6 +29,7 @@ _EXPORTS = {
     "list_methods": "methods",
     "register_method": "methods",
     "SidetuneModel": "model",
+    "MultiTask": "serve",
 }
 
 
@@ -51,6 +52,7 @@ __all__ = [
     "Features",
     "FingerprintMismatchError",
     "FrozenBackbone",
+    "MultiTask",
     "SidetuneError",
     "SidetuneModel",
     "TapRequest",

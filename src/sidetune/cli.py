@@ -64,6 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("sidetune.data.commands", "check a dataset as training reads it: splits, classes, balance, skipped files"),
     "cache": ("sidetune.cache.commands", "build or inspect a tap cache: the backbone's taps on disk, for training"),
     "sweep": ("sidetune.cache.commands", "train a grid of settings in one pass over a tap cache; choose on val"),
+    "serve": ("sidetune.serve.commands", "serve adapters over HTTP: one backbone pass per batch for every task"),
     "bench": ("sidetune.bench.commands", "measure what each method costs: parameters, memory, step time"),
     "plan": ("sidetune.bench.commands", "the largest batch per method within a memory budget, checked by a real run"),
 }

@@ -374,29 +374,49 @@ class ClassificationTask(Task):
         )
         loader = DataLoader(_ImageList(images, tf), batch_size=batch_size, shuffle=False, num_workers=workers)
         device = next(model.parameters()).device
-        k = min(top_k, len(classes))
-        rows: list[dict[str, Any]] = []
+        outputs: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
         with torch.inference_mode():
             for batch, indices in loader:
                 with autocast if autocast is not None else _null():
                     logits = model(batch.to(device))
-                scores, labels = logits.float().softmax(-1).topk(k, -1)
-                for i, s, y in zip(indices.tolist(), scores.tolist(), labels.tolist(), strict=True):
-                    rows.append(
-                        {
-                            "path": str(images[i]),
-                            "label": classes[y[0]],
-                            "score": s[0],
-                            "top_k": [(classes[c], p) for c, p in zip(y, s, strict=True)],
-                        }
-                    )
-        return rows
+                for i, row in zip(indices.tolist(), logits.float().cpu(), strict=True):
+                    outputs[i] = row
+        return rows_from_logits(outputs, images, classes, top_k)
 
     def predict(self, model, info, images, output, **options) -> dict[str, Any]:
         """Write ``output`` (a CSV file, ``-`` for stdout): ``path, label, score, label_2, score_2, ...``."""
         rows = self.predict_rows(model, info, images, **options)
         write_predictions_csv(rows, output)
         return {"images": len(rows), "files": [] if str(output) == "-" else [str(output)], "rows": rows}
+
+    def write_outputs(self, outputs, info, images, output, *, top_k: int = 5, **_: Any) -> dict[str, Any]:
+        """The files of :meth:`predict` from outputs computed elsewhere (one (K,) logit row per image; a shared
+        backbone pass of :class:`sidetune.MultiTask`); ``output`` a folder: ``predictions.csv`` in it."""
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = rows_from_logits(list(outputs), images, info["classes"], top_k)
+        write_predictions_csv(rows, out / "predictions.csv")
+        return {"images": len(rows), "files": [str(out / "predictions.csv")], "rows": rows}
+
+
+def rows_from_logits(logits: Sequence[torch.Tensor], images: Sequence[Path], classes: Sequence[str], top_k: int):
+    """One record per image: ``{"path", "label", "score", "top_k": [(label, score), ...]}`` (softmax scores)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}.")
+    k = min(top_k, len(classes))
+    rows = []
+    for path, row in zip(images, logits, strict=True):
+        scores, labels = row.float().softmax(-1).topk(k)
+        s, y = scores.tolist(), labels.tolist()
+        rows.append(
+            {
+                "path": str(path),
+                "label": classes[y[0]],
+                "score": s[0],
+                "top_k": [(classes[c], p) for c, p in zip(y, s, strict=True)],
+            }
+        )
+    return rows
 
 
 def write_predictions_csv(rows: list[dict[str, Any]], output: str | os.PathLike) -> None:

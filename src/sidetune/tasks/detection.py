@@ -433,6 +433,22 @@ class DetectionTask(DenseTask):
         """Write ``predictions.json`` (COCO-style: ``image_id``, ``file_name``, ``category_id`` (1..K),
         ``category_name``, ``bbox`` [x, y, w, h], ``score``) and ``<stem>_overlay.png`` with the boxes scoring at
         least ``score_threshold`` drawn (and masks for instance segmentation)."""
+        from torchvision.transforms.functional import pil_to_tensor
+
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ConfigError(f"score_threshold must be in [0, 1], got {score_threshold!r}.")
+        device = next(model.parameters()).device
+        outputs = []
+        for path in images:
+            x = pil_to_tensor(load_rgb(path)).float().div(255)
+            with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+                (pred,) = model([x.to(device)])
+            outputs.append({k: v.cpu() for k, v in pred.items()})
+        return self.write_outputs(outputs, info, images, output, score_threshold=score_threshold)
+
+    def write_outputs(self, outputs, info, images, output, *, score_threshold: float = 0.5, **_: Any):
+        """The files of :meth:`predict` from detector outputs computed elsewhere (one torchvision detection dict per
+        image, boxes in its pixels; a shared backbone pass of :class:`sidetune.MultiTask`)."""
         import json
 
         from PIL import Image
@@ -441,21 +457,14 @@ class DetectionTask(DenseTask):
 
         from .segmentation import _unique_stem, palette
 
-        if not 0.0 <= score_threshold <= 1.0:
-            raise ConfigError(f"score_threshold must be in [0, 1], got {score_threshold!r}.")
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
-        device = next(model.parameters()).device
         classes = info["classes"]
         colours = palette(len(classes))
         written: list[str] = []
         detections: list[dict[str, Any]] = []
-        for image_id, path in enumerate(images):
-            img = load_rgb(path)
-            x = pil_to_tensor(img).float().div(255)
-            with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-                (pred,) = model([x.to(device)])
-            pred = {k: v.cpu() for k, v in pred.items()}
+        for image_id, (path, pred) in enumerate(zip(images, outputs, strict=True)):
+            pred = {k: v.detach().cpu() for k, v in pred.items()}
             for box, label, score in zip(
                 pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist(), strict=True
             ):
@@ -471,7 +480,7 @@ class DetectionTask(DenseTask):
                     }
                 )
             keep = pred["scores"] >= score_threshold
-            canvas = pil_to_tensor(img)
+            canvas = pil_to_tensor(load_rgb(path))
             if "masks" in pred and keep.any():
                 canvas = draw_segmentation_masks(canvas, pred["masks"][keep, 0] > 0.5, alpha=0.4)
             if keep.any():

@@ -340,26 +340,34 @@ class SegmentationTask(DenseTask):
     @torch.no_grad()
     def predict(self, model, info, images, output, *, eval_mode: str | None = None, autocast=None, alpha=0.5):
         """Write ``<stem>.png`` (palette PNG, pixel value = class index) and ``<stem>_overlay.png`` per image."""
-        from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor
 
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
         device = next(model.parameters()).device
         mode = eval_mode or info.get("eval_mode", "whole")
-        colours = palette(len(info["classes"]))
         mean = torch.tensor(model.data_config["mean"]).view(3, 1, 1)
         std = torch.tensor(model.data_config["std"]).view(3, 1, 1)
-        written: list[str] = []
+        outputs = []
         for path in images:
-            img = load_rgb(path)
-            rgb = np.asarray(img)
-            x = pil_to_tensor(img).float().div(255)
+            x = pil_to_tensor(load_rgb(path)).float().div(255)
             with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
                 logits = predict_segmentation(
                     model, ((x - mean) / std)[None].to(device), tuple(model.config.img_size), mode=mode
                 )
-            labels = logits.float().argmax(1)[0].cpu().numpy().astype(np.uint8)
+            outputs.append(logits[0].float().cpu())
+        return self.write_outputs(outputs, info, images, output, alpha=alpha)
+
+    def write_outputs(self, outputs, info, images, output, *, alpha: float = 0.5, **_: Any) -> dict[str, Any]:
+        """The files of :meth:`predict` from (K, H, W) logits at each image's size, computed elsewhere (a shared
+        backbone pass of :class:`sidetune.MultiTask`)."""
+        from PIL import Image
+
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        colours = palette(len(info["classes"]))
+        written: list[str] = []
+        for path, logits in zip(images, outputs, strict=True):
+            rgb = np.asarray(load_rgb(path))
+            labels = logits.argmax(0).numpy().astype(np.uint8)
             mask = Image.fromarray(labels, mode="P")
             flat = colours.reshape(-1).tolist()
             mask.putpalette(flat + [0] * (768 - len(flat)))

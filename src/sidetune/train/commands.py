@@ -336,8 +336,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "category_id, category_name, bbox [x, y, w, h], score) and <stem>_overlay.png with the boxes scoring at "
         "least --score-threshold (--output a folder, default predictions/).",
     )
-    p.add_argument("adapter", help="adapter folder written by training (RUN/best or RUN/last) or save_adapter()")
-    p.add_argument("images", help="folder of images (searched recursively) or one image file")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="[ADAPTER] IMAGES",
+        help="the adapter folder (RUN/best, RUN/last or save_adapter() output), then a folder of images (searched "
+        "recursively) or one image file; with --adapter, the images only",
+    )
+    p.add_argument(
+        "--adapter",
+        dest="adapters",
+        action="append",
+        metavar="[NAME=]ADAPTER",
+        help="several adapters of side methods on one backbone, repeatable: one backbone forward per batch feeds "
+        "every task, and each task's files go to OUTPUT/<name>/ as the task writes them alone (docs/serving.md)",
+    )
+    p.add_argument("--tasks", help="with --adapter: comma-separated task names to run (default: all)")
     p.add_argument("--top-k", type=_int_at_least(1), help="classification: predictions per image (default: 5)")
     p.add_argument("--augmentation", help="classification: eval transform (default: the one of training)")
     p.add_argument("--batch-size", type=_int_at_least(1), help="classification: images per batch (default: 64)")
@@ -578,6 +592,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import predict
 
     _threads(args)
+    if args.adapters:
+        return _predict_multi(args)
+    if len(args.paths) != 2:
+        raise ConfigError("predict takes ADAPTER IMAGES (or --adapter A --adapter B ... IMAGES).")
+    args.adapter, args.images = args.paths
     options = {
         k: v
         for k, v in (
@@ -599,6 +618,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if output != "-" or task != "classification":
         print(f"wrote {len(result['files'])} file(s) for {result['images']} image(s) to {output}", file=sys.stderr)
+    return 0
+
+
+def _predict_multi(args: argparse.Namespace) -> int:
+    from ..serve.commands import parse_adapters
+    from .inference import predict_multi
+
+    if len(args.paths) != 1:
+        raise ConfigError("with --adapter, give the images only: predict --adapter A --adapter B IMAGES --output DIR.")
+    if args.output in (None, "-"):
+        raise ConfigError("several adapters write a folder per task: give --output DIR.")
+    for flag, value in (("--augmentation", args.augmentation), ("--eval-mode", args.eval_mode)):
+        if value is not None:
+            raise ConfigError(f"{flag} is not taken with --adapter: each task uses the recipe its run recorded.")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    result = predict_multi(
+        parse_adapters(args.adapters), args.paths[0], args.output, weights=_weights(args.weights),
+        device=args.device, batch_size=args.batch_size or 8, tasks=tasks, top_k=args.top_k,
+        score_threshold=args.score_threshold,
+    )  # fmt: skip
+    for name, written in result["tasks"].items():
+        print(f"{name}: wrote {len(written['files'])} file(s) to {Path(args.output) / name}", file=sys.stderr)
     return 0
 
 

@@ -294,6 +294,55 @@ def predict(
     return {**result, "task": task.name, "mixed_precision": precision}
 
 
+def predict_multi(
+    adapters: list[str] | dict[str, str],
+    images: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    weights: Any = "saved",
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    tasks: list[str] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Predict every image with several adapters sharing ONE backbone forward per batch (:class:`sidetune.MultiTask`)
+    and write each task's files, under ``output/<task name>/``, as that task's :func:`predict` writes them alone
+    (classification ``predictions.csv``; segmentation PNG masks and overlays; detection ``predictions.json`` and
+    overlays). ``options``: ``top_k``, ``score_threshold``.
+
+    Returns:
+        ``{"images": N, "tasks": {name: what its writer returned}}``.
+    """
+    from PIL import Image
+
+    from ..serve import MultiTask
+    from ..tasks import make_task
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    check_output(output, is_file=False)
+    paths = list_images(images)
+    multitask = MultiTask(adapters, weights, device=device)
+    names = multitask.select(tasks)
+    outputs: dict[str, list[Any]] = {name: [] for name in names}
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            batch = [Image.open(p) for p in paths[start : start + batch_size]]
+            for name, out in multitask(batch, names).items():
+                outputs[name] += [o.float().cpu() if isinstance(o, torch.Tensor) else o for o in out]
+    written = {}
+    for name in names:
+        info = multitask.tasks[name]
+        adapter_info = read_inference_info(info.adapter)
+        task = make_task(info.task, _eval_options(info.task, adapter_info))
+        allowed = {"classification": {"top_k"}, "detection": {"score_threshold"}, "instance": {"score_threshold"}}
+        kwargs = {k: v for k, v in options.items() if k in allowed.get(info.task, set()) and v is not None}
+        written[name] = task.write_outputs(
+            outputs[name], {"classes": list(info.classes), **adapter_info}, paths, Path(output) / name, **kwargs
+        )
+    return {"images": len(paths), "tasks": written}
+
+
 def check_output(output: str | os.PathLike, *, is_file: bool) -> None:
     """Fail before any inference when ``output`` cannot be written (a missing parent folder, a file for a folder).
 
