@@ -43,6 +43,7 @@ from sidetune.data.segmentation import (
     label_table,
 )
 from sidetune.data.transforms import AUGMENTATIONS, ToRGB, build_transforms, resolve_backbone_data_config
+from sidetune.data.video import VideoClipDataset, build_video_dataset, build_video_transforms, find_clips
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -85,3 +86,4 @@ __all__ = [
     "to_coco",
     "verify_images",
 ]
+__all__ += ["VideoClipDataset", "build_video_dataset", "build_video_transforms", "find_clips"]  # video clips

@@ -32,6 +32,10 @@ TASK_FLAGS: dict[str, tuple[str, str]] = {
     ),
     "--eval-mode": ("eval_mode", "segmentation inference at full resolution: whole or slide (default: whole)"),
     "--detector": ("detector", "detector head: faster_rcnn, retinanet (detection) or mask_rcnn (instance)"),
+    "--num-frames": ("num_frames", "video: frames sampled per clip, T (default: 8)"),
+    "--frame-sampling": ("frame_sampling", "video: training sampling, random (offset per clip) or uniform"),
+    "--frame-stride": ("frame_stride", "video: frames between sampled frames (default: spread over the clip)"),
+    "--clip-policy": ("clip_policy", "video: clips shorter than T: refuse (default; counted), loop or pad"),
 }
 
 
@@ -174,6 +178,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--label-smoothing": _float_in(0, 1),
             "--head-dropout": _float_in(0, 1),
             "--class-weights": _class_weights,
+            "--num-frames": _int_at_least(1),
+            "--frame-stride": _int_at_least(1),
         }
         g.add_argument(flag, type=kind.get(flag, str), default=s, help=text)
     g.add_argument(
@@ -584,14 +590,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if v is not None
     }
     task = _adapter_task(Path(args.adapter) / ADAPTER_CONFIG)
-    if task == "classification":
+    csv_task = task in ("classification", "video")  # one CSV row per image / clip
+    if csv_task:
         options.setdefault("workers", args.workers)
-    output = args.output or ("-" if task == "classification" else "predictions")
+    output = args.output or ("-" if csv_task else "predictions")
     result = predict(
         args.adapter, args.images, output, weights=_weights(args.weights), device=args.device,
         mixed_precision=args.mixed_precision, **options,
     )  # fmt: skip
-    if output != "-" or task != "classification":
+    if output != "-" or not csv_task:
         print(f"wrote {len(result['files'])} file(s) for {result['images']} image(s) to {output}", file=sys.stderr)
     return 0
 
