@@ -704,16 +704,17 @@ def write_video(
         frames: the frames (H and W even for the 4:2:0 codecs).
         fps: frame rate.
         codec: FFmpeg encoder (default: ``libx264`` for .mp4/.mkv/.mov, ``mjpeg`` for .avi, ``libvpx-vp9`` for .webm).
-        options: encoder options (``{"qp": "18"}``).
+        options: encoder options (``{"qp": "18"}``; MJPEG defaults to a fine quantiser, ``qmin`` 1, ``qmax`` 3).
         intra_only: every frame a key frame: frame ``k`` then decodes to the same pixels whatever the other frames
             are (with a constant quantiser, ``options={"qp": ...}``), which the temporal benchmark relies on.
 
     Returns:
-        ``path``.
+        ``path`` (its folder is created when missing).
     """
     import av
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     codec = codec or {".avi": "mjpeg", ".webm": "libvpx-vp9"}.get(path.suffix.lower(), "libx264")
     frames = [np.ascontiguousarray(f, dtype=np.uint8) for f in frames]
     h, w = frames[0].shape[:2]
@@ -721,6 +722,8 @@ def write_video(
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if options is None and codec == "mjpeg":
+            options = {"qmin": "1", "qmax": "3"}  # FFmpeg's default MJPEG quantiser blurs small frames visibly
         if options:
             stream.options = dict(options)
         if intra_only:
