@@ -60,8 +60,8 @@ def pan_frames(photo: Path, window: int, frames: int, rng: np.random.Generator) 
     The photo is resized to 1.5 windows high (keeping its aspect ratio), so the pan covers its whole width.
     """
     img = Image.open(photo).convert("RGB")
-    h = int(round(1.5 * window)) // 2 * 2
-    w = int(round(img.width * h / img.height))
+    h = round(1.5 * window) // 2 * 2
+    w = round(img.width * h / img.height)
     a = np.asarray(img.resize((w, h), Image.BICUBIC))
     y = int(rng.integers(0, h - window + 1))
     xs = np.round(np.linspace(0, w - window, frames)).astype(int)
