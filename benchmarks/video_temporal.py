@@ -25,7 +25,7 @@ What runs (one process, side by side):
 
 It writes ``docs/benchmarks/video_temporal.{md,json}`` with the command line beside the numbers.
 
-    PYTHONPATH=src python benchmarks/video_temporal.py            # the page's run (CPU, about an hour on 2 cores)
+    PYTHONPATH=src python benchmarks/video_temporal.py            # the page's run (CPU: about 45 min on 2 cores)
     PYTHONPATH=src python benchmarks/video_temporal.py --quick    # a smoke run: tiny sizes, minutes
 """
 
@@ -105,6 +105,7 @@ def train(method: str, args, data: Path, out: Path, epochs: int, lr: float) -> d
         lr=lr,
         warmup_epochs=min(1.0, epochs / 4),
         augmentation="vtab",  # no flip: a mirrored pan is the other class
+        mixed_precision=args.mixed_precision,
         workers=0,
         seed=args.seed,
         output=str(out / method),
@@ -151,13 +152,16 @@ def efficiency(methods: list[str], args) -> list[dict]:
     from sidetune.bench.accounting import saved_tensor_bytes, time_step
 
     rows = []
-    clips = torch.randn(args.eff_batch, args.eff_frames, 3, args.img_size, args.img_size,
+    size = args.eff_img_size
+    clips = torch.randn(args.eff_batch, args.eff_frames, 3, size, size,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     labels = torch.arange(args.eff_batch) % 2
-    for method in methods:
+    for name in methods:
+        method, _, option = name.partition(":")  # "losa:recompute": LoSA with recompute=True
         torch.manual_seed(0)
         model = sidetune.create(BACKBONE, method, task="video", num_frames=args.eff_frames, num_classes=2,
-                                weights=str(WEIGHTS), img_size=args.img_size).train()  # fmt: skip
+                                weights=str(WEIGHTS), img_size=size, **({option: True} if option else {})
+                                ).train()  # fmt: skip
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
         report = saved_tensor_bytes(lambda m=model: F.cross_entropy(m(clips), labels), module=model)
 
@@ -167,9 +171,9 @@ def efficiency(methods: list[str], args) -> list[dict]:
             o.step()
 
         timing = time_step(step, warmup=1, iters=args.eff_iters)
-        rows.append({"method": method, "trainable": model.num_parameters(), "saved_bytes": report.activation_bytes,
+        rows.append({"method": name, "trainable": model.num_parameters(), "saved_bytes": report.activation_bytes,
                      "step_s": timing.median_s, "step_times_s": list(timing.times_s)})  # fmt: skip
-        print(f"efficiency {method}: saved {report.activation_bytes / 2**20:.1f} MiB, step {timing.median_s:.2f} s",
+        print(f"efficiency {name}: saved {report.activation_bytes / 2**20:.1f} MiB, step {timing.median_s:.2f} s",
               flush=True)  # fmt: skip
         del model, opt
     return rows
@@ -186,13 +190,13 @@ def write_report(results: dict, out: Path) -> None:
         f"Made by `{results['command']}` (git {results['git_commit']}, torch {results['torch']}, "
         f"{results['device']}, {results['threads']} threads, {results['date']}). Page: [docs/video.md](../video.md).",
         "",
-        f"Data: {results['data']['clips']} MP4 clips (H.264, intra-only) of {a['frames_per_video']} frames, "
+        f"Data: {', '.join(f'{k} {v}' for k, v in results['data']['clips'].items())} MP4 clips (H.264, intra-only) of {a['frames_per_video']} frames, "
         f"{a['img_size']} px windows panning across CamVid photos; classes {', '.join(CLASSES)}; each photo gives "
         "one clip of each class (the same frames in reverse order, decoded bit-identically), so frame averaging is "
         "exactly at chance (50%).",
         f"Backbone: {BACKBONE} (shared pretrained weights) at {a['img_size']} px, T = {a['frames']} frames sampled "
         "at a random offset in training, uniformly in evaluation; batch "
-        f"{a['batch_size']} clips, float32, seed {a['seed']}.",
+        f"{a['batch_size']} clips, autocast {a['mixed_precision']}, seed {a['seed']}.",
         "",
         "| method | models time | trainable | epochs | lr | best val top-1 | test top-1 | same class for both "
         "directions | median step (s) |",
@@ -212,7 +216,7 @@ def write_report(results: dict, out: Path) -> None:
         f"## Memory and step time at T = {a['eff_frames']}",
         "",
         f"{a['eff_batch']} clips x {a['eff_frames']} frames = {a['eff_batch'] * a['eff_frames']} images of "
-        f"{a['img_size']} px per step, float32, the same clips for every row; bytes saved for backward by one "
+        f"{a['eff_img_size']} px per step, float32, the same clips for every row; bytes saved for backward by one "
         "training forward (`saved_tensor_bytes`: activations only, deduplicated by storage), median of "
         f"{a['eff_iters']} timed training steps (forward, backward, AdamW) after one warm-up.",
         "",
@@ -233,20 +237,27 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=Path("runs/video_temporal/data"), help="where the videos are written")
     p.add_argument("--runs", type=Path, default=Path("runs/video_temporal/runs"), help="training run folders")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks", help="result files")
-    p.add_argument("--photos", type=int, nargs=3, default=(48, 16, 32), metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--img-size", type=int, default=112)
+    p.add_argument("--photos", type=int, nargs=3, default=(32, 8, 16), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--img-size", type=int, default=56, help="training resolution")
     p.add_argument("--frames", type=int, default=8, help="T for training")
     p.add_argument("--frames-per-video", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=8, help="epochs of the side methods")
-    p.add_argument("--inplace-epochs", type=int, default=3, help="epochs of lora / full (each step is ~3x dearer)")
-    p.add_argument("--methods", nargs="+", default=["losa", "linear", "e3va", "lora"])
+    p.add_argument("--epochs", type=int, default=6, help="epochs of the side methods")
+    p.add_argument("--inplace-epochs", type=int, default=2, help="epochs of lora / full (each step is ~3x dearer)")
+    p.add_argument("--methods", nargs="+", default=["losa", "linear", "lora", "e3va"])
     p.add_argument("--lr", type=json.loads, default={"losa": 3e-3, "linear": 3e-3, "e3va": 3e-3, "lora": 1e-3,
                                                      "full": 3e-5}, help="JSON method -> lr")  # fmt: skip
     p.add_argument("--eff-frames", type=int, default=8)
+    p.add_argument("--eff-img-size", type=int, default=112)
     p.add_argument("--eff-batch", type=int, default=2)
     p.add_argument("--eff-iters", type=int, default=3)
-    p.add_argument("--eff-methods", nargs="+", default=["linear", "losa", "e3va", "lora", "full"])
+    p.add_argument(
+        "--eff-methods",
+        nargs="+",
+        default=["linear", "losa", "losa:recompute", "e3va", "lora", "full"],
+        help="method[:option] (option set to True, e.g. losa:recompute)",
+    )
+    p.add_argument("--mixed-precision", default="auto", help="training autocast: auto = bf16 where native, else no")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole script")
@@ -256,11 +267,15 @@ def main() -> int:
         print(f"needs {WEIGHTS} and {PHOTOS} (../shared beside the checkout)", file=sys.stderr)
         return 1
     if args.quick:
-        args.photos, args.img_size, args.epochs, args.inplace_epochs = (4, 2, 2), 56, 1, 1
+        args.photos, args.img_size, args.eff_img_size, args.epochs, args.inplace_epochs = (4, 2, 2), 56, 56, 1, 1
         args.eff_iters, args.frames_per_video = 1, 10
     torch.set_num_threads(args.threads)
     import sidetune
     from sidetune.bench.accounting import environment_info
+    from sidetune.bench.levers import native_low_precision
+
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "bf16" if native_low_precision(torch.bfloat16, torch.device("cpu")) else "no"
 
     env = environment_info("cpu")
     photos = dict(zip(("train", "val", "test"), args.photos, strict=True))
@@ -278,20 +293,24 @@ def main() -> int:
         "training": [],
         "efficiency": [],
         "cuts": (
-            f"ViT-S/14 at {args.img_size} px (not 224); {sum(args.photos)} photos; {args.epochs} epochs for the side "
+            f"training at {args.img_size} px (a 4x4 patch grid; efficiency at {args.eff_img_size} px), not 224; "
+            f"{sum(args.photos)} photos; {args.epochs} epochs for the side "
             f"methods and {args.inplace_epochs} for the in-place ones (their accuracy is fixed at chance by the "
-            "symmetry above, so more epochs cannot change it); one seed; full fine-tuning is trained only with "
-            "--with-full (it is measured for memory and time below)."
+            "symmetry above, so more epochs cannot change it); one seed; full fine-tuning is not trained here (add "
+            "`--methods ... full`; it is as blind to time as LoRA) but is measured for memory and time."
         ),
     }
+    # efficiency first (minutes), then the training rows; the page is rewritten after each, so a run cut short
+    # still leaves what it measured
+    results["efficiency"] = efficiency(args.eff_methods, args)
+    write_report(results, args.out)
     if not args.skip_training:
         for method in args.methods:
             epochs = args.inplace_epochs if method in ("lora", "full") else args.epochs
             row = train(method, args, args.data, args.runs, epochs, args.lr[method])
             print(json.dumps(row), flush=True)
             results["training"].append(row)
-    results["efficiency"] = efficiency(args.eff_methods, args)
-    write_report(results, args.out)
+            write_report(results, args.out)
     print(f"wrote {args.out / 'video_temporal.md'}")
     return 0
 
