@@ -190,7 +190,8 @@ def write_report(results: dict, out: Path) -> None:
         f"Made by `{results['command']}` (git {results['git_commit']}, torch {results['torch']}, "
         f"{results['device']}, {results['threads']} threads, {results['date']}). Page: [docs/video.md](../video.md).",
         "",
-        f"Data: {', '.join(f'{k} {v}' for k, v in results['data']['clips'].items())} MP4 clips (H.264, intra-only) of {a['frames_per_video']} frames, "
+        f"Data: {', '.join(f'{k} {v}' for k, v in results['data']['clips'].items())} MP4 clips (H.264, intra-only) "
+        f"of {a['frames_per_video']} frames, "
         f"{a['img_size']} px windows panning across CamVid photos; classes {', '.join(CLASSES)}; each photo gives "
         "one clip of each class (the same frames in reverse order, decoded bit-identically), so frame averaging is "
         "exactly at chance (50%).",
