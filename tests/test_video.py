@@ -191,3 +191,17 @@ def test_video_adapter_round_trip_keeps_num_frames(tmp_path):
     x = clips(t=4)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["losa", "e3va"])
+def test_video_taps_are_ordinary_taps_of_the_frames_so_a_cache_can_serve_them(method):
+    from sidetune.model import pool_over_time
+
+    model = video(method).eval()
+    perturb(model)
+    x = clips()
+    with torch.no_grad():
+        taps = model.method.backbone(x.flatten(0, 1), model.method.tap_request)  # what a tap cache would store
+        assert all(t.shape[0] == B * T for t in taps.out.values())
+        replayed = model.head(pool_over_time(model.method.forward_taps(taps), T))
+        torch.testing.assert_close(replayed, model(x), rtol=0, atol=0)

@@ -146,11 +146,7 @@ class SidetuneModel(nn.Module):
                 f"frames per clip (input {tuple(clips.shape)}). Sample {t} frames per clip (the video task's "
                 f"num_frames / --num-frames), or build a model with num_frames={clips.shape[1]}."
             )
-        b = clips.shape[0]
-        features = frame_features(self.method, clips.flatten(0, 1), self.frame_chunk)
-        pooled = features.pooled.reshape(b, t, -1).mean(1)
-        tokens = features.tokens
-        return Features(pooled=pooled, tokens=tokens.reshape(b, -1, tokens.shape[-1]) if tokens is not None else None)
+        return pool_over_time(frame_features(self.method, clips.flatten(0, 1), self.frame_chunk), t)
 
     @property
     def task(self) -> str:
@@ -231,6 +227,24 @@ def frame_features(method: nn.Module, frames: torch.Tensor, chunk: int | None = 
     return Features(
         pooled=torch.cat([f.pooled for f in parts]),
         tokens=torch.cat(tokens) if all(t is not None for t in tokens) else None,
+    )
+
+
+def pool_over_time(features: Features, num_frames: int) -> Features:
+    """Per-frame Features of B clips (B*T rows, clip-major) -> the clips' Features.
+
+    ``pooled`` (B*T, C) -> (B, C), the mean over each clip's frames; ``tokens`` (B*T, N, C) -> (B, T*N, C). This is
+    how a video model finishes whichever way its frame features were computed: from the backbone, or from taps
+    served by a cache (``pool_over_time(model.method.forward_taps(taps), T)``, then ``model.head``).
+    """
+    frames, c = features.pooled.shape
+    if frames % num_frames:
+        raise ConfigError(f"{frames} frame features are not a whole number of clips of {num_frames} frames.")
+    b = frames // num_frames
+    tokens = features.tokens
+    return Features(
+        pooled=features.pooled.reshape(b, num_frames, c).mean(1),
+        tokens=tokens.reshape(b, -1, tokens.shape[-1]) if tokens is not None else None,
     )
 
 
