@@ -334,10 +334,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "<stem>.png palette masks (pixel value = class index) and <stem>_overlay.png (--output a folder, default "
         "predictions/). Detection and instance segmentation: predictions.json (COCO results: image_id, file_name, "
         "category_id, category_name, bbox [x, y, w, h], score) and <stem>_overlay.png with the boxes scoring at "
-        "least --score-threshold (--output a folder, default predictions/).",
+        "least --score-threshold (--output a folder, default predictions/). Video: the classification CSV, one row "
+        "per clip (a video file or a folder of frames; clips that cannot be read are named in a warning).",
     )
     p.add_argument("adapter", help="adapter folder written by training (RUN/best or RUN/last) or save_adapter()")
-    p.add_argument("images", help="folder of images (searched recursively) or one image file")
+    p.add_argument(
+        "images", help="folder of images (searched recursively) or one image file; video: video files and frame folders"
+    )
     p.add_argument("--top-k", type=_int_at_least(1), help="classification: predictions per image (default: 5)")
     p.add_argument("--augmentation", help="classification: eval transform (default: the one of training)")
     p.add_argument("--batch-size", type=_int_at_least(1), help="classification: images per batch (default: 64)")
