@@ -205,3 +205,13 @@ def test_video_taps_are_ordinary_taps_of_the_frames_so_a_cache_can_serve_them(me
         assert all(t.shape[0] == B * T for t in taps.out.values())
         replayed = model.head(pool_over_time(model.method.forward_taps(taps), T))
         torch.testing.assert_close(replayed, model(x), rtol=0, atol=0)
+
+
+def test_resume_refuses_a_checkpoint_of_another_frame_count(tmp_path):
+    from dataclasses import asdict
+
+    from sidetune.train.checkpoint import CheckpointError, check_compatible
+
+    saved = asdict(video("linear", num_frames=4).config)
+    with pytest.raises(CheckpointError, match=r"its num_frames is 4 but this run's is 3"):
+        check_compatible(saved, video("linear", num_frames=3), tmp_path)
