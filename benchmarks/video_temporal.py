@@ -148,14 +148,21 @@ def reversal_agreement(model, split: Path, args) -> float:
 
 # -- efficiency at T = 8 ---------------------------------------------------------------------------------------------
 def efficiency(methods: list[str], args) -> list[dict]:
+    """Saved-for-backward bytes and step time of each method on the same clips.
+
+    The steps are timed round-robin (one step of each method per round, ``--eff-iters`` rounds, after a warm-up
+    round), so that a load change on a shared machine falls on every method alike; each row is the median of its
+    rounds.
+    """
+    import statistics
+
     import sidetune
     from sidetune.bench.accounting import saved_tensor_bytes, time_step
 
-    rows = []
     size = args.eff_img_size
-    clips = torch.randn(args.eff_batch, args.eff_frames, 3, size, size,
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    clips = torch.randn(args.eff_batch, args.eff_frames, 3, size, size, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(args.eff_batch) % 2
+    rows, steps = [], []
     for name in methods:
         method, _, option = name.partition(":")  # "losa:recompute": LoSA with recompute=True
         torch.manual_seed(0)
@@ -170,12 +177,17 @@ def efficiency(methods: list[str], args) -> list[dict]:
             F.cross_entropy(m(clips), labels).backward()
             o.step()
 
-        timing = time_step(step, warmup=1, iters=args.eff_iters)
+        step()  # warm-up
+        steps.append(step)
         rows.append({"method": name, "trainable": model.num_parameters(), "saved_bytes": report.activation_bytes,
-                     "step_s": timing.median_s, "step_times_s": list(timing.times_s)})  # fmt: skip
-        print(f"efficiency {name}: saved {report.activation_bytes / 2**20:.1f} MiB, step {timing.median_s:.2f} s",
-              flush=True)  # fmt: skip
-        del model, opt
+                     "step_times_s": []})  # fmt: skip
+        print(f"efficiency {name}: saved {report.activation_bytes / 2**20:.1f} MiB", flush=True)
+    for _ in range(args.eff_iters):
+        for row, step in zip(rows, steps, strict=True):
+            row["step_times_s"].append(time_step(step, warmup=0, iters=1).times_s[0])
+    for row in rows:
+        row["step_s"] = statistics.median(row["step_times_s"])
+        print(f"efficiency {row['method']}: step {row['step_s']:.2f} s {row['step_times_s']}", flush=True)
     return rows
 
 
@@ -219,7 +231,8 @@ def write_report(results: dict, out: Path) -> None:
         f"{a['eff_batch']} clips x {a['eff_frames']} frames = {a['eff_batch'] * a['eff_frames']} images of "
         f"{a['eff_img_size']} px per step, float32, the same clips for every row; bytes saved for backward by one "
         "training forward (`saved_tensor_bytes`: activations only, deduplicated by storage), median of "
-        f"{a['eff_iters']} timed training steps (forward, backward, AdamW) after one warm-up.",
+        f"{a['eff_iters']} training steps (forward, backward, AdamW) per method after one warm-up, timed "
+        "round-robin (one step of each method per round) so that the shared machine's load falls on all alike.",
         "",
         f"| method | trainable | saved for backward (MiB) | vs {ref['method']} | step (s) | vs {ref['method']} |",
         "|---|---:|---:|---:|---:|---:|",
