@@ -152,12 +152,14 @@ def efficiency(methods: list[str], args) -> list[dict]:
 
     The steps are timed round-robin (one step of each method per round, ``--eff-iters`` rounds, after a warm-up
     round), so that a load change on a shared machine falls on every method alike; each row is the median of its
-    rounds.
+    rounds. As ``benchmarks/efficiency.py`` does on this shared 2-core machine, the clock is the process's CPU time
+    with one torch thread (``--threads 1``): two threads under load measure the OpenMP barriers, which punish the
+    many small ops of a side network far more than a backbone's large GEMMs (docs/benchmarks/README.md).
     """
     import statistics
 
     import sidetune
-    from sidetune.bench.accounting import saved_tensor_bytes, time_step
+    from sidetune.bench.accounting import saved_tensor_bytes
 
     size = args.eff_img_size
     clips = torch.randn(args.eff_batch, args.eff_frames, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -184,7 +186,9 @@ def efficiency(methods: list[str], args) -> list[dict]:
         print(f"efficiency {name}: saved {report.activation_bytes / 2**20:.1f} MiB", flush=True)
     for _ in range(args.eff_iters):
         for row, step in zip(rows, steps, strict=True):
-            row["step_times_s"].append(time_step(step, warmup=0, iters=1).times_s[0])
+            start = time.process_time()  # CPU time of this process: the step's work, whatever else runs
+            step()
+            row["step_times_s"].append(time.process_time() - start)
     for row in rows:
         row["step_s"] = statistics.median(row["step_times_s"])
         print(f"efficiency {row['method']}: step {row['step_s']:.2f} s {row['step_times_s']}", flush=True)
@@ -231,10 +235,11 @@ def write_report(results: dict, out: Path) -> None:
         f"{a['eff_batch']} clips x {a['eff_frames']} frames = {a['eff_batch'] * a['eff_frames']} images of "
         f"{a['eff_img_size']} px per step, float32, the same clips for every row; bytes saved for backward by one "
         "training forward (`saved_tensor_bytes`: activations only, deduplicated by storage), median of "
-        f"{a['eff_iters']} training steps (forward, backward, AdamW) per method after one warm-up, timed "
-        "round-robin (one step of each method per round) so that the shared machine's load falls on all alike.",
+        f"{a['eff_iters']} training steps (forward, backward, AdamW) per method after one warm-up, in CPU seconds "
+        "of the process with one torch thread (`time.process_time`, as benchmarks/efficiency.py measures on this "
+        "shared machine), timed round-robin (one step of each method per round).",
         "",
-        f"| method | trainable | saved for backward (MiB) | vs {ref['method']} | step (s) | vs {ref['method']} |",
+        f"| method | trainable | saved for backward (MiB) | vs {ref['method']} | step (CPU s) | vs {ref['method']} |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in e:
@@ -272,7 +277,7 @@ def main() -> int:
         help="method[:option] (option set to True, e.g. losa:recompute)",
     )
     p.add_argument("--mixed-precision", default="auto", help="training autocast: auto = bf16 where native, else no")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: see efficiency())")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole script")
     p.add_argument("--skip-training", action="store_true")
