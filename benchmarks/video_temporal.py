@@ -204,7 +204,8 @@ def write_report(results: dict, out: Path) -> None:
         "# Video: does the side network model time? (pan direction across real photos)",
         "",
         f"Made by `{results['command']}` (git {results['git_commit']}, torch {results['torch']}, "
-        f"{results['device']}, torch threads: {results['threads']}, {results['date']}). Page: [docs/video.md](../video.md).",
+        f"{results['device']}, torch threads: {results['threads']}, {results['date']}). "
+        "Page: [docs/video.md](../video.md).",
         "",
         f"Data: {', '.join(f'{k} {v}' for k, v in results['data']['clips'].items())} MP4 clips (H.264, intra-only) "
         f"of {a['frames_per_video']} frames, "
