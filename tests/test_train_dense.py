@@ -279,7 +279,7 @@ def test_sidetune_cli_dense_grad_accum_and_resume(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         sidetune_main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "{classification,segmentation,detection,instance}" in text and "docs/data.md" in text
+    assert "{classification,segmentation,detection,instance,video}" in text and "docs/data.md" in text
     assert "segnet DIR/<split>/ images + DIR/<split>annot/" in text and "coco COCO JSON: DIR/<split>/" in text
     assert "default: 32 classification, 8 dense tasks" in text
 

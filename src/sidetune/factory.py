@@ -28,8 +28,19 @@ from .model import (
     non_finite_tensors,
 )
 
-TASKS = ("classification", "segmentation", "detection", "instance")
+TASKS = ("classification", "segmentation", "detection", "instance", "video")
 DETECTORS = {"detection": ("faster_rcnn", "retinanet"), "instance": ("mask_rcnn",)}
+
+
+def _mix_over_time_losa(method_module: torch.nn.Module, num_frames: int) -> torch.nn.Module:
+    from .side.losa import mix_over_time
+
+    return mix_over_time(method_module, num_frames)
+
+
+#: Methods that model time in a video model: method name -> ``f(frame_method, num_frames)`` making its side network
+#: mix across the frames of a clip. Every other method classifies the mean over time of its per-frame features.
+TEMPORAL_METHODS = {"losa": _mix_over_time_losa}
 
 
 def _img_size(model: torch.nn.Module, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
@@ -55,6 +66,8 @@ def create(
     head_dropout: float = 0.0,
     head_options: dict[str, Any] | None = None,
     shared_backbone: FrozenBackbone | None = None,
+    num_frames: int | None = None,
+    frame_chunk: int | None = None,
     **method_options: Any,
 ) -> SidetuneModel:
     """Build a frozen timm backbone adapted by ``method``, with a task head.
@@ -64,7 +77,9 @@ def create(
         method: method name (see :func:`sidetune.list_methods`), e.g. ``"losa"``, ``"e3va"``.
         task: ``"classification"``, ``"segmentation"`` (UPerNet on the method's pyramid), ``"detection"``
             (torchvision Faster R-CNN, or RetinaNet with ``head_options={"detector": "retinanet"}``) or
-            ``"instance"`` (Mask R-CNN).
+            ``"instance"`` (Mask R-CNN) or ``"video"`` (clips of ``num_frames`` frames -> class logits; the frames go
+            through the image backbone, LoSA mixes across them, every other method averages its frame features
+            over time; docs/video.md).
         num_classes: number of classes (for detection: object classes, without the background).
         weights: None for a random backbone, ``"hub"`` for timm's pretrained weights (downloads on first
             use), or a path to a ``.safetensors`` / ``.pth`` file of timm weights (position embeddings are
@@ -80,15 +95,26 @@ def create(
             be ``backbone`` built at ``img_size`` with ``weights`` and ``backbone_kwargs`` (those are recorded in
             the config; the fingerprint is computed from the shared weights). In-place methods are refused: they
             change the backbone they adapt.
+        num_frames: video: T, the frames of every clip (required for ``task="video"``, refused otherwise).
+        frame_chunk: video: frames per backbone forward (None: all at once); see :class:`SidetuneModel`.
         **method_options: fields of the method's config dataclass (e.g. ``alpha=16``, ``channel_rank=8``).
 
     Returns:
         A :class:`SidetuneModel`: images to (B, num_classes) logits (classification), (B, num_classes, H, W)
-        logits (segmentation), or a torchvision detector's losses / detections (detection, instance).
+        logits (segmentation), or a torchvision detector's losses / detections (detection, instance), or
+        (B, T, 3, H, W) clips to (B, num_classes) logits (video).
     """
     spec = get_method(method)
     if task not in TASKS:
         raise unknown_choice("task", task, TASKS)
+    if task == "video":
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ConfigError(
+                f"task='video' needs num_frames, the frames per clip (an integer >= 1), got {num_frames!r}."
+            )
+    elif num_frames is not None:
+        raise ConfigError(f"num_frames is for task='video'; task {task!r} takes images.")
+    frame_task = "classification" if task == "video" else task  # a video model is a clip classifier on frames
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}.")
     if not 0.0 <= head_dropout < 1.0:
@@ -109,9 +135,11 @@ def create(
         backbone_cls = FrozenBackbone if spec.kind == "side" else TimmBackbone
         wrapped = backbone_cls(timm_model, family, size, name=backbone)
     backbone_fingerprint = fingerprint(wrapped.model)  # before any method touches the weights
-    method_module = spec.build(wrapped, config, task)
+    method_module = spec.build(wrapped, config, frame_task)
+    if task == "video" and spec.name in TEMPORAL_METHODS:
+        method_module = TEMPORAL_METHODS[spec.name](method_module, num_frames)
     head_options = dict(head_options or {})
-    head = _build_head(task, method_module, num_classes, size, head_dropout, dict(head_options))
+    head = _build_head(frame_task, method_module, num_classes, size, head_dropout, dict(head_options))
     model_config = ModelConfig(
         backbone=backbone,
         img_size=size,
@@ -125,8 +153,9 @@ def create(
         head_dropout=head_dropout,
         head_options=head_options,
         sidetune_version=_version(),
+        num_frames=num_frames,
     )
-    return SidetuneModel(method_module, head, model_config)
+    return SidetuneModel(method_module, head, model_config, frame_chunk=frame_chunk)
 
 
 def _check_shared(
@@ -265,6 +294,7 @@ def load(
             head_dropout=config.head_dropout,
             head_options=config.head_options,
             shared_backbone=shared_backbone,
+            num_frames=config.num_frames,
             **config.method_config,
         )
     except (ConfigError, TypeError) as err:

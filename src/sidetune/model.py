@@ -16,8 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .backbones import TimmBackbone
-from .errors import WeightsError
+from .backbones import Taps, TimmBackbone
+from .errors import ConfigError, WeightsError
 from .features import Features
 from .heads.detection import run_detector, run_detector_on_taps
 
@@ -46,11 +46,12 @@ class ModelConfig:
         backbone_fingerprint: SHA-256 of the backbone weights the adapter was trained on.
         method: registry name of the method.
         method_config: the method's resolved config.
-        task: ``classification``, ``segmentation``, ``detection`` or ``instance``.
+        task: ``classification``, ``segmentation``, ``detection``, ``instance`` or ``video``.
         num_classes: number of classes (detection: object classes, without the background).
         head_dropout: dropout before the classifier.
         head_options: options of the dense task heads.
         sidetune_version: version that wrote the checkpoint.
+        num_frames: frames per clip of a video model (None for the image tasks).
     """
 
     backbone: str
@@ -65,6 +66,7 @@ class ModelConfig:
     head_dropout: float = 0.0
     head_options: dict[str, Any] = field(default_factory=dict)
     sidetune_version: str = ""
+    num_frames: int | None = None
 
     def __post_init__(self) -> None:
         # JSON has no tuples: normalise so that a loaded config equals the one that was saved.
@@ -95,6 +97,9 @@ def _type_problem(name: str, value: Any) -> str | None:
     elif name == "num_classes":
         ok = is_int(value) and value > 0
         want = "a positive integer"
+    elif name == "num_frames":
+        ok = value is None or (is_int(value) and value > 0)
+        want = "null or a positive integer (frames per clip)"
     elif name in ("method_config", "backbone_kwargs", "head_options"):
         ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
         want = "a JSON object"
@@ -193,17 +198,38 @@ class SidetuneModel(nn.Module):
     its loss dict in train mode, its detections in eval mode. ``features(images)`` returns the method's
     :class:`Features` in every case.
 
+    Video (``task="video"``): ``forward(clips)`` takes (B, T, 3, H, W) clips with the model's ``num_frames`` frames
+    and returns (B, num_classes) logits. The frames go through the image backbone as a batch of B*T images
+    (``frame_chunk`` images per backbone forward when set), so the method sees ordinary (B*T, N, C) taps; a method
+    that models time (LoSA: :func:`sidetune.side.losa.mix_over_time`) mixes across the frames of each clip, and
+    the clip's pooled feature is the mean over its frames of the per-frame pooled features.
+
     Args:
         method: the method module (owns the backbone).
         head: the task head, reading Features.
         config: the rebuild recipe (saved with the adapter).
+        frame_chunk: video: frames per backbone forward (None: all B*T at once). It bounds the frozen backbone's
+            working memory (side methods, and every method at inference) and changes no result; an in-place
+            method in training keeps every chunk's activations for backward anyway.
     """
 
-    def __init__(self, method: nn.Module, head: nn.Module, config: ModelConfig) -> None:
+    def __init__(self, method: nn.Module, head: nn.Module, config: ModelConfig, frame_chunk: int | None = None) -> None:
         super().__init__()
         self.method = method
         self.head = head
         self.config = config
+        self.frame_chunk = frame_chunk
+
+    @property
+    def frame_chunk(self) -> int | None:
+        """Video: frames per backbone forward (None: every frame of the batch at once)."""
+        return self._frame_chunk
+
+    @frame_chunk.setter
+    def frame_chunk(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"frame_chunk must be an integer >= 1 or None, got {value!r}.")
+        self._frame_chunk = value
 
     @property
     def backbone(self) -> TimmBackbone:
@@ -215,14 +241,37 @@ class SidetuneModel(nn.Module):
         return self.backbone.data_config
 
     def features(self, images: torch.Tensor) -> Features:
+        """The method's Features of a batch of images (video: of clips, pooled over time)."""
+        if self.config.task == "video":
+            return self.clip_features(images)
         return self.method(images)
+
+    def clip_features(self, clips: torch.Tensor) -> Features:
+        """(B, T, 3, H, W) clips -> Features with ``pooled`` (B, C), the mean over time of each frame's pooled
+        feature, and ``tokens`` (B, T*N, C), the frames' final tokens in time order.
+
+        Raises:
+            ConfigError: not a (B, T, 3, H, W) tensor, or T differs from the model's ``num_frames``.
+        """
+        t = self.config.num_frames
+        if not isinstance(clips, torch.Tensor) or clips.ndim != 5:
+            shape = tuple(clips.shape) if isinstance(clips, torch.Tensor) else type(clips).__name__
+            raise ConfigError(f"a video model takes clips of shape (B, T, 3, H, W), got {shape}.")
+        if clips.shape[1] != t:
+            raise ConfigError(
+                f"this video model was built for clips of {t} frames (num_frames={t}) but got {clips.shape[1]} "
+                f"frames per clip (input {tuple(clips.shape)}). Sample {t} frames per clip (the video task's "
+                f"num_frames / --num-frames), or build a model with num_frames={clips.shape[1]}."
+            )
+        return pool_over_time(frame_features(self.method, clips.flatten(0, 1), self.frame_chunk), t)
 
     @property
     def task(self) -> str:
         return self.config.task
 
     def forward(self, images, targets=None):
-        """Classification: (B, 3, H, W) -> (B, num_classes). Segmentation: -> (B, num_classes, H, W).
+        """Classification: (B, 3, H, W) -> (B, num_classes). Segmentation: -> (B, num_classes, H, W). Video:
+        (B, T, 3, H, W) clips -> (B, num_classes).
 
         Detection / instance: list of (3, H, W) images in [0, 1] (and targets in train mode) -> losses or
         detections, as torchvision's detectors.
@@ -238,6 +287,8 @@ class SidetuneModel(nn.Module):
             return run_detector(self.head, images, targets)  # autocast, if any, around the features only
         if targets is not None:
             raise TypeError(f"{self.config.task} models take images only; compute the loss from the logits.")
+        if self.config.task == "video":
+            return self.head(self.clip_features(images))
         if self.config.task == "segmentation":
             return self.head(self.method(images), size=tuple(images.shape[-2:]))
         return self.head(self.method(images))
@@ -304,6 +355,60 @@ class SidetuneModel(nn.Module):
             lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
         )
         return directory
+
+
+def frame_features(method: nn.Module, frames: torch.Tensor, chunk: int | None = None) -> Features:
+    """A method's Features of (N, 3, H, W) frames, the backbone run on ``chunk`` frames at a time.
+
+    A side method's backbone runs chunk by chunk (without autograd) and its taps are joined into one (N, ...) Taps
+    before the side network reads them, so a side network that mixes across frames (video LoSA) sees every frame
+    of a clip at once. An in-place method runs whole on each chunk.
+    """
+    if chunk is None or chunk >= frames.shape[0]:
+        return method(frames)
+    pieces = frames.split(chunk)
+    if hasattr(method, "forward_taps"):
+        return method.forward_taps(_join_taps([method.backbone(p, method.tap_request) for p in pieces]))
+    parts = [method(p) for p in pieces]
+    tokens = [f.tokens for f in parts]
+    return Features(
+        pooled=torch.cat([f.pooled for f in parts]),
+        tokens=torch.cat(tokens) if all(t is not None for t in tokens) else None,
+    )
+
+
+def pool_over_time(features: Features, num_frames: int) -> Features:
+    """Per-frame Features of B clips (B*T rows, clip-major) -> the clips' Features.
+
+    ``pooled`` (B*T, C) -> (B, C), the mean over each clip's frames; ``tokens`` (B*T, N, C) -> (B, T*N, C). This is
+    how a video model finishes whichever way its frame features were computed: from the backbone, or from taps
+    served by a cache (``pool_over_time(model.method.forward_taps(taps), T)``, then ``model.head``).
+    """
+    frames, c = features.pooled.shape
+    if frames % num_frames:
+        raise ConfigError(f"{frames} frame features are not a whole number of clips of {num_frames} frames.")
+    b = frames // num_frames
+    tokens = features.tokens
+    return Features(
+        pooled=features.pooled.reshape(b, num_frames, c).mean(1),
+        tokens=tokens.reshape(b, -1, tokens.shape[-1]) if tokens is not None else None,
+    )
+
+
+def _join_taps(parts: list[Taps]) -> Taps:
+    """Taps of consecutive chunks of one batch -> the Taps of the whole batch (concatenated along the batch)."""
+    first = parts[0]
+
+    def join(kind: str) -> dict[int, torch.Tensor]:
+        return {i: torch.cat([getattr(p, kind)[i] for p in parts]) for i in getattr(first, kind)}
+
+    return Taps(
+        attn=join("attn"),
+        mlp=join("mlp"),
+        out=join("out"),
+        final=torch.cat([p.final for p in parts]),
+        layout=first.layout,
+    )
 
 
 def _atomic_write(target: Path, write) -> None:

@@ -280,6 +280,70 @@ class LoSA(SideMethod):
         )
 
 
+# -- video: factorised space-time token mixing -------------------------------------------------------------------
+# The paper's video LoSA factorises the token axis into space and time (abstract; DESIGN.md). A video model feeds
+# the frames of B clips through the image backbone as one batch of B*T images, so the taps stay ordinary
+# (B*T, N, C) Taps (clip-major: the frames of a clip are consecutive), as a tap cache would serve them. Only the
+# mixers change: each views its input as (B, T*N, C) and mixes with ``token_shape=(T, N)``. Everything else of
+# LoSA (the refinement recursion, stage crossing, the output norm, the per-frame pooling) is the image model's.
+
+
+class ClipMixer(LowRankMixer):
+    """``g`` on the frames of clips: token mixing over the N tokens of each frame, then over the T frames at each
+    token position (``LowRankTokenMixer(token_shape=(T, N))``), then channel mixing per token.
+
+    The spatial step never mixes two frames (it acts along the N axis of each (clip, frame)); only the temporal
+    step does, and only within a clip.
+
+    Args:
+        channels: C.
+        num_frames: T.
+        tokens: N, tokens per frame (prefix tokens included, as for images).
+        config: the LoSA config (ranks, norm, dropout).
+        size_hint: what the mixer was built for (error messages).
+
+    Shapes: (B*T, N, C) -> (B*T, N, C), the frames of a clip consecutive.
+    """
+
+    def __init__(self, channels: int, num_frames: int, tokens: int, config: LoSAConfig, size_hint: str = "") -> None:
+        super().__init__(channels, (num_frames, tokens), config, size_hint)
+        self.num_frames = num_frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames, n, c = x.shape
+        t = self.num_frames
+        if frames % t:
+            raise ConfigError(
+                f"video LoSA mixes clips of {t} frames, but its input holds {frames} frames, not a whole number of "
+                f"clips; feed (B, {t}, 3, H, W) clips (the taps of B*{t} frames, clip by clip)."
+            )
+        return super().forward(x.reshape(frames // t, t * n, c)).reshape(frames, n, c)
+
+
+def mix_over_time(losa: LoSA, num_frames: int) -> LoSA:
+    """Make an image LoSA the video LoSA for clips of ``num_frames`` frames: every mixer becomes a :class:`ClipMixer`.
+
+    With T = 1 there is no time axis to mix: the model is left as it is, the image LoSA parameter for parameter.
+    The new mixers start as LoSA does (up-projections at zero: the frozen model).
+
+    Args:
+        losa: an image LoSA (classification), changed in place.
+        num_frames: T.
+
+    Returns:
+        ``losa``.
+    """
+    require_positive_int("num_frames", num_frames, "video LoSA")
+    losa.num_frames = num_frames
+    if num_frames == 1:
+        return losa
+    for key, mixer in list(losa.mixers.items()):
+        (tokens,) = mixer.token_mixing.token_shape
+        channels = mixer.channel_mixing.down.in_features
+        losa.mixers[key] = ClipMixer(channels, num_frames, tokens, losa.config, mixer.token_mixing.size_hint)
+    return losa
+
+
 def _build(backbone: FrozenBackbone, config: LoSAConfig, task: str) -> LoSA:
     return LoSA(backbone, config, task)
 

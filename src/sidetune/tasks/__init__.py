@@ -18,6 +18,7 @@ from .classification import ClassificationMeter, ClassificationTask
 from .detection import CocoEvaluator, DetectionTask, coco_evaluate, coco_ground_truth, to_coco_results
 from .instance import InstanceTask
 from .segmentation import SegmentationMetrics, SegmentationTask, confusion_matrix, iou_from_confusion, mean_iou
+from .video import VideoTask
 
 _REGISTRY: dict[str, type[Task]] = {}
 
@@ -36,6 +37,7 @@ register_task(ClassificationTask)
 register_task(SegmentationTask)
 register_task(DetectionTask)
 register_task(InstanceTask)
+register_task(VideoTask)
 
 
 def get_task(name: str) -> type[Task]:

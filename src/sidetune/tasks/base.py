@@ -251,6 +251,12 @@ class Task:
         """What ``inference.json`` records beside an adapter so that eval and predict reproduce the run."""
         return {}
 
+    def list_inputs(self, path: str | os.PathLike) -> list[Path]:
+        """What ``sidetune predict`` reads under ``path``: image files (video: clips)."""
+        from ..train.inference import list_images
+
+        return list_images(path)
+
     def predict(
         self,
         model: SidetuneModel,

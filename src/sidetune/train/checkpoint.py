@@ -50,6 +50,7 @@ _IDENTITY = (
     "img_size",
     "backbone_kwargs",
     "head_options",
+    "num_frames",
 )
 # what a field of an older checkpoint that lacks it stands for
 _ABSENT = {"task": "classification", "head_options": {}}

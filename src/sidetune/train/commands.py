@@ -32,6 +32,10 @@ TASK_FLAGS: dict[str, tuple[str, str]] = {
     ),
     "--eval-mode": ("eval_mode", "segmentation inference at full resolution: whole or slide (default: whole)"),
     "--detector": ("detector", "detector head: faster_rcnn, retinanet (detection) or mask_rcnn (instance)"),
+    "--num-frames": ("num_frames", "video: frames sampled per clip, T (default: 8)"),
+    "--frame-sampling": ("frame_sampling", "video: training sampling, random (offset per clip) or uniform"),
+    "--frame-stride": ("frame_stride", "video: frames between sampled frames (default: spread over the clip)"),
+    "--clip-policy": ("clip_policy", "video: clips shorter than T: refuse (default; counted), loop or pad"),
 }
 
 
@@ -174,6 +178,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--label-smoothing": _float_in(0, 1),
             "--head-dropout": _float_in(0, 1),
             "--class-weights": _class_weights,
+            "--num-frames": _int_at_least(1),
+            "--frame-stride": _int_at_least(1),
         }
         g.add_argument(flag, type=kind.get(flag, str), default=s, help=text)
     g.add_argument(
@@ -334,14 +340,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "<stem>.png palette masks (pixel value = class index) and <stem>_overlay.png (--output a folder, default "
         "predictions/). Detection and instance segmentation: predictions.json (COCO results: image_id, file_name, "
         "category_id, category_name, bbox [x, y, w, h], score) and <stem>_overlay.png with the boxes scoring at "
-        "least --score-threshold (--output a folder, default predictions/).",
+        "least --score-threshold (--output a folder, default predictions/). Video: the classification CSV, one row "
+        "per clip (a video file or a folder of frames; clips that cannot be read are named in a warning).",
     )
     p.add_argument(
         "paths",
         nargs="+",
         metavar="[ADAPTER] IMAGES",
         help="the adapter folder (RUN/best, RUN/last or save_adapter() output), then a folder of images (searched "
-        "recursively) or one image file; with --adapter, the images only",
+        "recursively) or one image file (video: video files and frame folders); with --adapter, the images only",
     )
     p.add_argument(
         "--adapter",
@@ -609,14 +616,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if v is not None
     }
     task = _adapter_task(Path(args.adapter) / ADAPTER_CONFIG)
-    if task == "classification":
+    csv_task = task in ("classification", "video")  # one CSV row per image / clip
+    if csv_task:
         options.setdefault("workers", args.workers)
-    output = args.output or ("-" if task == "classification" else "predictions")
+    output = args.output or ("-" if csv_task else "predictions")
     result = predict(
         args.adapter, args.images, output, weights=_weights(args.weights), device=args.device,
         mixed_precision=args.mixed_precision, **options,
     )  # fmt: skip
-    if output != "-" or task != "classification":
+    if output != "-" or not csv_task:
         print(f"wrote {len(result['files'])} file(s) for {result['images']} image(s) to {output}", file=sys.stderr)
     return 0
 

@@ -97,7 +97,7 @@ def load_for_inference(
             f"{adapter_dir}: inference.json names {len(info['classes'])} classes but the adapter has "
             f"{model.config.num_classes}; restore the file from the run."
         )
-    if model.config.task == "classification":
+    if model.config.task in ("classification", "video"):
         info.setdefault("augmentation", "vtab")
     info.setdefault("mixed_precision", "no")
     info.setdefault("task_options", {})
@@ -186,7 +186,8 @@ def evaluate_adapter(
         _only(task_name, "segmentation", "eval_mode")
         overrides["eval_mode"] = eval_mode
     if augmentation is not None:
-        _only(task_name, "classification", "augmentation")
+        if task_name != "video":  # video's eval transform is chosen like classification's
+            _only(task_name, "classification", "augmentation")
         info["augmentation"] = augmentation
     task = make_task(task_name, {**_eval_options(task_name, info), **overrides})
     dev = next(model.parameters()).device
@@ -277,17 +278,19 @@ def predict(
         ConfigError: an option the adapter's task does not take, or an output that cannot be written.
     """
     from ..tasks import make_task
+    from ..tasks.classification import ClassificationTask
 
     model, info = load_for_inference(adapter_dir, weights, device)
     task = make_task(model.config.task, _eval_options(model.config.task, info))
-    allowed = set(task.predict_options) | ({"batch_size", "workers"} if task.name == "classification" else set())
+    writes_csv = isinstance(task, ClassificationTask)  # classification and video: one CSV row per image or clip
+    allowed = set(task.predict_options) | ({"batch_size", "workers"} if writes_csv else set())
     unknown = sorted(set(options) - allowed)
     if unknown:
         flags = ", ".join("--" + o.replace("_", "-") for o in unknown)
         takes = ", ".join("--" + o.replace("_", "-") for o in sorted(allowed)) or "none"
         raise ConfigError(f"{flags}: not an option of {task.name} predictions (they take: {takes}).")
-    check_output(output, is_file=task.name == "classification")
-    paths = list_images(images)
+    check_output(output, is_file=writes_csv)
+    paths = task.list_inputs(images)
     dev = next(model.parameters()).device
     precision = _precision(mixed_precision, info, dev)
     result = task.predict(model, info, paths, output, autocast=autocast_for(precision, dev), **options)
