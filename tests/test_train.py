@@ -168,7 +168,7 @@ def test_mixed_precision_is_validated_against_the_device():
         resolve_mixed_precision("bf16", on_cpu=True)
     with mock.patch("sidetune.train.setup.native_low_precision", return_value=True):
         assert resolve_mixed_precision("bf16", on_cpu=True) == "bf16"
-    with pytest.raises(ConfigError, match="mixed_precision must be one of"):
+    with pytest.raises(ConfigError, match="--mixed-precision must be one of"):
         TrainConfig(backbone="test_vit", method="linear", mixed_precision="fp8")
 
 
@@ -240,14 +240,14 @@ def test_yaml_config_with_overrides(tmp_path):
         ("lr", -1.0, "lr must be a finite number > 0"),
         ("lr", float("inf"), "lr must be a finite number > 0"),
         ("lr", float("nan"), "lr must be a finite number > 0"),
-        ("weight_decay", float("inf"), "weight_decay must be a finite number"),
+        ("weight_decay", float("inf"), "--weight-decay must be a finite number"),
         ("task_options", {"label_smoothing": 1.0}, "label_smoothing must be in"),
         ("task_options", {"smoothing": 0.1}, "'smoothing' .*did you mean 'label_smoothing'"),
         ("augmentation", "heavy", "not one of the classification recipes"),
         ("layout", "coco", "not a classification layout"),
         ("val_split", "../x", "plain split name"),
-        ("val_fraction", 1.5, "val_fraction must be in"),
-        ("warmup_epochs", 20.0, "longer than epochs"),
+        ("val_fraction", 1.5, "--val-fraction must be in"),
+        ("warmup_epochs", 20.0, "--warmup-epochs 20.0 is longer than --epochs 10"),
     ],
 )
 def test_invalid_settings_are_refused(field, value, message):

@@ -153,18 +153,20 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_epochs", "min_lr"):
             _check_number(name, getattr(self, name), minimum=0.0)
         if self.min_lr > self.lr:
-            raise ConfigError(f"min_lr={self.min_lr} is above lr={self.lr}.")
+            raise ConfigError(f"--min-lr {self.min_lr} is above --lr {self.lr}.")
         if self.warmup_epochs > self.epochs:
-            raise ConfigError(f"warmup_epochs={self.warmup_epochs} is longer than epochs={self.epochs}.")
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs} is longer than --epochs {self.epochs}.")
         if self.clip_grad is not None:
             _check_positive("clip_grad", self.clip_grad)
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
+            raise ConfigError(
+                f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}."
+            )
         if self.augmentation == AUTO:
             self.augmentation = task.augmentations[0]
         if self.augmentation not in task.augmentations:
             recipes = ", ".join(task.augmentations)
-            raise ConfigError(f"augmentation {self.augmentation!r} is not one of the {self.task} recipes: {recipes}.")
+            raise ConfigError(f"--augmentation {self.augmentation} is not one of the {self.task} recipes: {recipes}.")
         if self.layout not in task.layouts:
             raise ConfigError(
                 f"layout {self.layout!r} is not a {self.task} layout; choose from {', '.join(task.layouts)} "
@@ -178,12 +180,12 @@ class TrainConfig:
                 check_split_name(name, value)
         if self.val_fraction is not None:
             if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, int | float):
-                raise ConfigError(f"val_fraction must be a number in (0, 1), got {self.val_fraction!r}.")
+                raise ConfigError(f"--val-fraction must be a number in (0, 1), got {self.val_fraction!r}.")
             if not 0.0 < self.val_fraction < 1.0:
-                raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}.")
+                raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}.")
             if self.val_split not in (None, AUTO):
                 raise ConfigError(
-                    f"give val_split ({self.val_split!r}) or val_fraction ({self.val_fraction}), not both."
+                    f"give --val-split ({self.val_split}) or --val-fraction ({self.val_fraction}), not both."
                 )
             self.val_split = None
         for name in ("method_options", "backbone_kwargs", "head_options", "task_options"):
@@ -246,19 +248,24 @@ class TrainConfig:
         return cls.from_dict({**values, **overrides}, source=repr(str(path)))
 
 
+def _flag(name: str) -> str:
+    """A setting as the command line spells it (``min_lr`` -> ``--min-lr``); messages use it for CLI and API alike."""
+    return "--" + name.replace("_", "-")
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        raise ConfigError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}.")
 
 
 def _check_number(name: str, value: Any, minimum: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < minimum:
-        raise ConfigError(f"{name} must be a finite number >= {minimum:g}, got {value!r}.")
+        raise ConfigError(f"{_flag(name)} must be a finite number >= {minimum:g}, got {value!r}.")
 
 
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}.")
+        raise ConfigError(f"{_flag(name)} must be a finite number > 0, got {value!r}.")
 
 
 def check_split_name(what: str, split: Any) -> None:
