@@ -61,9 +61,12 @@ class LoSAConfig:
         blocks: indices of the tapped blocks (None = all); the side network ends at the last one.
         norm: LayerNorm before each mixing MLP.
         dropout: dropout on the hidden activations.
-        recompute: recompute each mixer's activations in backward (``torch.utils.checkpoint``) instead of
-            keeping them: one (B, N, C) tensor per block is kept instead of about four, at the cost of one
-            more forward of the side network. Results are identical.
+        recompute: keep only each mixer's input ``b + a`` for backward and recompute the mixer's activations
+            from it (``torch.utils.checkpoint`` per block), instead of keeping about four (B, N, C) tensors per
+            block (the inputs of its two LayerNorms, the token-mixing norm's output, the channel-mixing
+            norm's output). The default: one tensor per block is what LoRA with gradient checkpointing keeps
+            (ViT-B/16, batch 8: 238 -> 65 MiB, the same as LoRA+gc's 65 MiB) for one more forward of the small
+            mixers. Results are identical either way.
     """
 
     channel_rank: int = 16
@@ -71,7 +74,7 @@ class LoSAConfig:
     blocks: tuple[int, ...] | None = None
     norm: bool = True
     dropout: float = 0.0
-    recompute: bool = False
+    recompute: bool = True
 
     def __post_init__(self) -> None:
         require_positive_int("channel_rank", self.channel_rank, "LoSA")
@@ -97,19 +100,33 @@ class LowRankMLP(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.drop(self.act(self.down(x))))
+        return self.up(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``drop(GELU(down(x)))``: (..., dim) -> (..., rank)."""
+        return self.drop(self.act(self.down(x)))
 
     def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The same MLP along the second-to-last axis: ``(..., dim, C) -> (..., dim, C)``.
 
         Equal to ``forward(x.transpose(-1, -2)).transpose(-1, -2)``, computed as ``W x + b`` with the weight on
-        the left, so the (large) token tensor is read and written in its own layout instead of being copied
-        into a transposed contiguous one (and back) around each linear layer, forward and backward.
+        the left, one batched product per image (``baddbmm``, the bias added inside the product). The (large)
+        token tensor is read and written in its own layout: ``torch.matmul(W, x)`` would fold the batch into a
+        ``(B C, dim)`` transposed copy of ``x`` and copy its result back, forward and backward (measured on
+        ViT-B shapes, (8, 197, 768) with rank 8: 15 ms -> 1.9 ms for a forward and backward on one CPU thread).
         """
-        h = torch.matmul(self.down.weight, x)
-        h = self.drop(self.act(h + self.down.bias.to(h.dtype)[:, None]))
-        y = torch.matmul(self.up.weight, h)
-        return y + self.up.bias.to(y.dtype)[:, None]
+        return self.up_rows(self.hidden_rows(x)).reshape(x.shape)
+
+    def hidden_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``drop(GELU(W_down x + b_down))`` along the second-to-last axis: (..., dim, C) -> (B', rank, C),
+        the leading axes flattened into B'."""
+        rows = x.reshape(-1, *x.shape[-2:])  # a view for contiguous x
+        h = torch.baddbmm(self.down.bias[:, None], self.down.weight.expand(rows.shape[0], -1, -1), rows)
+        return self.drop(self.act(h))
+
+    def up_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """``W_up h + b_up``: (B', rank, C) -> (B', dim, C)."""
+        return torch.baddbmm(self.up.bias[:, None], self.up.weight.expand(h.shape[0], -1, -1), h)
 
 
 class LowRankTokenMixer(nn.Module):
