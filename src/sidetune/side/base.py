@@ -23,6 +23,9 @@ class SideMethod(nn.Module):
 
     tap_request: TapRequest = TapRequest()
     pyramid_normalized: bool = False
+    #: width of ``Features.pooled`` when it is not the backbone's own (``num_features``): the multi-layer probe
+    #: concatenates several blocks. The classification head is built this wide.
+    pooled_width: int | None = None
 
     def __init__(self, backbone: FrozenBackbone) -> None:
         super().__init__()

@@ -75,6 +75,9 @@ class E3VAConfig:
             batch 8: 211 -> 105 MiB) for one more forward of the adapters. Under autocast the taps are kept in
             the autocast dtype, which is the precision the adapters' first product reads them in. Results are
             identical either way.
+        input_norm: a trainable LayerNorm on each adapter's input, ``A(LN(x))`` (LN starting at weight 1, bias 0).
+            A departure from the paper, whose adapters read the branch outputs as they are (sec. 3.3, eq. 5); see
+            docs/methods.md for why one would, and what it did.
     """
 
     alpha: int = 8
@@ -85,6 +88,7 @@ class E3VAConfig:
     out_stages: tuple[int, ...] | None = None
     copy_final_norm: bool = True
     recompute: bool = True
+    input_norm: bool = False
 
     def __post_init__(self) -> None:
         require_positive_int("alpha", self.alpha, "E3VA")
@@ -140,26 +144,31 @@ class DualLowRankLinear(nn.Module):
 class E3VAAdapter(nn.Module):
     """``up(GELU(down(x)))`` with dual low-rank projections (fig. 4, right). (B, N, C) -> (B, N, C).
 
+    With ``input_norm`` (not the paper's), ``up(GELU(down(LN(x))))``.
+
     The highway never asks an adapter for its output: :meth:`inner` returns the up-projection's low-rank input
     ``z = T_up GELU(down(x))``, (B, N, K alpha), and E3VA applies ``S_up`` and the bias of both adapters of a block
     in one product (see :meth:`E3VA.block_update`). ``forward`` is the adapter as the paper writes it.
     """
 
-    def __init__(self, channels: int, width: int, alpha: int, branches: int, dropout: float) -> None:
+    def __init__(
+        self, channels: int, width: int, alpha: int, branches: int, dropout: float, input_norm: bool = False
+    ) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(channels) if input_norm else nn.Identity()
         self.down = DualLowRankLinear(channels, width, alpha, branches)
         self.act = nn.GELU()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.up = DualLowRankLinear(width, channels, alpha, branches, zero_init=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.drop(self.act(self.down(x))))
+        return self.up(self.drop(self.act(self.down(self.norm(x)))))
 
     def inner(self, x: torch.Tensor) -> torch.Tensor:
         """``z = T_up drop(GELU(S_down T_down x + b_down))``: (B, N, C) -> (B, N, K alpha), the adapter without its
         last factor ``S_up`` and bias."""
         s_down, t_down = self.down.factors()
-        hidden = self.drop(self.act(F.linear(F.linear(x, t_down), s_down, self.down.bias)))  # (B, N, m)
+        hidden = self.drop(self.act(F.linear(F.linear(self.norm(x), t_down), s_down, self.down.bias)))  # (B, N, m)
         return F.linear(hidden, self.up.factors()[1])
 
 
@@ -208,7 +217,7 @@ class E3VA(SideMethod):
 
         def adapter(block: int) -> E3VAAdapter:
             c = layout.stage_dims[layout.block_stage[block]]
-            return E3VAAdapter(c, config.width(c), config.alpha, config.branches, config.dropout)
+            return E3VAAdapter(c, config.width(c), config.alpha, config.branches, config.dropout, config.input_norm)
 
         self.attn_adapters = nn.ModuleList(adapter(i) for i in blocks)
         self.mlp_adapters = nn.ModuleList(adapter(i) for i in blocks)
@@ -256,7 +265,9 @@ class E3VA(SideMethod):
                 delta = carry_across_stage(delta, taps.out[prev_end], downsample, layout.stage_grids[stage - 1])
             for i in layout.stage_blocks(stage):
                 if self.config.recompute and torch.is_grad_enabled():
-                    attn, mlp = _autocast_input(taps.attn[i]), _autocast_input(taps.mlp[i])
+                    attn, mlp = taps.attn[i], taps.mlp[i]
+                    if not self.config.input_norm:  # the first op reading a tap is then the autocast product
+                        attn, mlp = _autocast_input(attn), _autocast_input(mlp)
                     update = checkpoint(self.block_update, i, attn, mlp, use_reentrant=False)
                 else:
                     update = self.block_update(i, taps.attn[i], taps.mlp[i])

@@ -41,14 +41,18 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
-from ..errors import ConfigError, require_positive_int
+from ..errors import ConfigError, require_positive_int, unknown_choice
 from ..features import Features
 from ..method_spec import MethodSpec
 from .base import SideMethod, carry_across_stage, to_final_format, to_map
+
+#: How a mixer reads the backbone: b + a (the paper's figure, as DESIGN.md reads it), LN(b) + a, gamma b + a.
+READS = ("sum", "norm", "gain")
 
 
 @dataclass
@@ -67,6 +71,13 @@ class LoSAConfig:
             norm's output). The default: one tensor per block is what LoRA with gradient checkpointing keeps
             (ViT-B/16, batch 8: 238 -> 65 MiB, the same as LoRA+gc's 65 MiB) for one more forward of the small
             mixers. Results are identical either way.
+        read: how each mixer reads the backbone (``b[l]``: the tapped block's output, ``a[l-1]``: the side state).
+            ``"sum"`` (default): ``g_l(b[l] + a[l-1])``, figure 3 as DESIGN.md reads it. ``"norm"``:
+            ``g_l(LN(b[l]) + a[l-1])``, with a LayerNorm without parameters over the channels of each token.
+            ``"gain"``: ``g_l(gamma_l b[l] + a[l-1])``, with ``gamma_l`` a learnable scalar per block starting at 1
+            (so it starts as ``"sum"``); its gradient reads ``b[l]``, so each tapped block's output is kept for
+            backward besides the mixer's input (twice the default's saved bytes). The head reads ``b[L] + a[L]``
+            in every case. ``"norm"`` and ``"gain"`` depart from the paper's figure: see docs/methods.md.
     """
 
     channel_rank: int = 16
@@ -75,12 +86,15 @@ class LoSAConfig:
     norm: bool = True
     dropout: float = 0.0
     recompute: bool = True
+    read: str = "sum"
 
     def __post_init__(self) -> None:
         require_positive_int("channel_rank", self.channel_rank, "LoSA")
         require_positive_int("token_rank", self.token_rank, "LoSA")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoSA: dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.read not in READS:
+            raise unknown_choice("LoSA read", self.read, READS)
         if self.blocks is not None:
             self.blocks = tuple(sorted({int(b) for b in self.blocks}))
             if not self.blocks:
@@ -246,6 +260,9 @@ class LoSA(SideMethod):
             hint = f"({h}x{w} images: {layout.stage_grids[s][0]}x{layout.stage_grids[s][1]} grid"
             hint += f" + {layout.num_prefix_tokens} prefix tokens)" if s == 0 and layout.num_prefix_tokens else ")"
             self.mixers[str(i)] = LowRankMixer(layout.stage_dims[s], (layout.num_tokens(s),), config, hint)
+        # read="gain": one learnable scalar per tapped block, at 1 (the default reading at initialisation)
+        gains = {str(i): nn.Parameter(torch.ones(())) for i in self.blocks} if config.read == "gain" else {}
+        self.gains = nn.ParameterDict(gains)
         final_norm = backbone.final_norm
         reads_final = self.last_block == layout.num_blocks - 1
         self.out_norm = (
@@ -255,6 +272,15 @@ class LoSA(SideMethod):
         )
         if self.dense:  # dense heads read the raw pyramid, not the pooled head input: nothing to train here
             self.out_norm.requires_grad_(False)
+
+    def _read(self, block: int, b: torch.Tensor) -> torch.Tensor:
+        """What mixer ``block`` reads of the backbone's (B, N, C) output ``b`` (``config.read``)."""
+        read = self.config.read
+        if read == "norm":
+            return F.layer_norm(b, b.shape[-1:])
+        if read == "gain":
+            return self.gains[str(block)] * b
+        return b
 
     def forward_taps(self, taps: Taps) -> Features:
         layout = self.layout
@@ -271,7 +297,7 @@ class LoSA(SideMethod):
                         a, taps.out[end], layout.stage_downsample[stage + 1], layout.stage_grids[stage]
                     )
                 stage += 1
-            b = taps.out[i]
+            b = self._read(i, taps.out[i])
             x = b if a is None else b + a
             mixer = self.mixers[str(i)]
             if self.config.recompute and torch.is_grad_enabled():
