@@ -74,7 +74,8 @@ class E3VAConfig:
             down-projections' weight gradients read them), so this halves what E3VA keeps on Swin (Swin-T,
             batch 8: 211 -> 105 MiB) for one more forward of the adapters. Under autocast the taps are kept in
             the autocast dtype, which is the precision the adapters' first product reads them in. Results are
-            identical either way.
+            identical either way. Where E3VA adapts the prefix tokens only (a class-token ViT classifier), there
+            is nothing worth recomputing (ViT-B: 2.9 MiB kept in all) and the adapters keep their activations.
         input_norm: a trainable LayerNorm on each adapter's input, ``A(LN(x))`` (LN starting at weight 1, bias 0).
             A departure from the paper, whose adapters read the branch outputs as they are (sec. 3.3, eq. 5); see
             docs/methods.md for why one would, and what it did.
@@ -264,7 +265,8 @@ class E3VA(SideMethod):
                     raise ConfigError("E3VA: a stage boundary without a downsampling module cannot carry the highway.")
                 delta = carry_across_stage(delta, taps.out[prev_end], downsample, layout.stage_grids[stage - 1])
             for i in layout.stage_blocks(stage):
-                if self.config.recompute and torch.is_grad_enabled():
+                # prefix tokens only (a class-token ViT): a few KiB per block, nothing worth recomputing
+                if self.config.recompute and not self.prefix_only and torch.is_grad_enabled():
                     attn, mlp = taps.attn[i], taps.mlp[i]
                     if not self.config.input_norm:  # the first op reading a tap is then the autocast product
                         attn, mlp = _autocast_input(attn), _autocast_input(mlp)
