@@ -1,7 +1,7 @@
 """Dense tasks on real data: CamVid segmentation and BCCD detection with the shared DINOv2 ViT-S/14 weights.
 
 Trains every method (each run in its own process, so peak memory is per run) with
-``python -m sidetune.train.dense train ...`` and writes ``docs/results/dense_real.{json,csv}`` and the table of
+``python -m sidetune.cli train --task ...`` and writes ``docs/results/dense_real.{json,csv}`` and the table of
 ``docs/dense_results.md``. Skips with a message when ``../shared`` is absent.
 
 The defaults are a reduced CPU setting (small images, a subset of each split, two epochs); raise them with the
@@ -37,7 +37,7 @@ LR = {"full": 1e-4}  # full fine-tuning needs a smaller step than the adapters
 def command(task: str, method: str, args: argparse.Namespace, output: Path) -> list[str]:
     seg = task == "segmentation"
     cmd = [
-        sys.executable, "-m", "sidetune.train.dense", "train", BACKBONE, method,
+        sys.executable, "-m", "sidetune.cli", "train", BACKBONE, method, "--test-split", "none",
         "--task", task, "--data", str(DATA[task]), "--weights", str(WEIGHTS),
         "--img-size", str(args.seg_img_size if seg else args.det_img_size),
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),

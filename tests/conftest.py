@@ -38,6 +38,17 @@ TINY_BACKBONES: dict[str, tuple[str, dict, int]] = {
 TRANSFORMERS = ("vit", "vit_reg", "dinov2_reg", "swin")
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after): small models run faster without thread hand-offs, and the
+    numbers of reproducibility tests do not depend on the thread count. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def require_asset(path: Path) -> Path:
     """Skip the test, with a message, when ../shared (real weights and data) is not beside the checkout."""
     if not path.exists():

@@ -47,7 +47,8 @@ def test_train_prints_results(data, tmp_path, capsys):
     args = ["train", "test_vit", "linear", "--data", str(data), "--img-size", str(IMG), "--epochs", "1"]
     assert main([*args, "--batch-size", "6", "--workers", "0", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "epoch 1: train loss" in printed and "test top-1" in printed and str(out) in printed
+    assert "epoch 1: train loss" in printed and "test (last checkpoint, 6 images): top-1" in printed
+    assert str(out) in printed and "per class, worst first (recall)" in printed
     assert main([*args, "--batch-size", "6", "--workers", "0", "--output", str(out), "--resume", str(out)]) == 0
 
 

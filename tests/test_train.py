@@ -17,21 +17,20 @@ import sidetune
 from sidetune.bench.levers import native_low_precision
 from sidetune.data import DataError
 from sidetune.errors import ConfigError, SidetuneError
+from sidetune.tasks import make_task
 from sidetune.train import (
     CheckpointError,
     ClassificationMeter,
     TrainConfig,
     WarmupCosine,
     evaluate_adapter,
-    find_checkpoint,
     fit,
     parse_options,
     parse_value,
     predict_images,
     read_log,
 )
-from sidetune.train import checkpoint as checkpoint_module
-from sidetune.train.loop import param_groups, resolve_mixed_precision, unused_parameters
+from sidetune.train.setup import param_groups, resolve_mixed_precision, unused_parameters
 from train_data import CLASSES, IMG, config, make_image_folder, step_losses
 
 
@@ -53,7 +52,7 @@ def test_fit_writes_a_complete_run_directory(data, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert len(steps) == summary["timing"]["steps"] == 4  # 12 train images / 6 per batch, 2 epochs
     assert [r["epoch"] for r in epochs] == [1, 2]
-    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 and r["step_time"] > 0 for r in steps)
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 and r["step_time_s"] > 0 for r in steps)
     assert all(len(r["val_per_class"]) == len(CLASSES) and 0 <= r["val_top1"] <= 1 for r in epochs)
     assert summary["model"]["trainable_parameters"] == result.model.num_parameters()
     assert summary["data"]["train"] == 12 and summary["data"]["val"] == 6 and summary["data"]["test"] == 6
@@ -74,15 +73,6 @@ def test_fit_writes_a_complete_run_directory(data, tmp_path):
         torch.testing.assert_close(reloaded(x), result.model.eval()(x), rtol=0, atol=0)
 
 
-def test_same_seed_gives_the_same_losses_bit_for_bit(data, tmp_path):
-    opts = dict(method="losa", head_dropout=0.3, augmentation="standard")
-    fit(config(data, tmp_path / "a", **opts))
-    fit(config(data, tmp_path / "b", **opts))
-    fit(config(data, tmp_path / "c", seed=1, **opts))
-    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
-    assert step_losses(tmp_path / "a") != step_losses(tmp_path / "c")
-
-
 @pytest.mark.parametrize("method", [m["name"] for m in sidetune.list_methods()])
 def test_every_registered_method_trains_through_the_loop(method, data, tmp_path):
     out = tmp_path / method
@@ -95,67 +85,6 @@ def test_every_registered_method_trains_through_the_loop(method, data, tmp_path)
     fresh = sidetune.create("test_vit", method, num_classes=len(CLASSES), img_size=IMG)
     initial = dict(fresh.named_trainable_parameters())
     assert any(not torch.equal(saved[n], initial[n].detach()) for n in saved), "no trainable tensor changed"
-
-
-# -- reproducible resume ------------------------------------------------------------------------------------------
-class Crash(Exception):
-    pass
-
-
-def crash_at(step: int):
-    def callback(event, record):
-        if event == "step" and record["step"] == step:
-            raise KeyboardInterrupt  # what Ctrl-C does mid-epoch
-
-    return callback
-
-
-def test_resume_mid_epoch_replays_the_uninterrupted_run_exactly(data, tmp_path):
-    # dropout, random augmentation and gradient accumulation all draw on state that the checkpoint must carry
-    opts = dict(
-        method="losa",
-        epochs=3,
-        batch_size=3,
-        grad_accum=2,
-        head_dropout=0.3,
-        augmentation="standard",
-        save_every_steps=1,
-    )
-    fit(config(data, tmp_path / "straight", **opts))
-    with pytest.raises(KeyboardInterrupt):
-        fit(config(data, tmp_path / "stopped", **opts), callback=crash_at(5))  # epoch 2 has steps 4, 5, 6
-    state = json.loads((find_checkpoint(tmp_path / "stopped") / "trainer_state.json").read_text())
-    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (4, 1, 2)  # mid-epoch: 2 of 6 batches
-    fit(config(data, tmp_path / "stopped", resume=str(tmp_path / "stopped"), **opts))
-    straight, resumed = step_losses(tmp_path / "straight"), step_losses(tmp_path / "stopped")
-    assert len(straight) == 9 and resumed == straight
-    a = load_file(str(tmp_path / "straight" / "last" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "stopped" / "last" / "adapter_model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_failure_during_save_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    real_save = checkpoint_module.torch.save
-    calls = {"n": 0}
-
-    def flaky_save(obj, path, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # checkpoint 1 makes 3 torch.save calls (rng, optimizer, scheduler); die inside the 2nd
-            raise Crash("disk full")
-        return real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint_module.torch, "save", flaky_save)
-    with pytest.raises(Crash):
-        fit(config(data, out, epochs=3))
-    monkeypatch.undo()
-    root = out / "checkpoints"
-    assert (root / "LATEST").read_text().strip() == "step-00000003"
-    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step-00000003"]  # no half-written folder
-    assert find_checkpoint(out) == root / "step-00000003"
-    fit(config(data, out, epochs=3, resume=str(out)))
-    fit(config(data, tmp_path / "straight", epochs=3))
-    assert step_losses(out) == step_losses(tmp_path / "straight")
 
 
 def test_resume_from_another_method_or_backbone_names_both(data, tmp_path):
@@ -207,15 +136,7 @@ def test_an_existing_run_is_not_overwritten(data, tmp_path):
         fit(config(data, tmp_path / "run", epochs=1))
 
 
-# -- optimisation details --------------------------------------------------------------------------------------------
-def test_gradient_accumulation_matches_one_big_batch(data, tmp_path):
-    big = fit(config(data, tmp_path / "big", epochs=1, batch_size=6, test_split="none")).model
-    accum = fit(config(data, tmp_path / "accum", epochs=1, batch_size=3, grad_accum=2, test_split="none")).model
-    assert step_losses(tmp_path / "big") == pytest.approx(step_losses(tmp_path / "accum"), rel=1e-5)
-    for (name, a), (_, b) in zip(big.named_trainable_parameters(), accum.named_trainable_parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
-
-
+# -- optimisation details (seeded losses, exact resume and accumulation: test_pipeline.py, for every task) ----------
 def test_warmup_cosine_schedule():
     s = WarmupCosine(warmup_steps=4, total_steps=14, floor=0.1)
     assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -241,11 +162,11 @@ def test_mixed_precision_is_validated_against_the_device():
     with pytest.raises(ConfigError, match="fp16 training needs a CUDA device"):
         resolve_mixed_precision("fp16", on_cpu=True)
     with (
-        mock.patch("sidetune.train.loop.native_low_precision", return_value=False),
+        mock.patch("sidetune.train.setup.native_low_precision", return_value=False),
         pytest.raises(ConfigError, match="no native bfloat16"),
     ):
         resolve_mixed_precision("bf16", on_cpu=True)
-    with mock.patch("sidetune.train.loop.native_low_precision", return_value=True):
+    with mock.patch("sidetune.train.setup.native_low_precision", return_value=True):
         assert resolve_mixed_precision("bf16", on_cpu=True) == "bf16"
     with pytest.raises(ConfigError, match="mixed_precision must be one of"):
         TrainConfig(backbone="test_vit", method="linear", mixed_precision="fp8")
@@ -267,9 +188,11 @@ def test_bf16_on_a_native_cpu_changes_the_numbers_slightly_and_keeps_fp32_state(
 
 def test_unused_parameters_are_found_for_ddp():
     model = sidetune.create("test_vit", "losa", num_classes=3, img_size=IMG)
-    assert unused_parameters(model, [(torch.randn(3, IMG, IMG), 0)] * 2) == []
+    task = make_task("classification")
+    samples = [(torch.randn(3, IMG, IMG), 0)] * 2
+    assert unused_parameters(model, task, samples) == []
     model.head.spare = torch.nn.Linear(2, 2)  # trainable but never called
-    found = unused_parameters(model, [(torch.randn(3, IMG, IMG), 0)] * 2)
+    found = unused_parameters(model, task, samples)
     assert found == ["head.spare.weight", "head.spare.bias"]
     assert all(p.grad is None for p in model.trainable_parameters())
 
@@ -314,9 +237,15 @@ def test_yaml_config_with_overrides(tmp_path):
     ("field", "value", "message"),
     [
         ("epochs", 0, "epochs must be an integer >= 1"),
-        ("lr", -1.0, "lr must be a positive number"),
-        ("label_smoothing", 1.0, "label_smoothing must be in"),
-        ("augmentation", "heavy", "augmentation must be one of"),
+        ("lr", -1.0, "lr must be a finite number > 0"),
+        ("lr", float("inf"), "lr must be a finite number > 0"),
+        ("lr", float("nan"), "lr must be a finite number > 0"),
+        ("weight_decay", float("inf"), "weight_decay must be a finite number"),
+        ("task_options", {"label_smoothing": 1.0}, "label_smoothing must be in"),
+        ("task_options", {"smoothing": 0.1}, "'smoothing' .*did you mean 'label_smoothing'"),
+        ("augmentation", "heavy", "not one of the classification recipes"),
+        ("layout", "coco", "not a classification layout"),
+        ("val_split", "../x", "plain split name"),
         ("val_fraction", 1.5, "val_fraction must be in"),
         ("warmup_epochs", 20.0, "longer than epochs"),
     ],

@@ -12,12 +12,39 @@ The public API::
 
 __version__ = "0.1.0"
 
-from .backbones import FrozenBackbone, TapRequest, Taps, list_backbones
-from .errors import ConfigError, FingerprintMismatchError, SidetuneError, WeightsError
-from .factory import create, load
-from .features import Features
-from .methods import get_method, list_methods, register_method
-from .model import SidetuneModel
+# Names load on first use (PEP 562), so that `import sidetune` (and `sidetune --version`) does not import torch.
+_EXPORTS = {
+    "FrozenBackbone": "backbones",
+    "TapRequest": "backbones",
+    "Taps": "backbones",
+    "list_backbones": "backbones",
+    "ConfigError": "errors",
+    "FingerprintMismatchError": "errors",
+    "SidetuneError": "errors",
+    "WeightsError": "errors",
+    "create": "factory",
+    "load": "factory",
+    "Features": "features",
+    "get_method": "methods",
+    "list_methods": "methods",
+    "register_method": "methods",
+    "SidetuneModel": "model",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "ConfigError",

@@ -1,4 +1,8 @@
-"""The ``sidetune`` command line. Only this module prints and sets up logging."""
+"""The ``sidetune`` command line. Only this module prints and sets up logging.
+
+Start-up is fast: ``sidetune --help`` and ``sidetune --version`` import neither torch nor timm. Each command's
+module is imported, and its full parser built, only when that command runs (or its ``--help`` is asked for).
+"""
 
 from __future__ import annotations
 
@@ -44,12 +48,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommand groups that live beside the code they drive: each module has ``register(subparsers)``,
-# which adds its parsers with ``set_defaults(func=...)``. Add a module here to add its commands.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("sidetune.train.commands", "sidetune.bench.commands")
+# Commands that live beside the code they drive: command -> (module, one-line help). Each module has
+# ``register(subparsers)``, which adds its commands' parsers with ``set_defaults(func=...)``. Add a line here to
+# add a command.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": (
+        "sidetune.train.commands",
+        "train a model (classification, segmentation, detection, instance): a frozen backbone adapted by a method",
+    ),
+    "eval": ("sidetune.train.commands", "evaluate a saved adapter on a labelled split; prints and writes the metrics"),
+    "predict": (
+        "sidetune.train.commands",
+        "predict a folder of images: CSV (classification), PNG masks (segmentation), COCO JSON (detection)",
+    ),
+    "cache": ("sidetune.cache.commands", "build or inspect a tap cache: the backbone's taps on disk, for training"),
+    "sweep": ("sidetune.cache.commands", "train a grid of settings in one pass over a tap cache; choose on val"),
+    "bench": ("sidetune.bench.commands", "measure what each method costs: parameters, memory, step time"),
+    "plan": ("sidetune.bench.commands", "the largest batch per method within a memory budget, checked by a real run"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The ``sidetune`` parser with every command's full parser (``"*"``), or only ``command``'s (its module
+    registers its parsers; the other commands are one-line stubs, which is all ``sidetune --help`` needs)."""
     parser = argparse.ArgumentParser(
         prog="sidetune",
         description="Adapt frozen vision backbones with side networks (E3VA, LoSA) and compare with baselines.",
@@ -69,13 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per method (default: 200)")
     p.add_argument("--no-bench", action="store_true", help="skip the short sidetune bench the demo ends with")
     p.set_defaults(func=_cmd_demo)
-    for module in SUBCOMMAND_MODULES:
+    modules = list(dict.fromkeys(m for m, _ in COMMANDS.values()))
+    full = modules if command == "*" else [COMMANDS[command][0]] if command in COMMANDS else []
+    for module in full:
         importlib.import_module(module).register(sub)
+    for name, (module, text) in COMMANDS.items():
+        if module not in full:
+            sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command word of ``argv`` (the first argument that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from .errors import SidetuneError
 
@@ -84,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except SidetuneError as err:
         print(f"sidetune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"sidetune {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def train_one(
         backbone=f"{backbone} ({name}, random init)",
         method=method,
         trainable=model.num_parameters(),
-        train_acc=result.summary["metrics"]["final_train_top1"],  # running accuracy of the last epoch
+        train_acc=result.summary["metrics"]["final_train"]["top1"],  # running accuracy of the last epoch
         test_acc=result.summary["metrics"]["test"]["top1"],
         ms_per_step=1000 * timing["median_step_time_s"],
         steps=timing["steps"],

@@ -46,6 +46,7 @@ def create(
     backbone_kwargs: dict[str, Any] | None = None,
     head_dropout: float = 0.0,
     head_options: dict[str, Any] | None = None,
+    shared_backbone: FrozenBackbone | None = None,
     **method_options: Any,
 ) -> SidetuneModel:
     """Build a frozen timm backbone adapted by ``method``, with a task head.
@@ -66,6 +67,11 @@ def create(
         head_options: options of the task head: ``UPerNetHead`` arguments (``channels``, ``pool_scales``,
             ``dropout``) for segmentation; ``detector`` and ``build_detector`` arguments (``fpn_channels``,
             ``anchor_sizes``, ``box_head_dim``, ...) for detection.
+        shared_backbone: an already-built :class:`FrozenBackbone` to adapt instead of building a new one, so
+            that several side-method models hold ONE backbone in memory (:class:`sidetune.MultiTask`). It must
+            be ``backbone`` built at ``img_size`` with ``weights`` and ``backbone_kwargs`` (those are recorded in
+            the config; the fingerprint is computed from the shared weights). In-place methods are refused: they
+            change the backbone they adapt.
         **method_options: fields of the method's config dataclass (e.g. ``alpha=16``, ``channel_rank=8``).
 
     Returns:
@@ -83,13 +89,17 @@ def create(
     config = spec.make_config(**method_options)  # fail on bad options before building anything big
     spec.check_family(family_of(backbone).name, backbone)
     requested = img_size if img_size is None else _img_size(torch.nn.Identity(), img_size)
-    timm_model, family = create_timm_model(
-        backbone, weights=weights_spec, img_size=requested, model_kwargs=backbone_kwargs
-    )
-    size = _img_size(timm_model, requested)
-    # Side methods get a backbone frozen for real; in-place methods unfreeze what they train.
-    backbone_cls = FrozenBackbone if spec.kind == "side" else TimmBackbone
-    wrapped = backbone_cls(timm_model, family, size, name=backbone)
+    if shared_backbone is not None:
+        wrapped = _check_shared(shared_backbone, spec.name, spec.kind, backbone, requested)
+        size = wrapped.layout.img_size
+    else:
+        timm_model, family = create_timm_model(
+            backbone, weights=weights_spec, img_size=requested, model_kwargs=backbone_kwargs
+        )
+        size = _img_size(timm_model, requested)
+        # Side methods get a backbone frozen for real; in-place methods unfreeze what they train.
+        backbone_cls = FrozenBackbone if spec.kind == "side" else TimmBackbone
+        wrapped = backbone_cls(timm_model, family, size, name=backbone)
     backbone_fingerprint = fingerprint(wrapped.model)  # before any method touches the weights
     method_module = spec.build(wrapped, config, task)
     head_options = dict(head_options or {})
@@ -109,6 +119,24 @@ def create(
         sidetune_version=_version(),
     )
     return SidetuneModel(method_module, head, model_config)
+
+
+def _check_shared(
+    shared: FrozenBackbone, method: str, kind: str, backbone: str, img_size: tuple[int, int] | None
+) -> FrozenBackbone:
+    """The shared backbone, when ``method`` may adapt it: a side method, the same timm model, the same size."""
+    if kind != "side":
+        raise ConfigError(
+            f"method {method!r} is an in-place method: it changes the backbone it adapts, so it cannot share one "
+            "with other models. Build it without shared_backbone."
+        )
+    if not isinstance(shared, FrozenBackbone):
+        raise ConfigError(f"shared_backbone must be a FrozenBackbone, got {type(shared).__name__}.")
+    if shared.name != backbone:
+        raise ConfigError(f"shared_backbone is {shared.name!r}, but backbone={backbone!r} was asked for.")
+    if img_size is not None and tuple(img_size) != shared.layout.img_size:
+        raise ConfigError(f"shared_backbone was built for img_size={shared.layout.img_size}, not {tuple(img_size)}.")
+    return shared
 
 
 def _build_head(
@@ -173,6 +201,7 @@ def load(
     weights: str | os.PathLike | bool | None = "saved",
     *,
     map_location: str | torch.device = "cpu",
+    shared_backbone: FrozenBackbone | None = None,
 ) -> SidetuneModel:
     """Rebuild a model saved with :meth:`SidetuneModel.save_adapter`.
 
@@ -183,6 +212,8 @@ def load(
             (weights None) is rebuilt from torch's current RNG state: the fingerprint check passes only
             when it is seeded as it was at creation (``torch.manual_seed``).
         map_location: device for the rebuilt model.
+        shared_backbone: rebuild the model around this already-built backbone (see :func:`create`); the
+            fingerprint check applies to it as to a new one.
 
     Raises:
         FingerprintMismatchError: the backbone's weights differ from those the adapter was trained on.
@@ -210,6 +241,7 @@ def load(
         backbone_kwargs=config.backbone_kwargs,
         head_dropout=config.head_dropout,
         head_options=config.head_options,
+        shared_backbone=shared_backbone,
         **config.method_config,
     )
     found = model.config.backbone_fingerprint

@@ -15,7 +15,7 @@ from torch import nn
 
 from .backbones import TimmBackbone
 from .features import Features
-from .heads.detection import run_detector
+from .heads.detection import run_detector, run_detector_on_taps
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -111,7 +111,14 @@ class SidetuneModel(nn.Module):
 
         Detection / instance: list of (3, H, W) images in [0, 1] (and targets in train mode) -> losses or
         detections, as torchvision's detectors.
+
+        Side methods also take a :class:`~sidetune.cache.CachedTaps` batch (from a tap cache) in place of the
+        images: the side network and the head run on it and the backbone does not run at all.
         """
+        from .cache.batch import CachedTaps
+
+        if isinstance(images, CachedTaps):
+            return self._forward_cached(images, targets)
         if self.config.task in ("detection", "instance"):
             return run_detector(self.head, images, targets)  # autocast, if any, around the features only
         if targets is not None:
@@ -119,6 +126,28 @@ class SidetuneModel(nn.Module):
         if self.config.task == "segmentation":
             return self.head(self.method(images), size=tuple(images.shape[-2:]))
         return self.head(self.method(images))
+
+    def _forward_cached(self, cached, targets=None):
+        from .backbones import FrozenBackbone
+        from .errors import ConfigError
+
+        if not isinstance(self.backbone, FrozenBackbone):
+            raise ConfigError(
+                f"method {self.config.method!r} cannot run from a tap cache: it changes the backbone (in-place), so "
+                "the activations of an image change at every step; only side methods (sidetune methods: kind side) "
+                "train from a cache."
+            )
+        layout = self.backbone.layout
+        taps = cached.taps(layout, next(self.backbone.model.parameters()).dtype)
+        if self.config.task in ("detection", "instance"):
+            return run_detector_on_taps(
+                self.head, taps, cached.meta["image_size"], cached.meta["original_size"], targets
+            )
+        if targets is not None:
+            raise TypeError(f"{self.config.task} models take images only; compute the loss from the logits.")
+        if self.config.task == "segmentation":
+            return self.head(self.method(taps), size=tuple(layout.img_size))
+        return self.head(self.method(taps))
 
     # -- parameters ---------------------------------------------------------------------------------------
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -70,6 +70,7 @@ __all__ = [
     "build_detector",
     "default_anchor_sizes",
     "run_detector",
+    "run_detector_on_taps",
 ]
 
 DetectorKind = Literal["retinanet", "faster_rcnn", "mask_rcnn"]
@@ -79,6 +80,9 @@ FeaturesFn = Callable[[torch.Tensor], Features]
 #: The autocast states (device type, dtype) that :func:`run_detector` suspended around the detector and
 #: :class:`PyramidBackbone` restores around the feature function only.
 _FEATURE_AUTOCAST: ContextVar[tuple[tuple[str, torch.dtype], ...]] = ContextVar("_FEATURE_AUTOCAST", default=())
+#: The taps of the batch in progress when a detector runs from a tap cache (:func:`run_detector_on_taps`):
+#: :class:`PyramidBackbone` hands them to the feature function instead of the (placeholder) images.
+_CACHED_TAPS: ContextVar[Any] = ContextVar("_CACHED_TAPS", default=None)
 
 
 def _active_autocast() -> tuple[tuple[str, torch.dtype], ...]:
@@ -111,6 +115,59 @@ def run_detector(detector: nn.Module, images: Any, targets: Any = None) -> Any:
             return detector(images, targets)
     finally:
         _FEATURE_AUTOCAST.reset(token)
+
+
+class _CachedTransform(nn.Module):
+    """Stands in for a detector's transform when its inputs come from a tap cache: the images were normalised and
+    letterboxed (and the targets resized with them) when the cache was built, so nothing is left to do but to
+    say where each image sits inside the padded input. ``postprocess`` (back to original sizes) is the real one.
+    """
+
+    def __init__(self, real: nn.Module, image_sizes: list[tuple[int, int]], padded: torch.Tensor) -> None:
+        super().__init__()
+        self.real = [real]  # a list: not a submodule (the detector keeps owning it)
+        self.image_sizes, self.padded = image_sizes, padded
+
+    def forward(self, images, targets=None):
+        from torchvision.models.detection.image_list import ImageList
+
+        return ImageList(self.padded, self.image_sizes), targets
+
+    def postprocess(self, *args, **kwargs):
+        return self.real[0].postprocess(*args, **kwargs)
+
+
+def run_detector_on_taps(
+    detector: nn.Module,
+    taps: Any,
+    image_sizes: torch.Tensor,
+    original_sizes: torch.Tensor,
+    targets: Any = None,
+) -> Any:
+    """:func:`run_detector` on cached taps instead of images: the same losses (train) or detections mapped back to
+    each image's original size (eval), without running the backbone.
+
+    Args:
+        detector: a detector of :func:`build_detector` whose feature function accepts
+            :class:`~sidetune.backbones.Taps` (every side method does).
+        taps: the taps of the letterboxed, normalised images (what the detector's transform would have fed its
+            backbone).
+        image_sizes: (B, 2) height and width of each letterboxed image inside the padded input.
+        original_sizes: (B, 2) height and width of each image before the letterbox (predictions map back there).
+        targets: the targets in letterboxed coordinates (train mode).
+    """
+    height, width = detector.transform.img_size
+    device = image_sizes.device
+    padded = torch.zeros((), device=device).expand(len(image_sizes), 3, height, width)  # shape only: no memory
+    placeholders = [torch.zeros((), device=device).expand(3, int(h), int(w)) for h, w in original_sizes.tolist()]
+    real = detector.transform
+    detector.transform = _CachedTransform(real, [tuple(int(v) for v in s) for s in image_sizes.tolist()], padded)
+    token = _CACHED_TAPS.set(taps)
+    try:
+        return run_detector(detector, placeholders, targets)
+    finally:
+        _CACHED_TAPS.reset(token)
+        detector.transform = real
 
 
 def _size(img_size: int | Sequence[int]) -> tuple[int, int]:
@@ -208,7 +265,8 @@ class PyramidBackbone(nn.Module):
 
     def features(self, images: torch.Tensor) -> Features:
         fn = self._features_fn if self._features_fn is not None else self.source
-        return fn(images)
+        cached = _CACHED_TAPS.get()
+        return fn(images if cached is None else cached)
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """(B, 3, H, W) normalised images -> ordered dict of (B, out_channels, H / s, W / s) maps, fine to coarse.

@@ -40,9 +40,17 @@ class SideMethod(nn.Module):
         """Channels and strides of ``Features.pyramid``, fine to coarse."""
         return stage_pyramid_spec(self.layout, self.pyramid_stages)
 
-    def forward(self, images: torch.Tensor) -> Features:
-        """(B, 3, H, W) images -> Features."""
-        return self.forward_taps(self.backbone(images, self.tap_request))
+    #: whether :meth:`forward_taps` reads ``taps.final`` (the backbone's ``forward_features`` output)
+    reads_final: bool = False
+
+    def tap_tokens(self) -> int | None:
+        """How many leading tokens of each tap the method reads (None: all); a tap cache stores only those."""
+        return None
+
+    def forward(self, images: torch.Tensor | Taps) -> Features:
+        """(B, 3, H, W) images, or the :class:`Taps` of such images (from a tap cache) -> Features."""
+        taps = images if isinstance(images, Taps) else self.backbone(images, self.tap_request)
+        return self.forward_taps(taps)
 
     def forward_taps(self, taps: Taps) -> Features:
         raise NotImplementedError

@@ -228,6 +228,9 @@ class E3VA(SideMethod):
         if config.copy_final_norm and final_norm is not None and last in self.out_stages:
             self.norms[str(last)] = copy.deepcopy(final_norm).requires_grad_(True)
 
+    def tap_tokens(self) -> int | None:
+        return self.prefix_only
+
     def block_update(self, i: int, attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
         """``A1(attn) + A2(mlp)``: the highway increment of block ``i``, the two parallel adapters summed (eq. 11).
 

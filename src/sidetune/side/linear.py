@@ -22,6 +22,8 @@ class LinearConfig:
 class LinearProbe(SideMethod):
     """Frozen features, pooled by the backbone's own head logic (class token, average or attention pool)."""
 
+    reads_final = True
+
     def __init__(self, backbone: FrozenBackbone, config: LinearConfig, task: str = "classification") -> None:
         super().__init__(backbone)
         self.config = config

@@ -70,6 +70,9 @@ class TrainerState:
         best_metric: best validation score so far (top-1; dense tasks: mIoU or box mAP), or None.
         best_epoch: the epoch (1-based) that reached it.
         elapsed_s: training wall time before this checkpoint (summed over resumed segments).
+        epoch_sums: the running sums of the epoch in progress (loss, samples, task statistics) over every
+            process, so that the epoch record after a mid-epoch resume covers the whole epoch.
+        nonfinite_steps: optimizer steps skipped so far because their loss was not finite.
         model: the model's :class:`~sidetune.model.ModelConfig` as a dict (checked on resume).
         run: facts of the run that shape the schedule (steps per epoch, processes, batch size).
     """
@@ -80,6 +83,8 @@ class TrainerState:
     best_metric: float | None = None
     best_epoch: int | None = None
     elapsed_s: float = 0.0
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    nonfinite_steps: int = 0
     model: dict[str, Any] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)
 
@@ -168,12 +173,38 @@ def save_checkpoint(
                 if old.name != name and (old.name.startswith("step-") or old.name.startswith(".trash-")):
                     shutil.rmtree(old, ignore_errors=True)
             logger.info("saved checkpoint %s", final)
-    except BaseException:
+    except BaseException as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError | RuntimeError) and _disk_full(err, root):
+            needed = _checkpoint_bytes(model, optimizer)
+            free = shutil.disk_usage(root).free
+            raise CheckpointError(
+                f"the disk holding {str(root)!r} is full: saving the checkpoint of step {state.step} needs about "
+                f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free. The previous checkpoint is intact: free "
+                f"some space and resume with --resume {run_dir}."
+            ) from None
         raise
     accelerator.wait_for_everyone()
     return final
+
+
+def _disk_full(err: BaseException, root: Path) -> bool:
+    """Whether a failed write ran out of space (ENOSPC, or torch's "unexpected pos" from a short write)."""
+    import errno
+
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left" in text or "unexpected pos" in text or "file write failed" in text
+
+
+def _checkpoint_bytes(model: SidetuneModel, optimizer) -> int:
+    """Roughly what a checkpoint takes: the trainable tensors and the optimizer's state tensors."""
+    total = sum(p.numel() * p.element_size() for p in model.trainable_parameters())
+    for state in optimizer.state_dict().get("state", {}).values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return total
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -204,7 +235,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 def read_trainer_state(checkpoint: Path) -> TrainerState:
     try:
         return TrainerState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{str(checkpoint / TRAINER_STATE)!r} is not a sidetune trainer state: {err}") from None
 
 
@@ -252,6 +283,24 @@ def _normal(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples -> lists, so a config read from JSON compares equal
 
 
+def _load(path: Path) -> Any:
+    """``torch.load`` of a checkpoint file: tensors and plain containers only (``weights_only=True``, explicitly).
+
+    Raises:
+        CheckpointError: the file is not a tensor state (tampered, truncated, or pickled objects).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, UnpicklingError for disallowed globals, truncated files
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint state ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "resume from another checkpoint or start a new run."
+        ) from None
+    if not isinstance(state, dict | list | tuple):
+        raise CheckpointError(f"{str(path)!r} holds a {type(state).__name__}, not a checkpoint state.")
+    return state
+
+
 def load_checkpoint(
     checkpoint: Path,
     accelerator,
@@ -279,13 +328,13 @@ def load_checkpoint(
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER, map_location="cpu"))
+    optimizer.load_state_dict(_load(checkpoint / OPTIMIZER))
+    scheduler.load_state_dict(_load(checkpoint / SCHEDULER))
     if (checkpoint / SCALER).is_file() and getattr(accelerator, "scaler", None) is not None:
-        accelerator.scaler.load_state_dict(torch.load(checkpoint / SCALER, map_location="cpu"))
+        accelerator.scaler.load_state_dict(_load(checkpoint / SCALER))
     rng = checkpoint / _rng_file(accelerator.process_index)
     if rng.is_file():
-        restore_rng(torch.load(rng, map_location="cpu"))
+        restore_rng(_load(rng))
     else:
         logger.warning(
             "%s has no RNG state for process %d; dropout will not replay exactly", checkpoint, accelerator.process_index

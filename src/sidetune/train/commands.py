@@ -1,73 +1,145 @@
 """``sidetune train``, ``sidetune eval`` and ``sidetune predict``: the command-line face of :mod:`sidetune.train`.
 
-Registered by :data:`sidetune.cli.SUBCOMMAND_MODULES`. Only this module prints and draws progress bars.
+One parser per command, whatever the task: ``--task`` is a normal option, and an option the chosen task does not
+use is refused naming the task's own. Registered through :data:`sidetune.cli.COMMANDS` (which holds each command's
+one-line help); only this module prints and draws progress bars.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from ..data import AUGMENTATIONS
-from .config import MIXED_PRECISION, TrainConfig, parse_options
+from ..errors import ConfigError
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 _NONE = ("none", "null", "")
+DATA_DOCS = "docs/data.md"
+
+# task option flags: flag -> (task_options key, help). A task that lacks the key refuses the flag.
+TASK_FLAGS: dict[str, tuple[str, str]] = {
+    "--label-smoothing": ("label_smoothing", "cross-entropy label smoothing (classification; default: 0)"),
+    "--head-dropout": ("head_dropout", "dropout before the classifier (classification; default: 0)"),
+    "--class-weights": (
+        "class_weights",
+        "weigh the loss by class: 'auto' (inverse frequency of the training split; pixels for segmentation) or "
+        "w1,w2,... one per class (classification, segmentation; default: none). Use it when a class is rare.",
+    ),
+    "--eval-mode": ("eval_mode", "segmentation inference at full resolution: whole or slide (default: whole)"),
+    "--detector": ("detector", "detector head: faster_rcnn, retinanet (detection) or mask_rcnn (instance)"),
+}
 
 
-def _d(name: str) -> str:
-    return f" (default: {_DEFAULTS[name]})"
+# -- argument types: bad values fail at parse time with the flag named -----------------------------------------
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, *, low_open: bool = False, none: bool = False):
+    def parse(text: str) -> float | None:
+        if none and text.strip().lower() in _NONE:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _optional_str(text: str) -> str | None:
     return None if text.strip().lower() in _NONE else text
 
 
-def _optional_float(text: str) -> float | None:
-    return None if text.strip().lower() in _NONE else float(text)
+def _class_weights(text: str) -> Any:
+    from .config import parse_value
+
+    value = parse_value(text)
+    return value if isinstance(value, str | tuple) else (value,)
+
+
+def _layout_lines() -> str:
+    from ..tasks import list_tasks
+
+    lines = []
+    for task in list_tasks():
+        lines.append(f"  {task['name']}:")
+        lines += [f"    {name:<12} {text}" for name, text in task["layouts"].items()]
+    return "\n".join(lines)
+
+
+def _common_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="saved", help="backbone weights (default: the path the adapter recorded)")
+    p.add_argument("--device", help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        help="autocast of the forward (default: the precision the run trained in, when this device runs it)",
+    )
+    p.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's)")
+    p.add_argument("--workers", type=_int_at_least(0), default=0, help="data-loading processes (default: 0)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``eval`` and ``predict`` to the ``sidetune`` parser."""
     s = argparse.SUPPRESS
+    from ..tasks import list_tasks
+
+    tasks = [t["name"] for t in list_tasks()]
+    layouts = sorted({name for t in list_tasks() for name in t["layouts"]})
     p = subparsers.add_parser(
         "train",
-        help="train a classifier (or, with --task, a segmentation/detection model): a frozen backbone adapted by "
-        "one method",
         description=(
-            "Train a classifier on a frozen timm backbone adapted by METHOD, with AdamW, warm-up + cosine "
+            "Train a model of any task on a frozen timm backbone adapted by METHOD, with AdamW, warm-up + cosine "
             "schedule, gradient accumulation, evaluation, best/last adapter checkpoints and resumable state. "
-            "Settings come from --config run.yaml, overridden by the flags given on the command line. Runs the "
-            "same under `torchrun --nproc_per_node N -m sidetune.cli train ...` or `accelerate launch`. Writes "
-            "OUTPUT/{log.jsonl,summary.json,curves.png,train_config.yaml,best/,last/,checkpoints/}.\n\n"
-            "--task segmentation|detection|instance trains a dense model instead (docs/dense.md), with the same "
-            "recipe, --grad-accum and --resume; it writes OUTPUT/{log.jsonl,summary.json,train_config.json,best/,"
-            "last/,checkpoints/}."
+            "Settings come from --config run.yaml (TrainConfig fields), overridden by the flags given on the "
+            "command line. Runs the same under `torchrun --nproc_per_node N -m sidetune.cli train ...` or "
+            "`accelerate launch`. Writes OUTPUT/{log.jsonl,summary.json,curves.png,train_config.yaml,best/,last/,"
+            "checkpoints/} for every task.\n\nData layouts (--layout; every folder tree with an example: "
+            f"{DATA_DOCS}; check a dataset first with `sidetune data check DIR --task T`):\n" + _layout_lines()
         ),
         epilog=(
-            "example: sidetune train vit_small_patch14_dinov2 losa --weights vit_s.safetensors --img-size 224 "
-            "--data ../shared/assets/data/cifar10-1k --val-fraction 0.2 --epochs 10 --output runs/losa"
+            "examples:\n  sidetune train vit_small_patch14_dinov2 losa --weights vit_s.safetensors --img-size 224 "
+            "--data ../shared/assets/data/cifar10-1k --val-fraction 0.2 --epochs 10 --output runs/losa\n"
+            "  sidetune train vit_small_patch14_dinov2 e3va --task segmentation --data "
+            "../shared/assets/data/camvid-240x180 --img-size 224 --epochs 4 --output runs/camvid"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("backbone", nargs="?", default=s, help="timm model name (see `sidetune backbones`)")
     p.add_argument("method", nargs="?", default=s, help="adaptation method (see `sidetune methods`)")
     p.add_argument("--config", metavar="YAML", help="run settings as YAML (TrainConfig fields); flags override it")
+    p.add_argument("--task", choices=tasks, default=s, help="what to train (default: classification)")
     g = p.add_argument_group("model")
     g.add_argument(
         "--weights",
         type=_optional_str,
         default=s,
-        help="backbone weights: a .safetensors/.pth file, "
-        "'hub' (timm's pretrained, downloads) or 'none' for a random backbone (default: none)",
+        help="backbone weights: a .safetensors/.pth file, 'hub' (timm's pretrained, downloads) or 'none' for a "
+        "random backbone (default: none)",
     )
-    g.add_argument("--img-size", type=int, default=s, help="input size in pixels (default: the backbone's)")
+    g.add_argument(
+        "--img-size", type=_int_at_least(1), default=s, help="input size in pixels (default: the backbone's)"
+    )
     g.add_argument(
         "--opt",
         metavar="KEY=VALUE",
@@ -83,95 +155,131 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=s,
         help="extra timm.create_model argument, repeatable (e.g. --backbone-opt depth=4)",
     )
-    g.add_argument("--head-dropout", type=float, default=s, help="dropout before the classifier" + _d("head_dropout"))
+    g.add_argument(
+        "--head-opt",
+        metavar="KEY=VALUE",
+        action="append",
+        default=s,
+        help="dense head option, repeatable (e.g. channels=128 for UPerNet, fpn_channels=128 for detectors)",
+    )
     g.add_argument(
         "--num-classes",
-        type=int,
+        type=_int_at_least(1),
         default=s,
         help="expected class count; the data must agree (default: the training data's)",
     )
+    g = p.add_argument_group("task options (each belongs to the tasks named; others refuse it)")
+    for flag, (_, text) in TASK_FLAGS.items():
+        kind = {
+            "--label-smoothing": _float_in(0, 1),
+            "--head-dropout": _float_in(0, 1),
+            "--class-weights": _class_weights,
+        }
+        g.add_argument(flag, type=kind.get(flag, str), default=s, help=text)
+    g.add_argument(
+        "--task-opt", metavar="KEY=VALUE", action="append", default=s, help="any task option by name, repeatable"
+    )
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        default=s,
-        help="ImageFolder tree (with train/ test/ ... folders or class folders), "
-        "VTAB-1k folder, CSV (path,label) or list file",
-    )
-    g.add_argument(
-        "--layout", choices=("auto", "imagefolder", "vtab", "csv"), default=s, help="data layout" + _d("layout")
-    )
+    g.add_argument("--data", default=s, help=f"the dataset: a folder, CSV or list file ({DATA_DOCS})")
+    g.add_argument("--layout", choices=layouts, default=s, help="data layout of the task (default: auto; see above)")
     g.add_argument(
         "--train-split",
         type=_optional_str,
         default=s,
-        help="training split; 'auto': 'train' when the data has one, else all of it" + _d("train_split"),
+        help="training split; 'auto': 'train' when the data has one (classification: else all of it)",
     )
-    g.add_argument("--val-split", type=_optional_str, default=s, help="validation split (default: none)")
+    g.add_argument(
+        "--val-split", type=_optional_str, default=s, help="validation split; 'auto': 'val' when present; 'none'"
+    )
     g.add_argument(
         "--test-split",
         type=_optional_str,
         default=s,
-        help="split evaluated once after training "
-        "with the best checkpoint; 'auto': 'test' when present; 'none' to skip" + _d("test_split"),
+        help="split scored once after training with the best checkpoint; 'auto': 'test' when present; 'none'",
     )
     g.add_argument(
         "--val-fraction",
-        type=_optional_float,
+        type=_float_in(0, 1, low_open=True, none=True),
         default=s,
-        help="carve this fraction of each training class off as validation, seeded by --seed (instead of --val-split)",
+        help="carve this fraction of the training split off as validation, seeded by --seed "
+        "(classification: per class), instead of --val-split",
     )
+    g.add_argument("--train-limit", type=_int_at_least(1), default=s, help="use the first N training images only")
+    g.add_argument("--val-limit", type=_int_at_least(1), default=s, help="use the first N validation images only")
     g.add_argument(
         "--augmentation",
-        choices=AUGMENTATIONS,
         default=s,
-        help="transform recipe: vtab (resize only), "
-        "none (resize + center crop), standard (random resized crop, flip, colour jitter)" + _d("augmentation"),
+        help="training transform: classification vtab (resize only, default), none (resize + center crop), "
+        "standard (random resized crop, flip, colour jitter); dense tasks standard (scale jitter + crop + flip, "
+        "default) or none (whole images resized)",
     )
-    g.add_argument("--workers", type=int, default=s, help="data-loading processes per training process" + _d("workers"))
+    g.add_argument("--workers", type=_int_at_least(0), default=s, help="data-loading processes per training process")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=s, help="passes over the training data" + _d("epochs"))
-    g.add_argument("--batch-size", type=int, default=s, help="images per process per micro-batch" + _d("batch_size"))
+    g.add_argument("--epochs", type=_int_at_least(1), default=s, help="passes over the training data (default: 10)")
     g.add_argument(
-        "--eval-batch-size", type=int, default=s, help="images per evaluation batch (default: 2x batch size)"
+        "--batch-size",
+        type=_int_at_least(1),
+        default=s,
+        help="images per process per micro-batch (default: 32 classification, 8 dense tasks)",
     )
-    g.add_argument("--lr", type=float, default=s, help="peak learning rate of AdamW" + _d("lr"))
-    g.add_argument("--min-lr", type=float, default=s, help="learning rate at the end of the cosine" + _d("min_lr"))
+    g.add_argument(
+        "--eval-batch-size",
+        type=_int_at_least(1),
+        default=s,
+        help="images per evaluation batch (default: 2x batch size, dense: 1x)",
+    )
+    g.add_argument(
+        "--lr", type=_float_in(0, low_open=True), default=s, help="peak learning rate of AdamW (default: 1e-3)"
+    )
+    g.add_argument("--min-lr", type=_float_in(0), default=s, help="learning rate at the end of the cosine (default: 0)")
     g.add_argument(
         "--weight-decay",
-        type=float,
+        type=_float_in(0),
         default=s,
-        help="AdamW weight decay on weight matrices (never on biases, norms, embeddings, tokens)" + _d("weight_decay"),
+        help="AdamW weight decay on weight matrices, never on biases, norms, embeddings, tokens "
+        "(default: 1e-4 classification, 0.05 dense tasks)",
     )
     g.add_argument(
-        "--warmup-epochs",
-        type=float,
-        default=s,
-        help="linear warm-up in epochs, then cosine decay" + _d("warmup_epochs"),
+        "--warmup-epochs", type=_float_in(0), default=s, help="linear warm-up in epochs, then cosine decay (default: 1)"
     )
     g.add_argument(
-        "--label-smoothing", type=float, default=s, help="cross-entropy label smoothing" + _d("label_smoothing")
+        "--grad-accum", type=_int_at_least(1), default=s, help="micro-batches per optimizer step (default: 1)"
     )
-    g.add_argument("--grad-accum", type=int, default=s, help="micro-batches per optimizer step" + _d("grad_accum"))
-    g.add_argument("--clip-grad", type=_optional_float, default=s, help="max gradient norm (default: no clipping)")
+    g.add_argument(
+        "--clip-grad",
+        type=_float_in(0, low_open=True, none=True),
+        default=s,
+        help="max gradient norm (default: no clipping)",
+    )
     g.add_argument(
         "--mixed-precision",
-        choices=MIXED_PRECISION,
+        choices=("auto", "no", "bf16", "fp16"),
         default=s,
         help="auto: bf16 (or fp16) on CUDA, no on CPU; bf16 also on a CPU with native bfloat16 "
-        "(AVX512-BF16/AMX); fp16 needs CUDA" + _d("mixed_precision"),
+        "(AVX512-BF16/AMX); fp16 needs CUDA (default: auto)",
     )
     g.add_argument(
-        "--seed", type=int, default=s, help="seed of initialisation, data order, augmentation, dropout" + _d("seed")
+        "--nonfinite-patience",
+        type=_int_at_least(0),
+        default=s,
+        help="optimizer steps with a NaN/inf loss to skip before stopping with an error (default: 0)",
     )
+    g.add_argument(
+        "--seed", type=_int_at_least(0), default=s, help="seed of initialisation, data order, augmentation, dropout"
+    )
+    g.add_argument("--threads", type=_int_at_least(1), default=s, help="torch CPU threads per process")
     g.add_argument("--cpu", action="store_true", default=s, help="train on the CPU even when CUDA is available")
     g = p.add_argument_group("run")
-    g.add_argument("--output", default=s, help="run directory" + _d("output"))
+    g.add_argument("--output", default=s, help="run directory (default: runs/run)")
     g.add_argument(
-        "--eval-every", type=int, default=s, help="validate every N epochs (and after the last)" + _d("eval_every")
+        "--eval-every",
+        type=_int_at_least(1),
+        default=s,
+        help="validate every N epochs (and after the last; default: 1)",
     )
     g.add_argument(
         "--save-every-steps",
-        type=int,
+        type=_int_at_least(0),
         default=s,
         help="also save the resumable state every N optimizer steps (default: 0, at epoch ends only)",
     )
@@ -179,62 +287,118 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume", default=s, help="continue a run: its directory (newest checkpoint) or a checkpoint folder"
     )
     g.add_argument(
+        "--cache",
+        default=s,
+        help="train from a tap cache (sidetune cache build) instead of running the backbone; the data settings, "
+        "transforms and backbone must be those of the cache (checked)",
+    )
+    g.add_argument(
         "--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)"
+    )
+    g.add_argument(
+        "--log-every",
+        type=_float_in(0, low_open=True),
+        default=30.0,
+        help="when stdout is not a terminal, print a progress line every this many seconds (default: 30)",
     )
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a saved adapter on a labelled split; prints and writes the metrics as JSON",
-        description="Evaluate an adapter folder (a run's best/ or last/) on labelled data: top-1, top-5, mean class "
-        "accuracy, per-class accuracy and loss. Prints the JSON and writes it to --output.",
+        description="Evaluate an adapter folder (a run's best/ or last/) on labelled data with its task's metrics: "
+        "classification top-1, top-5, mean class accuracy, per-class accuracy and loss; segmentation mIoU, mAcc, "
+        "aAcc and IoU per class; detection COCO box (and mask) mAP. Prints the JSON and writes it to --output. By "
+        "default it runs in the precision the adapter was trained in, so it reproduces the run's numbers.",
     )
     p.add_argument("adapter", help="adapter folder written by training (RUN/best or RUN/last) or save_adapter()")
-    p.add_argument("--data", required=True, help="data folder, CSV or list file (as for training)")
+    p.add_argument("--data", required=True, help=f"the dataset, in a layout of the adapter's task ({DATA_DOCS})")
     p.add_argument(
         "--split",
-        type=_optional_str,
         default="auto",
-        help="split to evaluate; 'auto': 'test' when present, else all of the data (default: auto)",
+        help="split to evaluate; 'auto': classification 'test' when the data has one, else all of it; "
+        "dense tasks 'val' (default: auto)",
     )
-    _inference_args(p)
+    p.add_argument("--layout", choices=layouts, default="auto", help="data layout (default: the run's)")
+    p.add_argument("--batch-size", type=_int_at_least(1), help="images per batch (default: 64, dense tasks 4)")
+    p.add_argument("--augmentation", help="classification: eval transform (default: the one of training)")
+    p.add_argument("--eval-mode", choices=("whole", "slide"), help="segmentation: inference (default: the run's)")
+    _common_inference_args(p)
     p.add_argument("--output", help="metrics JSON to write (default: ADAPTER/eval_<split>.json)")
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser(
         "predict",
-        help="predict the class of every image in a folder; writes CSV path,label,score + top-k",
-        description="Classify every image under IMAGES (recursively) with a saved adapter. CSV columns: path, label, "
-        "score (softmax), then label_2, score_2, ... up to --top-k.",
+        description="Predict every image under IMAGES (recursively; hidden files skipped) with a saved adapter; the "
+        "adapter's task decides what is written. Classification: a CSV with columns path, label, score (softmax), "
+        "then label_2, score_2, ... up to --top-k (--output a file, '-' for stdout, the default). Segmentation: "
+        "<stem>.png palette masks (pixel value = class index) and <stem>_overlay.png (--output a folder, default "
+        "predictions/). Detection and instance segmentation: predictions.json (COCO results: image_id, file_name, "
+        "category_id, category_name, bbox [x, y, w, h], score) and <stem>_overlay.png with the boxes scoring at "
+        "least --score-threshold (--output a folder, default predictions/).",
     )
     p.add_argument("adapter", help="adapter folder written by training (RUN/best or RUN/last) or save_adapter()")
     p.add_argument("images", help="folder of images (searched recursively) or one image file")
-    p.add_argument("--top-k", type=int, default=5, help="predictions per image in the CSV (default: 5)")
-    _inference_args(p)
-    p.add_argument("--output", default="-", help="CSV file to write, '-' for stdout (default: -)")
+    p.add_argument("--top-k", type=_int_at_least(1), help="classification: predictions per image (default: 5)")
+    p.add_argument("--augmentation", help="classification: eval transform (default: the one of training)")
+    p.add_argument("--batch-size", type=_int_at_least(1), help="classification: images per batch (default: 64)")
+    p.add_argument("--eval-mode", choices=("whole", "slide"), help="segmentation: inference (default: the run's)")
+    p.add_argument(
+        "--score-threshold",
+        type=_float_in(0, 1),
+        help="detection: boxes drawn on the overlays score at least this (default: 0.5; the JSON keeps all)",
+    )
+    _common_inference_args(p)
+    p.add_argument("--output", help="CSV file or '-' (classification, default -), or a folder (default predictions/)")
     p.set_defaults(func=cmd_predict)
 
-    from .dense import extend_parsers  # train --task segmentation|detection|instance; eval/predict by saved task
 
-    extend_parsers(subparsers.choices)
+# -- train ----------------------------------------------------------------------------------------------------------
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of ``sidetune train``: defaults < ``--config`` YAML < flags given on the command line.
 
+    Raises:
+        ConfigError: an option the task does not take (named with its flag and the task's own options).
+    """
+    from ..tasks import get_task
+    from .config import TrainConfig, parse_options
 
-def _inference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layout", choices=("auto", "imagefolder", "vtab", "csv"), default="auto", help=argparse.SUPPRESS)
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
-    p.add_argument("--weights", default="saved", help="backbone weights (default: the path the adapter recorded)")
-    p.add_argument("--augmentation", choices=AUGMENTATIONS, help="eval transform (default: the one of training)")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of ``sidetune train``: defaults < ``--config`` YAML < flags given on the command line."""
-    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in _DEFAULTS or k in ("backbone", "method")}
-    if "opt" in vars(args):
+    a = vars(args)
+    fields = set(TrainConfig.field_names())
+    given: dict[str, Any] = {k: v for k, v in a.items() if k in fields and k not in ("task_options",)}
+    if "opt" in a:
         given["method_options"] = parse_options(args.opt, "--opt")
-    if "backbone_opt" in vars(args):
+    if "backbone_opt" in a:
         given["backbone_kwargs"] = parse_options(args.backbone_opt, "--backbone-opt")
+    if "head_opt" in a:
+        given["head_options"] = parse_options(args.head_opt, "--head-opt")
+    task_options = parse_options(a.get("task_opt"), "--task-opt") if "task_opt" in a else {}
+    flags_given = {}
+    for flag, (key, _) in TASK_FLAGS.items():
+        dest = flag[2:].replace("-", "_")
+        if dest in a:
+            task_options[key] = a[dest]
+            flags_given[key] = flag
+    if task_options:
+        given["task_options"] = task_options
+    # the task: the flag, else the YAML's, else classification; its options are checked with CLI names
+    task_name = given.get("task")
+    if task_name is None and args.config:
+        import yaml
+
+        try:
+            task_name = (yaml.safe_load(Path(args.config).read_text()) or {}).get("task")
+        except (OSError, yaml.YAMLError):
+            task_name = None  # from_yaml reports the file's problem
+    task = get_task(task_name or "classification")
+    foreign = sorted(set(task_options) - set(task.option_names()))
+    if foreign:
+        names = [flags_given.get(k, f"--task-opt {k}") for k in foreign]
+        own = [next((f for f, (k, _) in TASK_FLAGS.items() if k == o), f"--task-opt {o}") for o in task.option_names()]
+        raise ConfigError(
+            f"{', '.join(names)}: not an option of --task {task.name} (it takes: {', '.join(own) or 'none'})."
+        )
+    if given.get("head_options") and task.name == "classification":
+        raise ConfigError("--head-opt is for the dense tasks' heads; classification takes --head-dropout.")
     if args.config:
         return TrainConfig.from_yaml(args.config, **given)
     return TrainConfig.from_dict(given, source="the command line")
@@ -247,105 +411,200 @@ def _is_main_process() -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from ..tasks import make_task
     from .loop import fit
 
     config = config_from_args(args)
+    task = make_task(config.task, config.task_options)
     main = _is_main_process()
     show_bar = main and not args.no_progress and sys.stderr.isatty()
+    heartbeat = main and not sys.stdout.isatty()
     bar: list[Any] = []
+    clock: dict[str, float] = {}
 
     def callback(event: str, record: dict[str, Any]) -> None:
         if not main:
             return
         if event == "start":
-            print(f"training {config.backbone} / {config.method} -> {config.output} ({record['total_steps']} steps)")
+            clock.update(
+                start=time.monotonic(), last=time.monotonic(), first=record["step"], total=record["total_steps"]
+            )
+            resumed = f", resuming after step {record['step']}" if record["step"] else ""
+            print(f"training {config.task} {config.backbone} / {config.method} -> {config.output} "
+                  f"({record['total_steps']} steps{resumed})", flush=True)  # fmt: skip
             if show_bar:
                 bar.append(tqdm(total=record["total_steps"], initial=record["step"], unit="step", dynamic_ncols=True))
-        elif event == "step" and bar:
-            bar[0].update(1)
-            bar[0].set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+        elif event == "step":
+            clock["step"] = record["step"]
+            if bar:
+                bar[0].update(1)
+                bar[0].set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+            elif heartbeat and time.monotonic() - clock["last"] >= args.log_every:
+                clock["last"] = time.monotonic()
+                print(_progress_line(record, clock, config), flush=True)
         elif event == "epoch":
-            line = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}"
-            line += f", train top-1 {record['train_top1']:.1%}"
-            if record.get("val_top1") is not None:
-                line += f", val top-1 {record['val_top1']:.1%}"
-            (bar[0].write if bar else print)(line)
+            (bar[0].write if bar else lambda s: print(s, flush=True))(_epoch_line(record, task))
         elif event == "end" and bar:
             bar[0].close()
 
-    result = fit(config, callback=callback)
-    if main:
-        m, t = result.summary["metrics"], result.summary["timing"]
-        if m["best_val_top1"] is not None:
-            print(f"best val top-1 {m['best_val_top1']:.2%} (epoch {m['best_epoch']})")
-        if m["test"] is not None:
+    try:
+        result = fit(config, callback=callback)
+    except KeyboardInterrupt:
+        if bar:
+            bar[0].close()
+        if main:
+            at = f" at step {int(clock['step'])}" if "step" in clock else " before the first step"
             print(
-                f"test top-1 {m['test']['top1']:.2%} on {m['test']['count']} images ({m['test_checkpoint']} checkpoint)"
+                f"sidetune train: interrupted{at}; the last checkpoint is kept. Resume with: "
+                f"{_resume_command(args, config)}",
+                file=sys.stderr,
             )
-        step = t["median_step_time_s"]
-        print(
-            f"{result.summary['model']['trainable_parameters']:,} trainable parameters, "
-            f"{t['steps']} steps, {step * 1000:.1f} ms/step (median), wall {t['wall_time_s']:.1f} s"
-            if step is not None
-            else f"{t['steps']} steps"
-        )
-        print(f"wrote {result.output}/{{summary.json,log.jsonl,curves.png,best,last,checkpoints}}")
+        return 130
+    if main:
+        _print_result(result, task)
     return 0
 
 
+def _resume_command(args: argparse.Namespace, config) -> str:
+    """The command line that continues this run (the one given, plus ``--resume OUTPUT``)."""
+    import shlex
+
+    given = sys.argv[1:] if "train" in sys.argv[1:] else ["train", "..."]
+    words, skip = [], False
+    for word in given:
+        if skip or word.startswith("--resume"):
+            skip = word == "--resume"  # its value follows
+            continue
+        words.append(word)
+    return shlex.join(["sidetune", *words, "--resume", config.output])
+
+
+def _progress_line(record: dict[str, Any], clock: dict[str, float], config) -> str:
+    done = record["step"] - clock["first"]
+    spent = time.monotonic() - clock["start"]
+    rate = done / spent if spent > 0 else 0.0
+    left = (clock["total"] - record["step"]) / rate if rate > 0 else float("nan")
+    images = rate * config.batch_size * config.grad_accum
+    end = time.strftime("%H:%M:%S", time.localtime(time.time() + left)) if math.isfinite(left) else "?"
+    loss = record.get("loss")
+    return (
+        f"step {record['step']}/{clock['total']} (epoch {record['epoch']}): loss "
+        f"{loss if loss is None else f'{loss:.4f}'}, {images:.1f} images/s per process, expected end {end}"
+    )
+
+
+def _epoch_line(record: dict[str, Any], task) -> str:
+    loss = record.get("train_loss")
+    line = f"epoch {record['epoch']}: train loss {loss:.4f}" if loss is not None else f"epoch {record['epoch']}"
+    if record.get("train_top1") is not None:
+        line += f", train top-1 {record['train_top1']:.1%}"
+    val = {k[4:]: v for k, v in record.items() if k.startswith("val_")}
+    if task.score(val) is not None:
+        line += f", val {task.summary_line(val)}"
+    return line
+
+
+def _print_result(result, task) -> None:
+    s = result.summary
+    m, t = s["metrics"], s["timing"]
+    if s["data"]["skipped"]:
+        print(f"skipped {s['data']['skipped']} file(s) while reading the data (listed in summary.json)")
+    if m["best_val"] is not None:
+        print(f"best val {task.headline} {m['best_val']:.4f} (epoch {m['best_epoch']})")
+    if m["test"] is not None:
+        print(f"test ({m['test_checkpoint']} checkpoint, {m['test']['count']} images): "
+              + task.format_metrics(m["test"], s["data"]["classes"]))  # fmt: skip
+    elif m["final_val"] is not None:
+        print("validation (last evaluated): " + task.format_metrics(m["final_val"], s["data"]["classes"]))
+    for warning in s["data"]["warnings"]:
+        print(f"warning: {warning}")
+    step = t["median_step_time_s"]
+    print(
+        f"{s['model']['trainable_parameters']:,} trainable parameters, {t['steps']} steps"
+        + (f", {step * 1000:.1f} ms/step (median)" if step else "")
+        + f", wall {t['wall_time_s']:.1f} s"
+    )
+    out = result.output
+    files = [
+        n for n in ("summary.json", "log.jsonl", "curves.png", "best", "last", "checkpoints") if (out / n).exists()
+    ]
+    print(f"wrote {out}/{{{','.join(files)}}}")
+
+
+# -- eval and predict -----------------------------------------------------------------------------------------------
+def _weights(text: str) -> Any:
+    return None if text.lower() in _NONE else text
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..tasks import make_task
+    from .config import check_split_name
     from .inference import evaluate_adapter
 
+    if args.split not in (None, "auto"):
+        check_split_name("--split", args.split)
+    out = Path(args.output) if args.output else None
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--output {str(out)!r} is a folder; give the JSON file to write.")
+    if out is not None and not out.parent.is_dir():
+        raise ConfigError(f"--output {str(out)!r}: the folder {str(out.parent)!r} does not exist; create it first.")
+    _threads(args)
     metrics = evaluate_adapter(
-        args.adapter,
-        args.data,
-        args.split,
-        layout=args.layout,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        weights=_weights(args.weights),
-        augmentation=args.augmentation,
-        device=args.device,
-    )
-    text = json.dumps(metrics, indent=2)
+        args.adapter, args.data, args.split, layout=args.layout, batch_size=args.batch_size, workers=args.workers,
+        weights=_weights(args.weights), augmentation=args.augmentation, device=args.device,
+        mixed_precision=args.mixed_precision, eval_mode=args.eval_mode,
+    )  # fmt: skip
+    from .metrics import _finite
+
+    text = json.dumps(_finite(metrics), indent=2)
     print(text)
-    out = Path(args.output) if args.output else Path(args.adapter) / f"eval_{metrics['split'] or 'all'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    task = make_task(metrics["task"])
+    print(task.format_metrics(metrics, metrics["classes"]), file=sys.stderr)
+    out = out or Path(args.adapter) / f"eval_{metrics['split'] or 'all'}.json"
     out.write_text(text + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
-def _weights(text: str) -> Any:
-    return None if text.lower() in _NONE else text
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import predict_images
+    from ..model import ADAPTER_CONFIG
+    from .inference import predict
 
-    rows = predict_images(
-        args.adapter,
-        args.images,
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        weights=_weights(args.weights),
-        augmentation=args.augmentation,
-        device=args.device,
-    )
-    k = max((len(r["top_k"]) for r in rows), default=1)
-    header = ["path", "label", "score"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "score")]
-    to_stdout = args.output == "-"
-    f = sys.stdout if to_stdout else open(args.output, "w", newline="")  # noqa: SIM115
-    try:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for r in rows:
-            extra = [v for label, score in r["top_k"][1:] for v in (label, f"{score:.6f}")]
-            writer.writerow([r["path"], r["label"], f"{r['score']:.6f}", *extra])
-    finally:
-        if not to_stdout:
-            f.close()
-    if not to_stdout:
-        print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
+    _threads(args)
+    options = {
+        k: v
+        for k, v in (
+            ("top_k", args.top_k),
+            ("augmentation", args.augmentation),
+            ("batch_size", args.batch_size),
+            ("eval_mode", args.eval_mode),
+            ("score_threshold", args.score_threshold),
+        )
+        if v is not None
+    }
+    task = _adapter_task(Path(args.adapter) / ADAPTER_CONFIG)
+    if task == "classification":
+        options.setdefault("workers", args.workers)
+    output = args.output or ("-" if task == "classification" else "predictions")
+    result = predict(
+        args.adapter, args.images, output, weights=_weights(args.weights), device=args.device,
+        mixed_precision=args.mixed_precision, **options,
+    )  # fmt: skip
+    if output != "-" or task != "classification":
+        print(f"wrote {len(result['files'])} file(s) for {result['images']} image(s) to {output}", file=sys.stderr)
     return 0
+
+
+def _adapter_task(config_path: Path) -> str:
+    """The task an adapter folder records (for the CLI's defaults; loading checks the folder properly)."""
+    try:
+        return json.loads(config_path.read_text()).get("task", "classification")
+    except (OSError, ValueError, AttributeError):
+        return "classification"

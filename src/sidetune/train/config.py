@@ -1,4 +1,4 @@
-"""``TrainConfig``: every setting of a classification run, validated on construction, loadable from YAML.
+"""``TrainConfig``: every setting of a training run of any task, validated on construction, loadable from YAML.
 
 A run is described by one dataclass. The CLI builds it from ``--config run.yaml`` plus the flags given on
 the command line (an explicit flag beats the YAML, the YAML beats the defaults); the resolved config is
@@ -9,6 +9,7 @@ runs/x/train_config.yaml`` repeats a run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any
 
 import yaml
 
-from ..data import AUGMENTATIONS
 from ..errors import ConfigError
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -25,131 +25,166 @@ AUTO = "auto"
 
 @dataclass
 class TrainConfig:
-    """A classification training run.
+    """A training run of any task: the same fields, and the same YAML file, whatever the task.
+
+    What differs between tasks lives in ``task_options`` (validated by the task's options dataclass, e.g.
+    ``label_smoothing`` for classification, ``eval_mode`` for segmentation, ``detector`` for detection; see
+    ``sidetune train --help``). Fields left at None take the task's default (``batch_size``, ``weight_decay``,
+    ``workers``); the resolved value is what ``train_config.yaml`` records.
 
     Attributes:
         backbone: timm model name (``sidetune backbones``).
         method: adaptation method (``sidetune methods``).
-        data: data folder (ImageFolder tree, VTAB-1k folder), CSV file or list file. May be None only
+        task: ``classification``, ``segmentation``, ``detection`` or ``instance`` (``sidetune.tasks``).
+        data: the dataset (a folder, CSV or list file; docs/data.md lists every layout). May be None only
             when the datasets are handed to :func:`sidetune.train.fit` directly.
+        layout: data layout (``auto`` guesses it; each task's choices: ``sidetune train --help``).
         weights: backbone weights: None (random), ``"hub"`` or a ``.safetensors``/``.pth`` path.
         img_size: input size (default: the backbone's).
         method_options: fields of the method's config (``{"channel_rank": 8}``).
         backbone_kwargs: extra ``timm.create_model`` arguments.
-        head_dropout: dropout before the classifier.
+        head_options: options of a dense task's head (``channels`` for UPerNet; ``fpn_channels``... for
+            detectors); classification takes none.
+        task_options: the task's own options (see above).
         num_classes: expected class count; the data must agree (default: the training data's).
-        layout: data layout: ``auto``, ``imagefolder``, ``vtab`` or ``csv``.
-        train_split: training split; ``auto`` uses ``train`` when the data has one, else the whole data.
-        val_split: validation split, or None.
-        test_split: test split evaluated once at the end; ``auto`` uses ``test`` when the data has one;
-            ``none`` for no test.
-        val_fraction: carve this fraction of each training class off as the validation split (seeded by
-            ``seed``); exclusive with ``val_split``.
+        augmentation: training transform recipe of the task (``auto``: the task's default; classification
+            ``vtab``/``none``/``standard``, dense tasks ``standard`` (scale jitter + crop) or ``none``).
+        train_split: training split; ``auto`` uses ``train`` when the data has one (classification: else the
+            whole data).
+        val_split: validation split; ``auto`` uses ``val`` when the data has one; None for none.
+        test_split: split scored once at the end with the best checkpoint; ``auto`` uses ``test`` when the
+            data has one; None for none.
+        val_fraction: carve this fraction of the training split off as validation (seeded by ``seed``;
+            classification: per class); replaces ``val_split``.
+        train_limit / val_limit: use only the first N images of the training / validation split (quick runs).
         epochs: passes over the training data.
-        batch_size: images per process per micro-batch.
-        eval_batch_size: images per batch at evaluation (default: ``2 * batch_size``).
+        batch_size: images per process per micro-batch (default: the task's, 32 or 8).
+        eval_batch_size: images per batch at evaluation (default: the task's multiple of ``batch_size``).
         lr: peak learning rate (AdamW).
-        weight_decay: AdamW weight decay, applied to matrices only (not biases, norms, 1-D tensors,
-            position embeddings or class tokens).
+        weight_decay: AdamW weight decay on matrices only (not biases, norms, 1-D tensors, position
+            embeddings or class tokens); default: the task's.
         warmup_epochs: linear warm-up length in epochs (fractions allowed), then cosine decay to ``min_lr``.
         min_lr: learning rate at the end of the cosine.
-        label_smoothing: cross-entropy label smoothing.
         grad_accum: micro-batches per optimizer step.
         clip_grad: max gradient norm, or None for no clipping.
         mixed_precision: ``auto`` (bf16 on CUDA when supported, else fp16; ``no`` on CPU), ``no``,
             ``bf16`` (CUDA, or a CPU with native bfloat16) or ``fp16`` (CUDA only).
-        augmentation: image transform recipe: ``vtab``, ``none`` or ``standard``
-            (:func:`sidetune.data.build_transforms`).
         eval_every: evaluate on the validation split every this many epochs (and after the last one).
         save_every_steps: also save the resumable state every this many optimizer steps (0: at epoch ends
             only).
+        nonfinite_patience: optimizer steps whose loss is NaN or inf that are skipped before the run stops with an
+            error (0: stop at the first). A skipped step changes no weight; non-finite weights are never saved.
         seed: seed of the model's initialisation, the data order, augmentation and dropout.
-        workers: data-loading worker processes per training process.
+        workers: data-loading worker processes per training process (default: the task's).
+        threads: torch CPU threads of each process (None: torch's default).
         cpu: train on the CPU even when CUDA is available.
         output: run directory (logs, summary, checkpoints).
         resume: run directory or checkpoint directory to continue from, or None.
+        cache: a tap cache folder (``sidetune cache build``) to train from instead of running the backbone: the
+            splits, transforms and backbone must be those the cache was built with (checked).
     """
 
     backbone: str = ""
     method: str = ""
+    task: str = "classification"
     data: str | None = None
+    layout: str = "auto"
     weights: str | None = None
     img_size: int | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    head_dropout: float = 0.0
+    head_options: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = None
-    layout: str = "auto"
+    augmentation: str = AUTO
     train_split: str | None = AUTO
-    val_split: str | None = None
+    val_split: str | None = AUTO
     test_split: str | None = AUTO
     val_fraction: float | None = None
+    train_limit: int | None = None
+    val_limit: int | None = None
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int | None = None
     eval_batch_size: int | None = None
     lr: float = 1e-3
-    weight_decay: float = 1e-4
+    weight_decay: float | None = None
     warmup_epochs: float = 1.0
     min_lr: float = 0.0
-    label_smoothing: float = 0.0
     grad_accum: int = 1
     clip_grad: float | None = None
     mixed_precision: str = AUTO
-    augmentation: str = "vtab"
     eval_every: int = 1
     save_every_steps: int = 0
+    nonfinite_patience: int = 0
     seed: int = 0
-    workers: int = 2
+    workers: int | None = None
+    threads: int | None = None
     cpu: bool = False
     output: str = "runs/run"
     resume: str | None = None
+    cache: str | None = None
 
     def __post_init__(self) -> None:
+        from ..tasks import get_task
+
         if not self.backbone or not self.method:
             raise ConfigError("a run needs a backbone and a method (e.g. `sidetune train test_vit losa --data DIR`).")
-        for name in ("data", "weights", "output", "resume"):
+        task = get_task(self.task)
+        for name in ("data", "weights", "output", "resume", "cache"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
+        for name, value in task.defaults.items():  # the task's defaults for the fields left at None
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("save_every_steps", "workers", "seed"):
+        for name in ("save_every_steps", "nonfinite_patience", "workers", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
-        for name in ("img_size", "num_classes", "eval_batch_size"):
+        for name in ("img_size", "num_classes", "eval_batch_size", "train_limit", "val_limit", "threads"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}.")
+        _check_positive("lr", self.lr)
         for name in ("weight_decay", "warmup_epochs", "min_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"{name} must be a number >= 0, got {value!r}.")
+            _check_number(name, getattr(self, name), minimum=0.0)
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr={self.min_lr} is above lr={self.lr}.")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} is longer than epochs={self.epochs}.")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}.")
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout!r}.")
-        if self.clip_grad is not None and not (isinstance(self.clip_grad, int | float) and self.clip_grad > 0):
-            raise ConfigError(f"clip_grad must be a positive number or None, got {self.clip_grad!r}.")
+        if self.clip_grad is not None:
+            _check_positive("clip_grad", self.clip_grad)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
-        if self.augmentation not in AUGMENTATIONS:
-            raise ConfigError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}.")
+        if self.augmentation == AUTO:
+            self.augmentation = task.augmentations[0]
+        if self.augmentation not in task.augmentations:
+            recipes = ", ".join(task.augmentations)
+            raise ConfigError(f"augmentation {self.augmentation!r} is not one of the {self.task} recipes: {recipes}.")
+        if self.layout not in task.layouts:
+            raise ConfigError(
+                f"layout {self.layout!r} is not a {self.task} layout; choose from {', '.join(task.layouts)} "
+                "(docs/data.md shows each)."
+            )
+        for name in ("train_split", "val_split", "test_split"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+                setattr(self, name, None)
+            elif value is not None:
+                check_split_name(name, value)
         if self.val_fraction is not None:
+            if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, int | float):
+                raise ConfigError(f"val_fraction must be a number in (0, 1), got {self.val_fraction!r}.")
             if not 0.0 < self.val_fraction < 1.0:
                 raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}.")
-            if self.val_split is not None:
+            if self.val_split not in (None, AUTO):
                 raise ConfigError(
                     f"give val_split ({self.val_split!r}) or val_fraction ({self.val_fraction}), not both."
                 )
-        for name in ("method_options", "backbone_kwargs"):
+            self.val_split = None
+        for name in ("method_options", "backbone_kwargs", "head_options", "task_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}.")
-        if isinstance(self.test_split, str) and self.test_split.lower() == "none":
-            self.test_split = None
+        task.make_options(self.task_options)  # unknown or invalid task options fail here, not after the model
 
     # -- serialisation ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -171,16 +206,22 @@ class TrainConfig:
         if unknown:
             import difflib
 
-            hints = [
-                f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
-                for k in unknown
-            ]
+            from ..tasks import task_of_option
+
+            def hint(key: str) -> str:
+                owner = task_of_option(key)
+                if owner is not None:
+                    return f"{key!r} (a {owner} option: put it under task_options)"
+                match = difflib.get_close_matches(key, known, 1)
+                return f"{key!r} (did you mean {match[0]!r}?)" if match else repr(key)
+
+            hints = [hint(k) for k in unknown]
             raise ConfigError(f"{source} has unknown setting(s) {', '.join(hints)}. Settings: {', '.join(known)}.")
         return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
-        """Load ``path`` and apply ``overrides`` on top (``method_options`` and ``backbone_kwargs`` merge per key).
+        """Load ``path`` and apply ``overrides`` on top (the option mappings merge per key).
 
         Raises:
             ConfigError: the file is missing, is not a YAML mapping, or names unknown settings.
@@ -194,7 +235,7 @@ class TrainConfig:
             raise ConfigError(f"{str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{str(path)!r} must hold a mapping of settings, got {type(values).__name__}.")
-        for key in ("method_options", "backbone_kwargs"):
+        for key in ("method_options", "backbone_kwargs", "head_options", "task_options"):
             if key in overrides and isinstance(values.get(key), dict):
                 overrides[key] = {**values[key], **overrides[key]}
         return cls.from_dict({**values, **overrides}, source=repr(str(path)))
@@ -203,6 +244,28 @@ class TrainConfig:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_number(name: str, value: Any, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name} must be a finite number >= {minimum:g}, got {value!r}.")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}.")
+
+
+def check_split_name(what: str, split: Any) -> None:
+    """A split is a plain name (``train``, ``val200``): never a path, so no output can land outside its folder.
+
+    Raises:
+        ConfigError: ``split`` is not a string, or holds a path separator, ``..`` or a leading dot.
+    """
+    if not isinstance(split, str) or not split or "/" in split or "\\" in split or split.startswith("."):
+        raise ConfigError(
+            f"{what} must be a plain split name such as 'train' or 'test' (no '/', '\\' or leading '.'), got {split!r}."
+        )
 
 
 def _plain(value: Any) -> Any:

@@ -1,4 +1,9 @@
-"""Evaluate and predict with a saved adapter (``best/`` or ``last/`` of a run, or any ``save_adapter`` folder)."""
+"""Evaluate and predict with a saved adapter (a run's ``best/`` or ``last/``, or any ``save_adapter`` folder).
+
+The adapter's task (recorded in ``adapter_config.json``) decides the data layout, the metrics and the prediction
+files (:mod:`sidetune.tasks`); ``inference.json`` beside the adapter records what the run used (class names,
+transforms, precision), so that ``sidetune eval`` reproduces the run's validation numbers by default.
+"""
 
 from __future__ import annotations
 
@@ -9,66 +14,128 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .. import load
-from ..data import DataError, build_classification_dataset, build_transforms, check_num_classes, load_rgb
+from ..data import DataError
 from ..data.classification import IMG_EXTENSIONS
+from ..errors import ConfigError, WeightsError
 from ..model import SidetuneModel
-from .metrics import ClassificationMeter
 
 logger = logging.getLogger(__name__)
 
 INFERENCE = "inference.json"
+PRECISIONS = ("no", "bf16", "fp16")
 
 
 def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"--device {device!r} is not a torch device ({err}); use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} is not available here (no CUDA device); use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: sidetune runs on cpu or cuda.")
+    return device
+
+
+def read_inference_info(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """``inference.json`` of an adapter folder (empty when absent).
+
+    Raises:
+        WeightsError: the file exists but is not a JSON object with the expected field types.
+    """
+    path = Path(adapter_dir) / INFERENCE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{str(path)!r} is not valid JSON ({err}); restore it from the run or delete it.") from None
+    if not isinstance(info, dict):
+        raise WeightsError(f"{str(path)!r} must hold a JSON object, got {type(info).__name__}.")
+    expected = {"classes": list, "seed": int, "augmentation": str, "task": str, "mixed_precision": str}
+    for key, kind in expected.items():
+        if key in info and not isinstance(info[key], kind):
+            raise WeightsError(f"{str(path)!r}: {key!r} must be a {kind.__name__}, got {info[key]!r}.")
+    if "classes" in info and not all(isinstance(c, str) for c in info["classes"]):
+        raise WeightsError(f"{str(path)!r}: 'classes' must be a list of names.")
+    return info
 
 
 def load_for_inference(
     adapter_dir: str | os.PathLike, weights: Any = "saved", device: str | torch.device | None = None
 ) -> tuple[SidetuneModel, dict[str, Any]]:
-    """The model of an adapter folder in eval mode, and its ``inference.json`` (class names, eval transform, seed).
+    """The model of an adapter folder in eval mode, and its ``inference.json`` with defaults filled in.
 
     Folders written by :meth:`SidetuneModel.save_adapter` outside ``fit`` have no ``inference.json``: their
-    classes are ``"0".."K-1"``, the transform is the ``vtab`` recipe and the seed 0.
+    classes are ``"0".."K-1"``, the transform is the task's default, the precision float32 and the seed 0.
+
+    Raises:
+        WeightsError: the folder is not a readable adapter, or its ``inference.json`` disagrees with it.
     """
-    adapter_dir = Path(adapter_dir)
-    info_path = adapter_dir / INFERENCE
-    info: dict[str, Any] = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_inference_info(adapter_dir)
+    target = _device(device)
     with torch.random.fork_rng(devices=[]):
         # fit() creates the model right after seeding torch with the run's seed: a random backbone
         # (weights=None, the tests' tiny models) is rebuilt bit for bit only from the same RNG state
         torch.manual_seed(info.get("seed", 0))
-        model = load(adapter_dir, weights=weights, map_location=_device(device)).eval()
+        model = load(adapter_dir, weights=weights, map_location=target).eval()
+    info.setdefault("task", model.config.task)
+    if info["task"] != model.config.task:
+        raise WeightsError(
+            f"{adapter_dir}: inference.json says task {info['task']!r}, adapter_config.json {model.config.task!r}."
+        )
     info.setdefault("classes", [str(i) for i in range(model.config.num_classes)])
-    info.setdefault("augmentation", "vtab")
+    if len(info["classes"]) != model.config.num_classes:
+        raise WeightsError(
+            f"{adapter_dir}: inference.json names {len(info['classes'])} classes but the adapter has "
+            f"{model.config.num_classes}; restore the file from the run."
+        )
+    if model.config.task == "classification":
+        info.setdefault("augmentation", "vtab")
+    info.setdefault("mixed_precision", "no")
+    info.setdefault("task_options", {})
     return model, info
 
 
-def _transform(model: SidetuneModel, augmentation: str):
-    return build_transforms(model.data_config, tuple(model.config.img_size), augmentation, train=False)
+def autocast_for(mixed_precision: str, device: torch.device):
+    """The autocast context of ``mixed_precision`` (``no``, ``bf16``, ``fp16``) on ``device``.
+
+    Raises:
+        ConfigError: an unknown precision, or one the device cannot run (fp16 on a CPU; bf16 on a CPU without
+            native bfloat16).
+    """
+    from .setup import resolve_mixed_precision
+
+    if mixed_precision not in PRECISIONS:
+        raise ConfigError(f"mixed_precision must be one of {PRECISIONS}, got {mixed_precision!r}.")
+    if mixed_precision != "no":
+        resolve_mixed_precision(mixed_precision, on_cpu=device.type == "cpu")
+    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _autocast(mixed_precision: str, device: torch.device):
-    """The autocast context of ``mixed_precision`` (``no``, ``bf16``, ``fp16``) on ``device``."""
-    dtypes = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if mixed_precision not in dtypes:
-        raise ValueError(f"mixed_precision must be one of {tuple(dtypes)}, got {mixed_precision!r}.")
-    return torch.autocast(device.type, dtype=dtypes[mixed_precision], enabled=dtypes[mixed_precision] is not None)
-
-
-@torch.inference_mode()
-def _logits(model: SidetuneModel, dataset: Dataset, batch_size: int, workers: int, mixed_precision: str = "no"):
-    device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    for images, labels in loader:
-        with _autocast(mixed_precision, device):
-            logits = model(images.to(device))
-        yield logits.float().cpu(), labels
+def _precision(requested: str | None, info: dict[str, Any], device: torch.device) -> str:
+    """The precision to evaluate in: the one asked for, else the run's when this device can run it."""
+    if requested is not None:
+        return requested
+    trained = info.get("mixed_precision", "no")
+    if trained == "no":
+        return "no"
+    try:
+        autocast_for(trained, device)
+    except ConfigError as err:
+        logger.warning(
+            "the adapter was trained in %s, which this device cannot run (%s): float32 instead", trained, err
+        )
+        return "no"
+    return trained
 
 
 def evaluate_adapter(
@@ -77,69 +144,95 @@ def evaluate_adapter(
     split: str | None = "auto",
     *,
     layout: str = "auto",
-    batch_size: int = 64,
-    workers: int = 2,
+    batch_size: int | None = None,
+    workers: int = 0,
     weights: Any = "saved",
     augmentation: str | None = None,
     device: str | torch.device | None = None,
-    mixed_precision: str = "no",
+    mixed_precision: str | None = None,
+    eval_mode: str | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of a saved adapter on a labelled split.
+    """The task's metrics of a saved adapter on a labelled split.
 
     Args:
         adapter_dir: folder written by ``save_adapter`` (a run's ``best/`` or ``last/``).
-        data: data folder, CSV or list file, as for training.
-        split: split name; ``auto`` uses ``test`` when the data has one, else the whole data.
-        layout: data layout.
-        batch_size: images per batch.
+        data: the dataset, in a layout of the adapter's task (as for training).
+        split: split name; ``auto``: classification ``test`` when the data has one, else the whole data;
+            dense tasks ``val``.
+        layout: data layout (default: the run's).
+        batch_size: images per batch (default: 64 for classification, 4 for dense tasks).
         workers: data-loading workers.
         weights: backbone weights (default: what the adapter recorded).
-        augmentation: eval transform recipe (default: the one the run trained with).
+        augmentation: classification's eval transform (default: the one the run trained with).
         device: default CUDA when available.
-        mixed_precision: ``no``, ``bf16`` or ``fp16``: autocast of the forward (e.g. the precision the run
-            trained and validated in).
+        mixed_precision: ``no``, ``bf16`` or ``fp16`` (default: the precision the run trained in, when this device
+            runs it), so that the run's validation numbers are reproduced.
+        eval_mode: segmentation inference, ``whole`` or ``slide`` (default: the run's).
 
     Returns:
-        ``{"top1", "top5", "mean_class_acc", "per_class", "loss", "count", "classes", "adapter", "data",
-        "split"}``.
+        The task's metrics plus ``count``, ``classes``, ``adapter``, ``task``, ``data``, ``split``,
+        ``mixed_precision``.
 
     Raises:
         DataError: the data is missing, or its classes disagree with the adapter's.
+        ConfigError: an option the adapter's task does not take.
     """
+    from ..tasks import make_task
+
     model, info = load_for_inference(adapter_dir, weights, device)
-    if split == "auto":
-        root = Path(data)
-        split = "test" if root.is_dir() and any((root / n).exists() for n in ("test", "test.txt", "test.csv")) else None
-    tf = _transform(model, augmentation or info["augmentation"])
-    dataset = build_classification_dataset(data, split, tf, layout, classes=info["classes"])
-    if len(dataset) == 0:
-        raise DataError(f"no images to evaluate at {data} (split {split!r}).")
-    check_num_classes(dataset, model.config.num_classes)
-    meter = ClassificationMeter(model.config.num_classes)
-    for logits, labels in _logits(model, dataset, batch_size, workers, mixed_precision):
-        meter.update(logits, labels)
+    task_name = model.config.task
+    overrides: dict[str, Any] = {}
+    if eval_mode is not None:
+        _only(task_name, "segmentation", "eval_mode")
+        overrides["eval_mode"] = eval_mode
+    if augmentation is not None:
+        _only(task_name, "classification", "augmentation")
+        info["augmentation"] = augmentation
+    task = make_task(task_name, {**_eval_options(task_name, info), **overrides})
+    dev = next(model.parameters()).device
+    precision = _precision(mixed_precision, info, dev)
+    dataset = task.eval_dataset(model, info, data, split, layout)
+    bs = batch_size or (64 if task_name == "classification" else 4)
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    evaluator = task.evaluator(model, dataset, info["classes"])
+    loader = DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers, collate_fn=task.eval_collate)
+    from accelerate.utils import send_to_device
+
+    with torch.no_grad():
+        for batch in loader:
+            with autocast_for(precision, dev):
+                evaluator.update(model, send_to_device(batch, dev))
+    metrics = evaluator.compute([evaluator.state()])
+    metrics["count"] = len(dataset)
     return {
-        **meter.compute(),
+        **metrics,
         "classes": info["classes"],
         "adapter": str(adapter_dir),
+        "task": task_name,
         "data": str(data),
-        "split": split,
+        "split": getattr(dataset, "split", split),
+        "mixed_precision": precision,
     }
 
 
-class _ImageList(Dataset):
-    def __init__(self, paths: list[Path], transform) -> None:
-        self.paths, self.transform = paths, transform
+def _eval_options(task: str, info: dict[str, Any]) -> dict[str, Any]:
+    """The task options an evaluation uses from the run's (not the loss's class weights)."""
+    options = dict(info.get("task_options") or {})
+    options.pop("class_weights", None)
+    if task == "segmentation" and "eval_mode" in info:
+        options.setdefault("eval_mode", info["eval_mode"])
+    return options
 
-    def __len__(self) -> int:
-        return len(self.paths)
 
-    def __getitem__(self, index: int):
-        return self.transform(load_rgb(self.paths[index])), index
+def _only(task: str, owner: str, option: str) -> None:
+    if task != owner:
+        flag = "--" + option.replace("_", "-")
+        raise ConfigError(f"{flag} is a {owner} option; this adapter's task is {task}.")
 
 
 def list_images(path: str | os.PathLike) -> list[Path]:
-    """Image files under a folder (recursively, hidden files skipped, sorted), or the one file given.
+    """Image files under a folder (recursively, hidden files and folders skipped, sorted), or the one file given.
 
     Raises:
         DataError: nothing there, or no image in the folder.
@@ -161,38 +254,102 @@ def list_images(path: str | os.PathLike) -> list[Path]:
     return found
 
 
+def predict(
+    adapter_dir: str | os.PathLike,
+    images: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    weights: Any = "saved",
+    device: str | torch.device | None = None,
+    mixed_precision: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Predict every image under ``images`` with a saved adapter and write the task's prediction files.
+
+    Classification writes a CSV (``output`` a file, ``-`` for stdout); segmentation palette PNG masks and overlays;
+    detection ``predictions.json`` and overlays (``output`` a folder). ``options`` are the task's prediction options
+    (``top_k``, ``batch_size``, ``workers``, ``augmentation``; ``eval_mode``; ``score_threshold``).
+
+    Returns:
+        ``{"images": N, "files": [...], "task": ...}`` (classification adds ``rows``).
+
+    Raises:
+        ConfigError: an option the adapter's task does not take, or an output that cannot be written.
+    """
+    from ..tasks import make_task
+
+    model, info = load_for_inference(adapter_dir, weights, device)
+    task = make_task(model.config.task, _eval_options(model.config.task, info))
+    allowed = set(task.predict_options) | ({"batch_size", "workers"} if task.name == "classification" else set())
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        flags = ", ".join("--" + o.replace("_", "-") for o in unknown)
+        takes = ", ".join("--" + o.replace("_", "-") for o in sorted(allowed)) or "none"
+        raise ConfigError(f"{flags}: not an option of {task.name} predictions (they take: {takes}).")
+    check_output(output, is_file=task.name == "classification")
+    paths = list_images(images)
+    dev = next(model.parameters()).device
+    precision = _precision(mixed_precision, info, dev)
+    result = task.predict(model, info, paths, output, autocast=autocast_for(precision, dev), **options)
+    return {**result, "task": task.name, "mixed_precision": precision}
+
+
+def check_output(output: str | os.PathLike, *, is_file: bool) -> None:
+    """Fail before any inference when ``output`` cannot be written (a missing parent folder, a file for a folder).
+
+    Raises:
+        ConfigError: naming the path and the fix.
+    """
+    if str(output) == "-":
+        if not is_file:
+            raise ConfigError("--output - (stdout) is for classification CSVs; give a folder for this task.")
+        return
+    path = Path(output).expanduser()
+    if is_file:
+        if path.is_dir():
+            raise ConfigError(f"--output {str(path)!r} is a folder; give the CSV file to write.")
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"--output {str(path)!r}: the folder {str(path.parent)!r} does not exist; create it first."
+            )
+    else:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--output {str(path)!r} is a file; give a folder for the predictions.")
+        if not path.exists() and not path.parent.is_dir():
+            raise ConfigError(
+                f"--output {str(path)!r}: the folder {str(path.parent)!r} does not exist; create it first."
+            )
+
+
 def predict_images(
     adapter_dir: str | os.PathLike,
     images: str | os.PathLike,
     *,
     top_k: int = 5,
     batch_size: int = 64,
-    workers: int = 2,
+    workers: int = 0,
     weights: Any = "saved",
     augmentation: str | None = None,
     device: str | torch.device | None = None,
+    mixed_precision: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Predict the class of every image under ``images``.
+    """Predict the class of every image under ``images`` with a classification adapter.
 
     Returns:
         One record per image: ``{"path", "label", "score", "top_k": [(label, score), ...]}`` with softmax
         scores, ``top_k`` sorted by score (at most the class count).
     """
+    from ..tasks import make_task
+
     model, info = load_for_inference(adapter_dir, weights, device)
-    classes = info["classes"]
-    paths = list_images(images)
-    dataset = _ImageList(paths, _transform(model, augmentation or info["augmentation"]))
-    k = max(1, min(top_k, len(classes)))
-    rows: list[dict[str, Any]] = []
-    for logits, indices in _logits(model, dataset, batch_size, workers):
-        scores, labels = logits.softmax(-1).topk(k, -1)
-        for i, s, y in zip(indices.tolist(), scores.tolist(), labels.tolist(), strict=True):
-            rows.append(
-                {
-                    "path": str(paths[i]),
-                    "label": classes[y[0]],
-                    "score": s[0],
-                    "top_k": [(classes[c], p) for c, p in zip(y, s, strict=True)],
-                }
-            )
-    return rows
+    if model.config.task != "classification":
+        raise ConfigError(
+            f"predict_images is for classification adapters; this one is {model.config.task}: use predict()."
+        )
+    task = make_task("classification")
+    dev = next(model.parameters()).device
+    precision = _precision(mixed_precision, info, dev)
+    return task.predict_rows(
+        model, info, list_images(images), top_k=top_k, batch_size=batch_size, workers=workers,
+        augmentation=augmentation, autocast=autocast_for(precision, dev),
+    )  # fmt: skip

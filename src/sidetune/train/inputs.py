@@ -1,4 +1,4 @@
-"""The datasets of a run and a data order that is reproducible, identical on any worker count, and resumable.
+"""The loaders of a run: a data order that is reproducible, identical on any worker count, and resumable.
 
 Data order: :class:`EpochSampler` draws epoch ``e``'s permutation from ``seed`` and ``e`` alone, so the
 order needs no saved generator state: a run resumed mid-epoch recomputes the permutation and skips the
@@ -11,25 +11,15 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from accelerate import skip_first_batches
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import (
-    VTAB_SPLITS,
-    ClassificationSubset,
-    DataError,
-    build_classification_dataset,
-    build_transforms,
-    check_num_classes,
-    split_train_val,
-)
+from ..data import DataError
 from ..errors import ConfigError
-from .config import AUTO, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +63,8 @@ class SeededDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):  # a tap cache's split picks the view of the epoch
+            self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -99,93 +91,6 @@ class SeededDataset(Dataset):
             np.random.set_state(np_state)
 
 
-@dataclass
-class RunData:
-    """The datasets of a run (``val``/``test`` may be None) and the class names shared by all of them."""
-
-    train: Dataset
-    val: Dataset | None
-    test: Dataset | None
-    classes: list[str]
-    source: str
-
-    def sizes(self) -> dict[str, int | None]:
-        return {
-            k: (len(d) if d is not None else None)
-            for k, d in (("train", self.train), ("val", self.val), ("test", self.test))
-        }
-
-
-def _has_split(root: Path, split: str) -> bool:
-    if not root.is_dir():
-        return False
-    if (root / split).is_dir() or (root / f"{split}.txt").is_file() or (root / f"{split}.csv").is_file():
-        return True
-    has_vtab = any((root / name).is_file() for name in VTAB_SPLITS.values())
-    return has_vtab and split in ("train", "trainval", "val")
-
-
-def resolve_splits(config: TrainConfig) -> tuple[str | None, str | None, str | None]:
-    """The (train, val, test) split names ``auto`` stands for in ``config.data``."""
-    root = Path(config.data).expanduser()
-    train = config.train_split
-    if train == AUTO:
-        train = "train" if _has_split(root, "train") else None
-    test = config.test_split
-    if test == AUTO:
-        test = "test" if _has_split(root, "test") else None
-    return train, config.val_split, test
-
-
-def build_run_data(config: TrainConfig, data_config: dict[str, Any]) -> RunData:
-    """Build the train/val/test datasets of ``config`` with the backbone's transforms.
-
-    Args:
-        config: the run.
-        data_config: the model's timm data config (:attr:`SidetuneModel.data_config`).
-
-    Raises:
-        DataError: missing or empty data, a split that does not exist, ``num_classes`` disagreeing with the data.
-    """
-    if config.data is None:
-        raise ConfigError("no data: set `data` (a folder, CSV or list file) or pass the datasets to fit().")
-    train_split, val_split, test_split = resolve_splits(config)
-    size = tuple(data_config["input_size"][1:])
-    train_tf = build_transforms(data_config, size, config.augmentation, train=True)
-    eval_tf = build_transforms(data_config, size, config.augmentation, train=False)
-    root = config.data
-    train = build_classification_dataset(root, train_split, train_tf, config.layout, num_classes=config.num_classes)
-    if len(train) == 0:
-        raise DataError(f"the training data at {train.root} holds no images.")
-    classes = list(train.classes)
-    if config.num_classes is not None:
-        check_num_classes(train, config.num_classes)
-    val = test = None
-    if config.val_fraction is not None:
-        # the validation images keep the training set's random transform unless re-wrapped: build a twin
-        # of the training set with the eval transform and take the same indices from it
-        twin = build_classification_dataset(root, train_split, eval_tf, config.layout, classes=classes)
-        train_sub, val_sub = split_train_val(train, val_fraction=config.val_fraction, seed=config.seed)
-        train = train_sub
-        val = ClassificationSubset(twin, val_sub.indices)
-    elif val_split is not None:
-        val = build_classification_dataset(root, val_split, eval_tf, config.layout, classes=classes)
-    if test_split is not None:
-        test = build_classification_dataset(root, test_split, eval_tf, config.layout, classes=classes)
-    for name, ds in (("validation", val), ("test", test)):
-        if ds is not None and len(ds) == 0:
-            raise DataError(f"the {name} split of {root} holds no images.")
-    logger.info(
-        "data %s: train %d, val %s, test %s images, %d classes",
-        root,
-        len(train),
-        len(val) if val is not None else None,
-        len(test) if test is not None else None,
-        len(classes),
-    )
-    return RunData(train=train, val=val, test=test, classes=classes, source=str(root))
-
-
 def classes_of(dataset: Dataset, num_classes: int | None) -> list[str]:
     """Class names of a dataset handed to ``fit`` directly (``dataset.classes``, else ``0..num_classes-1``)."""
     classes = getattr(dataset, "classes", None)
@@ -196,3 +101,66 @@ def classes_of(dataset: Dataset, num_classes: int | None) -> list[str]:
     if num_classes is None:
         raise ConfigError("the training dataset has no `classes` attribute: set num_classes in the TrainConfig.")
     return [str(i) for i in range(num_classes)]
+
+
+def make_train_loader(
+    dataset: SeededDataset,
+    batch_size: int,
+    seed: int,
+    num_processes: int,
+    **loader_kwargs: Any,
+) -> tuple[DataLoader, EpochSampler]:
+    """The training loader (not yet prepared) and its sampler: the order of epoch ``e`` depends on (seed, e) alone.
+
+    The last incomplete batch is dropped unless the data is smaller than one global batch; the loader's own
+    generator (which seeds its workers) is seeded too, so iterating it never draws on the global RNG.
+    """
+    sampler = EpochSampler(len(dataset), seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=len(dataset) >= batch_size * num_processes,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_kwargs,
+    )
+    return loader, sampler
+
+
+def epoch_loader(train_loader, sampler: EpochSampler, dataset: SeededDataset, epoch: int, skip: int = 0):
+    """The prepared ``train_loader`` positioned at ``epoch``, its first ``skip`` batches skipped (a resume)."""
+    dataset.set_epoch(epoch)
+    loader = skip_first_batches(train_loader, skip) if skip else train_loader
+    loader.set_epoch(epoch)  # accelerate's own epoch counter, which it hands to the sampler on iteration
+    sampler.set_epoch(epoch)  # the permutation of this epoch, whichever wrappers sit between
+    return loader
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + n, rank + 2n, ...`` of ``0..size-1``: this process's share of an evaluation split.
+
+    Unlike a padded distributed sampler, no index is repeated: the shards are disjoint and cover the split once,
+    so metrics merged over processes count every image exactly once, whatever the task.
+    """
+
+    def __init__(self, size: int, rank: int, num_processes: int) -> None:
+        self.indices = list(range(rank, size, num_processes))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_eval_loader(
+    dataset: Dataset, batch_size: int, rank: int, num_processes: int, collate_fn, workers: int = 0
+) -> DataLoader:
+    """This process's shard of an evaluation split, in order."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank, num_processes),
+        collate_fn=collate_fn,
+        num_workers=workers,
+    )

@@ -1,31 +1,20 @@
-"""The classification training loop, on Hugging Face Accelerate.
+"""The training loop, one for every task, on Hugging Face Accelerate.
 
-One entry point, :func:`fit`, runs on one CPU, one GPU, or several processes started by ``torchrun`` or
-``accelerate launch`` (DDP; gloo on CPUs). A run directory gets:
+:func:`fit` reads as the data flow: images -> the task's datasets -> model -> the task's loss -> AdamW step. What
+differs between classification, segmentation and detection is the task object's (:mod:`sidetune.tasks`);
+everything else is written once here: Accelerate set-up and precision, AdamW groups, warm-up + cosine schedule,
+gradient accumulation, DDP (validation spread over processes too), the seeded data order and augmentation,
+atomic checkpoints and exact mid-epoch resume, the JSONL log, best/last adapters, the summary and curves.
 
-* ``train_config.yaml``: the resolved :class:`TrainConfig`;
-* ``log.jsonl``: one record per optimizer step (loss, lr, step and data time) and per epoch (train and
-  validation metrics);
-* ``best/`` and ``last/``: adapter-only checkpoints (:meth:`SidetuneModel.save_adapter`, plus
-  ``inference.json`` with the class names and the eval transform) for :func:`sidetune.load`;
-* ``checkpoints/``: the resumable state (:mod:`sidetune.train.checkpoint`);
-* ``summary.json`` and ``curves.png``.
-
-Recipe: AdamW on the trainable parameters only (no weight decay on biases, norms and other 1-D tensors,
-position embeddings and class/register tokens), linear warm-up then cosine decay, stepped per optimizer
-step; cross-entropy with optional label smoothing; gradient accumulation through
-``Accelerator(gradient_accumulation_steps=...)``. On the CPU a run is reproducible bit for bit: the same
-seed gives the same per-step losses, and a run stopped mid-epoch and resumed gives the losses of one that
-never stopped.
+It runs on one CPU, one GPU, or several processes started by ``torchrun`` or ``accelerate launch`` (DDP; gloo
+on CPUs). On the CPU a run is reproducible bit for bit: the same seed gives the same per-step losses, and a run
+stopped mid-epoch and resumed gives the log (step and epoch records) of one that never stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -35,41 +24,51 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState, skip_first_batches
-from accelerate.utils import gather_object
+from accelerate import DistributedDataParallelKwargs, PartialState
+from accelerate.utils import gather_object, send_to_device
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .. import create
-from ..bench.levers import native_low_precision
-from ..data import DataError, build_classification_dataset
 from ..errors import ConfigError
 from ..model import ADAPTER_WEIGHTS, SidetuneModel
+from ..tasks import Task, TaskData, make_task
 from .checkpoint import (
-    CheckpointError,
     TrainerState,
     check_compatible,
-    find_checkpoint,
     load_checkpoint,
     read_trainer_state,
     save_checkpoint,
 )
 from .config import TrainConfig
-from .inference import INFERENCE
-from .inputs import EpochSampler, RunData, SeededDataset, build_run_data, classes_of, resolve_splits
-from .metrics import ClassificationMeter, JsonlLog, device_name, git_commit, peak_memory, read_log, versions
+from .inputs import SeededDataset, classes_of, epoch_loader, make_eval_loader, make_train_loader
+from .metrics import JsonlLog, device_name, git_commit, peak_memory, read_log, versions
 from .plots import plot_curves
+from .rundir import (
+    CONFIG,
+    CURVES,
+    LOG,
+    SUMMARY,
+    RunLock,
+    TrainingError,
+    check_finite,
+    open_run,
+    save_adapter,
+    write_json,
+)
+from .setup import (
+    check_schedule,
+    make_accelerator,
+    make_schedule,
+    param_groups,
+    resolve_mixed_precision,
+    unused_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
-LOG = "log.jsonl"
-SUMMARY = "summary.json"
-CURVES = "curves.png"
-CONFIG = "train_config.yaml"
-
-#: ``callback(event, record)``: events ``"start"`` (record has ``step``, ``total_steps``), ``"step"`` (a step
-#: record of the log), ``"epoch"`` (an epoch record) and ``"end"`` (the summary). Called on every process.
+#: ``callback(event, record)``: events ``"start"`` (record has ``step``, ``total_steps``, ``epoch``), ``"step"``
+#: (a step record of the log), ``"epoch"`` (an epoch record) and ``"end"`` (the summary). Called on every process.
 Callback = Callable[[str, dict[str, Any]], None]
 
 
@@ -89,219 +88,472 @@ class TrainResult:
     model: SidetuneModel
 
 
-class WarmupCosine:
-    """LR multiplier per optimizer step: linear warm-up from ``1/warmup`` to 1, then cosine to ``floor``.
+def fit(
+    config: TrainConfig,
+    *,
+    train_dataset: Dataset | None = None,
+    val_dataset: Dataset | None = None,
+    test_dataset: Dataset | None = None,
+    callback: Callback | None = None,
+) -> TrainResult:
+    """Train a model as ``config`` says (any task), and write the run directory (:mod:`sidetune.train.rundir`).
 
-    A callable object (not a lambda) so that ``LambdaLR.state_dict()`` saves it.
-    """
+    Args:
+        config: the run.
+        train_dataset: optional training dataset used instead of ``config.data``, already transformed, with a
+            ``classes`` attribute (classification: or ``config.num_classes``); samples as the task's datasets give
+            them (classification ``(image, label)``, segmentation ``(image, mask)``, detection ``(image, target)``).
+        val_dataset: optional validation dataset (with ``train_dataset``).
+        test_dataset: optional test dataset (with ``train_dataset``), scored once with the best checkpoint.
+        callback: progress hook, see :data:`Callback`.
 
-    def __init__(self, warmup_steps: int, total_steps: int, floor: float = 0.0) -> None:
-        self.warmup_steps, self.total_steps, self.floor = warmup_steps, max(1, total_steps), floor
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_mixed_precision(requested: str, on_cpu: bool) -> str:
-    """``auto`` -> ``bf16``/``fp16`` on CUDA, ``no`` on CPU; a 16-bit mode the device lacks is an error.
-
-    On the CPU, ``bf16`` is accepted where the processor computes it natively (AVX512-BF16 or AMX, as
-    oneDNN reports): there autocast runs the matrix products in bfloat16, about 2.5x faster for a ViT, with
-    parameters, gradients and optimizer state in float32. Elsewhere autocast would emulate it, slower than
-    float32, so it is refused. ``auto`` stays ``no`` on the CPU: bf16 changes the numbers, so it is asked for.
-    """
-    if on_cpu:
-        if requested in ("auto", "no"):
-            return "no"
-        if requested == "bf16" and native_low_precision(torch.bfloat16, torch.device("cpu")):
-            return "bf16"
-        reason = (
-            "fp16 training needs a CUDA device"
-            if requested == "fp16"
-            else "this CPU has no native bfloat16 (AVX512-BF16 or AMX), so autocast would be slower than float32"
-        )
-        raise ConfigError(f"mixed_precision={requested!r} on the CPU: {reason}; use 'no' (or 'auto').")
-    bf16 = torch.cuda.is_bf16_supported()
-    if requested == "auto":
-        return "bf16" if bf16 else "fp16"
-    if requested == "bf16" and not bf16:
-        raise ConfigError(f"mixed_precision='bf16' is not supported by {torch.cuda.get_device_name()}; use 'fp16'.")
-    return requested
-
-
-def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
-    """``Accelerator(mixed_precision=..., **kwargs)`` that a second run in the same process may also build.
-
-    Accelerate keeps its state in a process-wide singleton and refuses a second ``Accelerator`` with another
-    precision ("restart your runtime"). A notebook or script that trains twice (fp32, then bf16) is normal
-    use, so the precision part of that state is dropped first; the process group (``PartialState``) stays.
-    """
-    from accelerate.state import AcceleratorState
-
-    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, **kwargs)
-
-
-def param_groups(model: SidetuneModel, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices and convolutions; not biases, norms, 1-D tensors, embeddings and tokens."""
-    skip_names = ("pos_embed", "cls_token", "reg_token", "dist_token", "relative_position_bias_table")
-    decay, no_decay = [], []
-    for name, p in model.named_trainable_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in skip_names) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def unused_parameters(model: SidetuneModel, dataset: Dataset) -> list[str]:
-    """Trainable parameters that get no gradient from a training forward (DDP must then look for them).
-
-    Runs one forward/backward on two training images with the RNG state preserved and the gradients cleared.
-    """
-    batch = [dataset[i] for i in range(min(2, len(dataset)))]
-    images = torch.stack([b[0] for b in batch])
-    with torch.random.fork_rng(devices=[]):
-        was_training = model.training
-        model.train()
-        model(images).float().sum().backward()
-        model.train(was_training)
-    names = [n for n, p in model.named_trainable_parameters() if p.grad is None]
-    model.zero_grad(set_to_none=True)
-    return names
-
-
-def open_run(out: Path, resume: str | os.PathLike | None) -> Path | None:
-    """The checkpoint to resume from (None: a new run); refuses to start a new run over an existing one.
+    Returns:
+        A :class:`TrainResult`.
 
     Raises:
-        ConfigError: ``out`` holds a run's log and ``resume`` is None.
-        CheckpointError: ``resume`` points at nothing resumable.
+        ConfigError: invalid settings (mixed precision the device lacks, an occupied or locked output directory).
+        DataError: missing, empty or inconsistent data.
+        CheckpointError: ``resume`` points at nothing resumable, at another model's or schedule's checkpoint, or
+            the disk is full.
+        TrainingError: the loss became non-finite (nothing non-finite is saved).
     """
-    if resume is None and (out / LOG).exists():
-        raise ConfigError(
-            f"output directory {str(out)!r} already holds a run ({LOG}); pass --resume {out} to continue it or "
-            "choose another --output."
-        )
-    return find_checkpoint(resume) if resume is not None else None
+    out = Path(config.output).expanduser()
+    on_cpu = config.cpu or not torch.cuda.is_available()
+    mixed_precision = resolve_mixed_precision(config.mixed_precision, on_cpu)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    state = PartialState(cpu=on_cpu)
+    lock = RunLock(out).acquire() if state.is_main_process else None
+    try:
+        checkpoint = open_run(out, config.resume) if state.is_main_process else _resume_point(config)
+        return _fit(config, out, mixed_precision, on_cpu, checkpoint, train_dataset, val_dataset, test_dataset,
+                    callback or (lambda event, record: None))  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def make_train_loader(
-    dataset: SeededDataset,
-    batch_size: int,
-    seed: int,
-    num_processes: int,
-    **loader_kwargs: Any,
-) -> tuple[DataLoader, EpochSampler]:
-    """The training loader (not yet prepared) and its sampler: the order of epoch ``e`` depends on (seed, e) alone.
+def _resume_point(config: TrainConfig) -> Path | None:
+    """The checkpoint a non-main process resumes from (the main process decided whether there is one)."""
+    from .checkpoint import CheckpointError, find_checkpoint
 
-    The last incomplete batch is dropped unless the data is smaller than one global batch; the loader's own
-    generator (which seeds its workers) is seeded too, so iterating it never draws on the global RNG.
-    """
-    sampler = EpochSampler(len(dataset), seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=len(dataset) >= batch_size * num_processes,
-        generator=torch.Generator().manual_seed(seed),
-        **loader_kwargs,
-    )
-    return loader, sampler
+    if config.resume is None:
+        return None
+    try:
+        return find_checkpoint(config.resume)
+    except CheckpointError:
+        return None
 
 
-def epoch_loader(train_loader, sampler: EpochSampler, dataset: SeededDataset, epoch: int, skip: int = 0):
-    """The prepared ``train_loader`` positioned at ``epoch``, its first ``skip`` batches skipped (a resume)."""
-    dataset.set_epoch(epoch)
-    loader = skip_first_batches(train_loader, skip) if skip else train_loader
-    loader.set_epoch(epoch)  # accelerate's own epoch counter, which it hands to the sampler on iteration
-    sampler.set_epoch(epoch)  # the permutation of this epoch, whichever wrappers sit between
-    return loader
-
-
-def make_schedule(
-    config, optimizer, batches_per_epoch: int, num_images: int, accelerator: Accelerator
-) -> tuple[torch.optim.lr_scheduler.LambdaLR, dict[str, Any]]:
-    """The warm-up + cosine scheduler of a run and its schedule facts (saved with checkpoints, checked on resume).
-
-    ``config`` is a ``TrainConfig`` or ``DenseConfig`` (batch_size, grad_accum, epochs, warmup_epochs, lr,
-    min_lr); ``optimizer`` the prepared one; one optimizer step per ``grad_accum`` batches.
-
-    Raises:
-        DataError: the training data gives no batch.
-    """
-    if batches_per_epoch == 0:
-        raise DataError(f"the training data ({num_images} images) gives no batch of {config.batch_size}.")
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer.optimizer, WarmupCosine(warmup_steps, total_steps, config.min_lr / config.lr)
-    )
-    facts = {
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "num_processes": accelerator.num_processes,
-        "images_per_step": config.batch_size * accelerator.num_processes * config.grad_accum,
-    }
-    return scheduler, facts
-
-
-_SCHEDULE_FACTS = {
-    "steps_per_epoch": "--batch-size, --grad-accum or the training data",
-    "images_per_step": "--batch-size, --grad-accum or the number of processes",
-    "total_steps": "--epochs",
-}
-
-
-def check_schedule(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint into another schedule.
-
-    The position in the epoch (batches to skip) and the learning-rate schedule (whose warm-up and length the
-    scheduler's state carries) are only meaningful for the same steps per epoch, images per step and total
-    steps; resuming with, say, more epochs would silently follow the old cosine.
-
-    Raises:
-        CheckpointError: naming each fact that differs, both values and the setting behind it.
-    """
-    diffs = [
-        f"{key} {saved[key]} -> {current[key]} ({why})"
-        for key, why in _SCHEDULE_FACTS.items()
-        if key in saved and key in current and saved[key] != current[key]
-    ]
-    if diffs:
-        raise CheckpointError(
-            f"cannot resume from {str(checkpoint)!r}: this run's schedule differs from the checkpoint's: "
-            f"{'; '.join(diffs)}. Resume with the settings the run started with, or start a new run "
-            "(another --output) initialised from its adapter."
-        )
-
-
-def start_or_resume(
+def _fit(
+    config: TrainConfig,
+    out: Path,
+    mixed_precision: str,
+    on_cpu: bool,
     checkpoint: Path | None,
-    accelerator: Accelerator,
-    model: SidetuneModel,
-    optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    run_facts: dict[str, Any],
-    log: JsonlLog,
-    seed: int,
-) -> TrainerState:
-    """Restore ``checkpoint`` (and drop the log records written after it), or seed a new run's dropout stream.
+    train_dataset: Dataset | None,
+    val_dataset: Dataset | None,
+    test_dataset: Dataset | None,
+    callback: Callback,
+) -> TrainResult:
+    wall_start = time.perf_counter()
+    task = make_task(config.task, config.task_options)
 
-    ``model`` is the unwrapped model; ``run_facts`` describe this run's schedule and replace the saved ones.
-    """
+    # -- model and data: the task sizes the head, builds its datasets and transforms ---------------------------
+    given = train_dataset is not None
+    classes = classes_of(train_dataset, config.num_classes) if given else task.scan_classes(config)
+    _seed_everything(config.seed)
+    model = create(
+        config.backbone,
+        config.method,
+        num_classes=len(classes),
+        weights=config.weights,
+        img_size=config.img_size,
+        backbone_kwargs=config.backbone_kwargs or None,
+        **task.model_kwargs(config),
+        **config.method_options,
+    )
+    if checkpoint is not None:  # before anything is written: a wrong checkpoint must not touch the output
+        check_compatible(read_trainer_state(checkpoint).model, model, checkpoint)
+    if given:
+        if config.cache is not None:
+            raise ConfigError("give a tap cache (cache=) or datasets to fit(), not both.")
+        data = TaskData(train_dataset, val_dataset, test_dataset, classes, source="datasets passed to fit()")
+        task.prepare(data)
+    elif config.cache is not None:  # the taps of every image come from disk: the backbone never runs
+        from ..cache.reader import open_cache
+
+        data = open_cache(config, model, task, mixed_precision)
+    else:
+        data = task.build_data(config, model)
+    data_warnings = task.check_data(data)
+    for warning in data_warnings:
+        logger.warning("data: %s", warning)
+    train_set = SeededDataset(data.train, config.seed)  # sample i of epoch e: augmented from (seed, e, i)
+
+    # -- Accelerate, loaders, optimizer, schedule --------------------------------------------------------------
+    ddp_kwargs = []
+    if PartialState().num_processes > 1:
+        unused = unused_parameters(model, task, train_set)
+        if unused:
+            logger.info("DDP: %d trainable tensors get no gradient (%s...): find_unused", len(unused), unused[:3])
+        ddp_kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=bool(unused)))
+    accelerator = make_accelerator(
+        mixed_precision,
+        cpu=on_cpu,
+        gradient_accumulation_steps=config.grad_accum,
+        kwargs_handlers=ddp_kwargs,
+        rng_types=[],  # the data order is a function of (seed, epoch): nothing to synchronise
+    )
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = JsonlLog(out / LOG, enabled=main)
+    train_loader, sampler = make_train_loader(
+        train_set, config.batch_size, config.seed, accelerator.num_processes, num_workers=config.workers,
+        collate_fn=data.collate or task.collate, pin_memory=not on_cpu,
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    unwrapped: SidetuneModel = accelerator.unwrap_model(model)
+    batches_per_epoch = len(train_loader)
+    scheduler, run_facts = make_schedule(config, optimizer, batches_per_epoch, len(train_set), accelerator)
+    steps_per_epoch, total_steps = run_facts["steps_per_epoch"], run_facts["total_steps"]
+
+    def evaluate(dataset: Dataset) -> dict[str, Any]:
+        return evaluate_split(task, unwrapped, dataset, data.classes, accelerator, eval_batch, config.workers,
+                              collate=data.eval_collate)  # fmt: skip
+
+    eval_batch = config.eval_batch_size or task.eval_batch_factor * config.batch_size
+
+    # -- resume or start ----------------------------------------------------------------------------------------
     if checkpoint is None:
-        _seed_everything(seed + 1009 * accelerator.process_index)  # dropout differs across processes
-        return TrainerState(model=asdict(model.config), run=run_facts)
-    check_schedule(read_trainer_state(checkpoint).run, run_facts, checkpoint)
-    tstate = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
-    tstate.model, tstate.run = asdict(model.config), run_facts
-    log.truncate_after(tstate.step)
-    return tstate
+        _seed_everything(config.seed + 1009 * accelerator.process_index)  # dropout differs across processes
+        tstate = TrainerState(model=asdict(unwrapped.config), run=run_facts)
+    else:
+        check_schedule(read_trainer_state(checkpoint).run, run_facts, checkpoint)
+        tstate = load_checkpoint(checkpoint, accelerator, unwrapped, optimizer, scheduler)
+        tstate.model, tstate.run = asdict(unwrapped.config), run_facts
+        log.truncate_after(tstate.step)  # records of the segment that died after this checkpoint
+    if main:  # after the resume checks: a refused resume leaves the run's config as it was
+        config.save(out / CONFIG)
+    logger.info(
+        "training %s %s/%s on %s: %d trainable parameters, %d steps (%d per epoch), %d process(es), %s, %s",
+        task.name, config.backbone, config.method, data.source, unwrapped.num_parameters(), total_steps,
+        steps_per_epoch, accelerator.num_processes, accelerator.device, mixed_precision,
+    )  # fmt: skip
+    callback("start", {"step": tstate.step, "total_steps": total_steps, "epoch": tstate.epoch})
+    trainable = unwrapped.trainable_parameters()
+    info = _inference_info(task, config, data.classes, unwrapped, mixed_precision)
+    step, segment_start, base_elapsed = tstate.step, time.perf_counter(), tstate.elapsed_s
+
+    def elapsed() -> float:
+        return base_elapsed + time.perf_counter() - segment_start
+
+    def save_state(epoch: int, batch_in_epoch: int, totals: EpochTotals | None) -> None:
+        tstate.step, tstate.epoch, tstate.batch_in_epoch, tstate.elapsed_s = step, epoch, batch_in_epoch, elapsed()
+        tstate.epoch_sums = totals.reduced(accelerator) if totals is not None else {}
+        check_finite(unwrapped, f"the checkpoint of step {step}")
+        save_checkpoint(out, accelerator, unwrapped, optimizer, scheduler, tstate)
+
+    # -- the epochs -----------------------------------------------------------------------------------------------
+    for epoch in range(tstate.epoch, config.epochs):
+        skip = tstate.batch_in_epoch if epoch == tstate.epoch else 0
+        loader = epoch_loader(train_loader, sampler, train_set, epoch, skip)
+        model.train()
+        # the epoch's running sums (on the device, no host sync per batch); a mid-epoch resume starts from the
+        # sums the checkpoint saved, so the epoch record covers the whole epoch
+        totals = EpochTotals(accelerator.device, tstate.epoch_sums if skip and main else None)
+        window, step_time, data_time, bad_window = EpochTotals(accelerator.device), 0.0, 0.0, False
+        batch_in_epoch = skip
+        t_data = time.perf_counter()
+        for batch in loader:
+            t_compute = time.perf_counter()
+            data_time += t_compute - t_data
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    output = task.step(model, batch)
+                finite = _all_finite(output.loss, accelerator)
+                if finite:
+                    accelerator.backward(output.loss)  # scaled by 1 / grad_accum
+                bad_window |= not finite
+                if accelerator.sync_gradients and not bad_window:
+                    if config.clip_grad is not None:
+                        accelerator.clip_grad_norm_(trainable, config.clip_grad)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)  # a no-op until the last micro-batch of the step
+            batch_in_epoch += 1
+            if finite:
+                totals.add(output)
+            window.add(output)
+            if not accelerator.sync_gradients:
+                step_time += time.perf_counter() - t_compute
+                t_data = time.perf_counter()
+                continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            scheduler.step()
+            step += 1
+            means = window.means(accelerator)
+            record = {"type": "step", "step": step, "epoch": epoch + 1, **means, "lr": lr,
+                      "step_time_s": step_time + time.perf_counter() - t_compute, "data_time_s": data_time}  # fmt: skip
+            if bad_window:
+                tstate.nonfinite_steps += 1
+                record["skipped"] = "non-finite loss"
+                if tstate.nonfinite_steps > config.nonfinite_patience:
+                    log.write(record)
+                    raise TrainingError(
+                        f"the loss became non-finite ({means.get('loss')}) at step {step} (epoch {epoch + 1}); "
+                        f"{tstate.nonfinite_steps} step(s) skipped, --nonfinite-patience is "
+                        f"{config.nonfinite_patience}. Nothing of this step was saved. Lower --lr or set --clip-grad, "
+                        "then start again (or --resume from the last good checkpoint)."
+                    )
+                logger.warning("step %d: non-finite loss, optimizer step skipped", step)
+            log.write(record)
+            callback("step", record)
+            window, step_time, data_time, bad_window = EpochTotals(accelerator.device), 0.0, 0.0, False
+            if config.save_every_steps and step % config.save_every_steps == 0 and batch_in_epoch < batches_per_epoch:
+                save_state(epoch, batch_in_epoch, totals)
+            t_data = time.perf_counter()
+
+        # -- end of epoch: train metrics, validation, adapters, resumable state ----------------------------------
+        record = {
+            "type": "epoch",
+            "epoch": epoch + 1,
+            "step": step,
+            **epoch_record(task, totals.reduced(accelerator)),
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if data.val is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            val = evaluate(data.val)
+            record.update({f"val_{k}": v for k, v in val.items()})
+            score = task.score(val)
+            if score is not None and (tstate.best_metric is None or score > tstate.best_metric):
+                tstate.best_metric, tstate.best_epoch = score, epoch + 1
+                if main:
+                    save_adapter(unwrapped, out / "best", info)
+        if main:
+            save_adapter(unwrapped, out / "last", info)
+        record["elapsed_s"] = elapsed()
+        log.write(record)
+        callback("epoch", record)
+        save_state(epoch + 1, 0, None)
+    accelerator.wait_for_everyone()
+
+    # -- after training: the processes agree, the best adapter is scored on test once ----------------------------
+    checksum = _checksum(unwrapped)
+    checksums = gather_object([checksum]) if accelerator.num_processes > 1 else [checksum]
+    if len(set(checksums)) > 1:
+        logger.error("the processes disagree on the trained weights: %s", checksums)
+    if main and tstate.best_epoch is None:  # no validation (or nothing measurable): best is last
+        save_adapter(unwrapped, out / "best", info)
+    accelerator.wait_for_everyone()
+    chosen = "best" if tstate.best_epoch is not None else "last"
+    if tstate.best_epoch is not None and tstate.best_epoch != config.epochs:
+        _load_trainable(unwrapped, out / "best")
+    test = evaluate(data.test) if data.test is not None else None
+
+    records = read_log(out / LOG) if main else []
+    summary = _summary(config, task, unwrapped, data, data_warnings, records, tstate, test, chosen, run_facts)
+    summary.update(
+        timing=dict(summary["timing"], wall_time_s=time.perf_counter() - wall_start, train_time_s=elapsed()),
+        memory=peak_memory(accelerator.device),
+        device=device_name(accelerator.device),
+        num_processes=accelerator.num_processes,
+        mixed_precision=mixed_precision,
+        rank_checksums=checksums,
+        ranks_in_sync=len(set(checksums)) == 1,
+        resumed_from=str(checkpoint) if checkpoint is not None else None,
+    )
+    judged = test if test is not None else summary["metrics"]["final_val"]
+    collapse = task.collapse_warnings(judged, data.classes) if judged else []
+    for warning in collapse:  # recorded in the summary (and printed by the CLI)
+        logger.info("%s: %s", "test" if test is not None else "validation", warning)
+    summary["metrics"]["collapsed"] = bool(collapse)
+    summary["warnings"] = [*data_warnings, *collapse]
+    if main:
+        write_json(out / SUMMARY, summary)
+        try:
+            plot_curves(records, out / CURVES, title=f"{config.backbone} / {config.method}", metric=task.headline)
+        except Exception as err:  # a plot must never cost a finished run
+            logger.warning("could not draw %s: %s", out / CURVES, err)
+    callback("end", summary)
+    accelerator.wait_for_everyone()
+    return TrainResult(output=out, summary=summary, model=unwrapped)
+
+
+class EpochTotals:
+    """Sample-weighted sums of a task's step outputs over an epoch (or a window): loss, loss parts, statistics.
+
+    Kept on the device as 0-d tensors (no host sync per batch). Keys: ``count`` (samples), ``loss`` and the
+    loss parts (each summed times the micro-batch's sample count), and ``stat_<name>`` for the task's
+    :attr:`~sidetune.tasks.StepOutput.sums`. :meth:`reduced` sums them over processes, as floats.
+    """
+
+    def __init__(self, device: torch.device, start: dict[str, float] | None = None) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {
+            k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in (start or {}).items()
+        }
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().to(self.device, torch.float64)
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def add(self, output) -> None:
+        n = torch.tensor(float(output.count), dtype=torch.float64, device=self.device)
+        self._add("count", n)
+        for name, value in {"loss": output.loss, **output.parts}.items():
+            self._add(name, value.detach() * n)
+        for name, value in output.sums.items():
+            self._add(f"stat_{name}", value)
+
+    @property
+    def parts(self) -> list[str]:
+        """``loss`` first, then the loss parts."""
+        return sorted(
+            (k for k in self.sums if k != "count" and not k.startswith("stat_")), key=lambda k: (k != "loss", k)
+        )
+
+    def means(self, accelerator) -> dict[str, float]:
+        """The window's sample-weighted mean loss and loss parts, averaged over processes (a step record)."""
+        names = self.parts
+        if not names:
+            return {}
+        values = torch.stack([self.sums[k] / self.sums["count"] for k in names]).float()
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values, "mean")
+        return dict(zip(names, values.tolist(), strict=True))
+
+    def reduced(self, accelerator) -> dict[str, float]:
+        """Every sum over all processes, as floats (what a checkpoint saves, and what an epoch record reads)."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        values = torch.stack([self.sums[k] for k in names])
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values, "sum")
+        return dict(zip(names, values.tolist(), strict=True))
+
+
+def epoch_record(task: Task, sums: dict[str, float]) -> dict[str, Any]:
+    """The training part of an epoch record from :meth:`EpochTotals.reduced`: ``train_loss``, ``train_<part>``,
+    and the task's training metrics (``train_top1``)."""
+    count = sums.get("count", 0.0)
+    parts = {f"train_{k}": v / count for k, v in sums.items() if k != "count" and not k.startswith("stat_") and count}
+    stats = {k[5:]: v for k, v in sums.items() if k.startswith("stat_")}
+    return {"train_loss": None, **parts, **{f"train_{k}": v for k, v in task.train_metrics(stats, count).items()}}
+
+
+@torch.no_grad()
+def evaluate_split(
+    task: Task,
+    model: SidetuneModel,
+    dataset: Dataset,
+    classes: list[str],
+    accelerator,
+    batch_size: int,
+    workers: int = 0,
+    collate=None,
+) -> dict[str, Any]:
+    """The task's metrics of ``model`` on ``dataset``, each process scoring its own shard, merged exactly.
+
+    Runs under the run's autocast, on the unwrapped model (processes may run different numbers of batches).
+    """
+    was_training = model.training
+    model.eval()
+    evaluator = task.evaluator(model, dataset, classes)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = make_eval_loader(dataset, batch_size, rank, world, collate or task.eval_collate, workers)
+    try:
+        for batch in loader:
+            with accelerator.autocast():
+                evaluator.update(model, send_to_device(batch, accelerator.device))
+    finally:
+        model.train(was_training)
+    states = gather_object([evaluator.state()]) if world > 1 else [evaluator.state()]
+    metrics = evaluator.compute(states)
+    metrics["count"] = len(dataset)
+    return metrics
+
+
+def _all_finite(loss: torch.Tensor, accelerator) -> bool:
+    """Whether the loss is finite on every process (they must agree to skip a step together)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    return not bool(bad.item())
+
+
+def _inference_info(task: Task, config: TrainConfig, classes: list[str], model: SidetuneModel, precision: str):
+    """``inference.json``: what eval and predict need to reproduce the run's numbers."""
+    return {
+        "task": task.name,
+        "classes": classes,
+        "img_size": list(model.config.img_size),
+        "seed": config.seed,  # a random backbone (weights=None) is rebuilt from the seed it was created with
+        "mixed_precision": precision,
+        "task_options": dict(config.task_options),
+        **task.inference_info(config),
+    }
+
+
+def _summary(config, task, model, data, data_warnings, records, tstate, test, chosen, run_facts) -> dict[str, Any]:
+    steps = [r for r in records if r.get("type") == "step"]
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    times = [r["step_time_s"] for r in steps]
+    timed = times[3:] if len(times) > 10 else times  # the first steps warm up caches
+    final_val = next((r for r in reversed(epochs) if f"val_{task.headline}" in r), None)
+    last = epochs[-1] if epochs else {}
+    return {
+        "task": task.name,
+        "config": config.to_dict(),
+        "model": {
+            "backbone": model.config.backbone,
+            "method": model.config.method,
+            "method_config": model.config.method_config,
+            "img_size": list(model.config.img_size),
+            "num_classes": len(data.classes),
+            "trainable_parameters": model.num_parameters(),
+            "total_parameters": model.num_parameters(trainable=False),
+        },
+        "data": {
+            "source": data.source,
+            **data.sizes(),
+            "classes": data.classes,
+            "splits": data.splits,
+            "skipped": len(data.skipped),
+            "skipped_files": [{"path": p, "reason": r} for p, r in data.skipped],
+            "warnings": data_warnings,
+        },
+        "metrics": {
+            "headline": task.headline,
+            "best_val": tstate.best_metric,
+            "best_epoch": tstate.best_epoch,
+            "final_train_loss": last.get("train_loss"),
+            "final_train": {k[6:]: v for k, v in last.items() if k.startswith("train_")} or None,
+            "final_val": {k[4:]: v for k, v in final_val.items() if k.startswith("val_")} if final_val else None,
+            "test_checkpoint": chosen if test is not None else None,
+            "test": test,
+            "nonfinite_steps": tstate.nonfinite_steps,
+        },
+        "timing": {
+            "steps": tstate.step,
+            "median_step_time_s": statistics.median(timed) if timed else None,
+            "images_per_step": run_facts["images_per_step"],
+            "steps_per_epoch": run_facts["steps_per_epoch"],
+            "grad_accum": config.grad_accum,
+        },
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }
+
+
+def _load_trainable(model: SidetuneModel, directory: Path) -> None:
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    params = dict(model.named_trainable_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].device))
 
 
 def _checksum(model: SidetuneModel) -> str:
@@ -318,362 +570,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, num_classes: int) -> dict[str, Any]:
-    """Loss, top-1, top-5, mean class accuracy and per-class accuracy of ``model`` on ``loader``.
-
-    Under several processes the logits are gathered (``gather_for_metrics`` drops the padding samples), so
-    every process returns the metrics of the whole split.
-    """
-    was_training = model.training
-    model.eval()
-    meter = ClassificationMeter(num_classes)
-    for images, labels in loader:
-        logits = model(images)
-        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
-        meter.update(logits, labels)
-    model.train(was_training)
-    return meter.compute()
-
-
-def _save_adapter(model: SidetuneModel, directory: Path, classes: list[str], config: TrainConfig) -> None:
-    model.save_adapter(directory)
-    info = {
-        "classes": classes,
-        "augmentation": config.augmentation,
-        "img_size": list(model.config.img_size),
-        "seed": config.seed,  # a random backbone (weights=None) is rebuilt from the seed it was created with
-    }
-    tmp = directory / f".{INFERENCE}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, directory / INFERENCE)
-
-
-def _prefix(metrics: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
-    return {f"{prefix}_{k}": v for k, v in (metrics or {}).items() if k != "per_class"}
-
-
-def fit(
-    config: TrainConfig,
-    *,
-    train_dataset: Dataset | None = None,
-    val_dataset: Dataset | None = None,
-    test_dataset: Dataset | None = None,
-    callback: Callback | None = None,
-) -> TrainResult:
-    """Train a classifier as ``config`` says, and write the run directory.
-
-    Args:
-        config: the run.
-        train_dataset: optional datasets of ``(image tensor, label)`` used instead of ``config.data``
-            (already transformed; ``classes`` attribute or ``config.num_classes`` required).
-        val_dataset: optional validation dataset (with ``train_dataset``).
-        test_dataset: optional test dataset (with ``train_dataset``).
-        callback: progress hook, see :data:`Callback`.
-
-    Returns:
-        A :class:`TrainResult`.
-
-    Raises:
-        ConfigError: invalid settings (mixed precision the device lacks, an occupied output directory).
-        DataError: missing, empty or inconsistent data.
-        CheckpointError: ``resume`` points at nothing resumable, or at another model's checkpoint.
-    """
-    wall_start = time.perf_counter()
-    callback = callback or (lambda event, record: None)
-    out = Path(config.output).expanduser()
-    on_cpu = config.cpu or not torch.cuda.is_available()
-    mixed_precision = resolve_mixed_precision(config.mixed_precision, on_cpu)
-    checkpoint = open_run(out, config.resume)
-    state = PartialState(cpu=on_cpu)
-
-    # -- model and data ---------------------------------------------------------------------------------------
-    given = train_dataset is not None
-    classes = classes_of(train_dataset, config.num_classes) if given else _scan_classes(config)
-    _seed_everything(config.seed)
-    model = create(
-        config.backbone,
-        config.method,
-        num_classes=len(classes),
-        weights=config.weights,
-        img_size=config.img_size,
-        backbone_kwargs=config.backbone_kwargs or None,
-        head_dropout=config.head_dropout,
-        **config.method_options,
-    )
-    if checkpoint is not None:  # before anything is written: a wrong checkpoint must not touch the output
-        check_compatible(read_trainer_state(checkpoint).model, model, checkpoint)
-    if train_dataset is not None:
-        data = RunData(train_dataset, val_dataset, test_dataset, classes, source="datasets passed to fit()")
-    else:
-        data = build_run_data(config, model.data_config)
-    train_set = SeededDataset(data.train, config.seed)
-
-    ddp_kwargs = []
-    if state.num_processes > 1:
-        unused = unused_parameters(model, train_set)
-        if unused:
-            logger.info(
-                "DDP: %d trainable tensors get no gradient (%s...): find_unused_parameters=True",
-                len(unused),
-                unused[:3],
-            )
-        ddp_kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=bool(unused)))
-    accelerator = make_accelerator(
-        cpu=on_cpu,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        kwargs_handlers=ddp_kwargs,
-        rng_types=[],  # the data order is a function of (seed, epoch): nothing to synchronise
-    )
-    main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    log = JsonlLog(out / LOG, enabled=main)
-
-    loader_kwargs = dict(num_workers=config.workers, pin_memory=not on_cpu, persistent_workers=False)
-    train_loader, sampler = make_train_loader(
-        train_set, config.batch_size, config.seed, accelerator.num_processes, **loader_kwargs
-    )
-    eval_bs = config.eval_batch_size or 2 * config.batch_size
-    eval_loaders = {
-        name: DataLoader(ds, batch_size=eval_bs, shuffle=False, **loader_kwargs)
-        for name, ds in (("val", data.val), ("test", data.test))
-        if ds is not None
-    }
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
-    unwrapped: SidetuneModel = accelerator.unwrap_model(model)
-
-    batches_per_epoch = len(train_loader)
-    scheduler, run_facts = make_schedule(config, optimizer, batches_per_epoch, len(train_set), accelerator)
-    steps_per_epoch, total_steps = run_facts["steps_per_epoch"], run_facts["total_steps"]
-
-    # -- resume or start ------------------------------------------------------------------------------------
-    tstate = start_or_resume(checkpoint, accelerator, unwrapped, optimizer, scheduler, run_facts, log, config.seed)
-    if main:  # after the resume checks: a refused resume leaves the run's config as it was
-        config.save(out / CONFIG)
-    logger.info(
-        "training %s/%s on %s: %d trainable parameters, %d steps (%d per epoch), %d process(es), %s, precision %s",
-        config.backbone,
-        config.method,
-        data.source,
-        unwrapped.num_parameters(),
-        total_steps,
-        steps_per_epoch,
-        accelerator.num_processes,
-        accelerator.device,
-        mixed_precision,
-    )
-    callback("start", {"step": tstate.step, "total_steps": total_steps, "epoch": tstate.epoch})
-    num_classes = len(classes)
-    trainable = unwrapped.trainable_parameters()
-    segment_start = time.perf_counter()
-    step = tstate.step
-
-    base_elapsed = tstate.elapsed_s
-
-    def _elapsed() -> float:
-        return base_elapsed + time.perf_counter() - segment_start
-
-    def save_state(epoch: int, batch_in_epoch: int) -> None:
-        tstate.step, tstate.epoch, tstate.batch_in_epoch, tstate.elapsed_s = step, epoch, batch_in_epoch, _elapsed()
-        save_checkpoint(out, accelerator, unwrapped, optimizer, scheduler, tstate)
-
-    for epoch in range(tstate.epoch, config.epochs):
-        skip = tstate.batch_in_epoch if epoch == tstate.epoch else 0
-        loader = epoch_loader(train_loader, sampler, train_set, epoch, skip)
-        model.train()
-        batch_in_epoch = skip
-        # loss sum, correct, seen: accumulated on the device (no host sync per batch), reduced at the epoch end
-        epoch_totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-        window_loss, window_n, step_time, data_time = 0.0, 0, 0.0, 0.0
-        t_data = time.perf_counter()
-        for images, labels in loader:
-            t_compute = time.perf_counter()
-            data_time += t_compute - t_data
-            if bool(((labels < 0) | (labels >= num_classes)).any()):
-                raise DataError(
-                    f"a training label ({labels.min().item()}..{labels.max().item()}) is outside the model's "
-                    f"{num_classes} classes; check the labels or num_classes."
-                )
-            with accelerator.accumulate(model):
-                logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-                accelerator.backward(loss)
-                if config.clip_grad is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, config.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            batch_in_epoch += 1
-            detached = loss.detach()
-            window_loss += detached
-            window_n += 1
-            epoch_totals[0] += detached.double() * len(labels)
-            epoch_totals[1] += (logits.detach().argmax(-1) == labels).sum()
-            epoch_totals[2] += len(labels)
-            if accelerator.sync_gradients:
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                step += 1
-                mean_loss = accelerator.reduce(
-                    torch.as_tensor(window_loss / window_n, device=accelerator.device), "mean"
-                )
-                record = {
-                    "type": "step",
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": float(mean_loss.item()),
-                    "lr": lr,
-                    "step_time": step_time + time.perf_counter() - t_compute,
-                    "data_time": data_time,
-                }
-                log.write(record)
-                callback("step", record)
-                window_loss, window_n, step_time, data_time = 0.0, 0, 0.0, 0.0
-                if (
-                    config.save_every_steps
-                    and step % config.save_every_steps == 0
-                    and batch_in_epoch < batches_per_epoch
-                ):
-                    save_state(epoch, batch_in_epoch)
-            else:
-                step_time += time.perf_counter() - t_compute
-            t_data = time.perf_counter()
-
-        # -- end of epoch: train metrics, validation, adapters, resumable state --------------------------------
-        loss_sum, correct, seen = accelerator.reduce(epoch_totals, "sum").tolist()
-        record: dict[str, Any] = {
-            "type": "epoch",
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": loss_sum / seen if seen else None,
-            "train_top1": correct / seen if seen else None,
-            "lr": scheduler.get_last_lr()[0],
-            "elapsed_s": _elapsed(),
-        }
-        last_epoch = epoch + 1 == config.epochs
-        if "val" in eval_loaders and ((epoch + 1) % config.eval_every == 0 or last_epoch):
-            val = evaluate(model, eval_loaders["val"], accelerator, num_classes)
-            record.update(_prefix(val, "val"), val_per_class=val["per_class"])
-            if tstate.best_metric is None or val["top1"] > tstate.best_metric:
-                tstate.best_metric, tstate.best_epoch = val["top1"], epoch + 1
-                if main:
-                    _save_adapter(unwrapped, out / "best", classes, config)
-        if main:
-            _save_adapter(unwrapped, out / "last", classes, config)
-        log.write(record)
-        callback("epoch", record)
-        logger.info(
-            "epoch %d/%d: train loss %.4f, train top-1 %.3f%s",
-            epoch + 1,
-            config.epochs,
-            record["train_loss"] or float("nan"),
-            record["train_top1"] or 0.0,
-            f", val top-1 {record['val_top1']:.3f}" if record.get("val_top1") is not None else "",
-        )
-        save_state(epoch + 1, 0)
-    accelerator.wait_for_everyone()
-
-    # -- after training: agreement of processes, test, summary ------------------------------------------------
-    checksum = _checksum(unwrapped)
-    checksums = gather_object([checksum]) if accelerator.num_processes > 1 else [checksum]
-    if len(set(checksums)) > 1:
-        logger.error("the processes disagree on the trained weights: %s", checksums)
-    chosen = "last"
-    if tstate.best_epoch is not None and (out / "best" / ADAPTER_WEIGHTS).is_file():
-        chosen = "best"
-        accelerator.wait_for_everyone()
-        tensors = load_file(str(out / "best" / ADAPTER_WEIGHTS))
-        params = dict(unwrapped.named_trainable_parameters())
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                params[name].copy_(tensor)
-    test = evaluate(model, eval_loaders["test"], accelerator, num_classes) if "test" in eval_loaders else None
-    records = read_log(out / LOG) if main else []
-    step_times = [r["step_time"] for r in records if r.get("type") == "step"]
-    timed = step_times[3:] if len(step_times) > 10 else step_times  # the first steps warm up caches
-    epochs_logged = [r for r in records if r.get("type") == "epoch"]
-    final_val = next((r for r in reversed(epochs_logged) if r.get("val_top1") is not None), None)
-    summary = {
-        "config": config.to_dict(),
-        "model": {
-            "backbone": unwrapped.config.backbone,
-            "method": unwrapped.config.method,
-            "method_config": unwrapped.config.method_config,
-            "img_size": list(unwrapped.config.img_size),
-            "num_classes": num_classes,
-            "trainable_parameters": unwrapped.num_parameters(),
-            "total_parameters": unwrapped.num_parameters(trainable=False),
-        },
-        "data": {
-            "source": data.source,
-            **data.sizes(),
-            "classes": classes,
-            "splits": _split_names(config, train_dataset),
-        },
-        "metrics": {
-            "final_train_loss": epochs_logged[-1]["train_loss"] if epochs_logged else None,
-            "final_train_top1": epochs_logged[-1]["train_top1"] if epochs_logged else None,
-            "best_val_top1": tstate.best_metric,
-            "best_epoch": tstate.best_epoch,
-            "final_val": {k[4:]: v for k, v in final_val.items() if k.startswith("val_")} if final_val else None,
-            "test_checkpoint": chosen if test is not None else None,
-            "test": test,
-        },
-        "timing": {
-            "wall_time_s": time.perf_counter() - wall_start,
-            "train_time_s": _elapsed(),
-            "steps": step,
-            "median_step_time_s": statistics.median(timed) if timed else None,
-            "images_per_step": run_facts["images_per_step"],
-            "steps_per_epoch": steps_per_epoch,
-        },
-        "memory": peak_memory(accelerator.device),
-        "device": device_name(accelerator.device),
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": mixed_precision,
-        "rank_checksums": checksums,
-        "ranks_in_sync": len(set(checksums)) == 1,
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "resumed_from": str(checkpoint) if checkpoint is not None else None,
-    }
-    if main:
-        tmp = out / f".{SUMMARY}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, out / SUMMARY)
-        try:
-            plot_curves(records, out / CURVES, title=f"{config.backbone} / {config.method}")
-        except Exception as err:  # a plot must never cost a finished run
-            logger.warning("could not draw %s: %s", out / CURVES, err)
-    callback("end", summary)
-    accelerator.wait_for_everyone()
-    return TrainResult(output=out, summary=summary, model=unwrapped)
-
-
-def _scan_classes(config: TrainConfig) -> list[str]:
-    """Class names of the training split (a quick scan, no image decoded), to size the classifier."""
-    if config.data is None:
-        raise ConfigError("no data: set `data` (a folder, CSV or list file) or pass the datasets to fit().")
-    train_split, _, _ = resolve_splits(config)
-    dataset = build_classification_dataset(
-        config.data, train_split, None, config.layout, num_classes=config.num_classes
-    )
-    if len(dataset) == 0:
-        raise DataError(f"the training data at {dataset.root} holds no images.")
-    return list(dataset.classes)
-
-
-def _split_names(config: TrainConfig, given: Dataset | None) -> dict[str, Any] | None:
-    if given is not None or config.data is None:
-        return None
-    train, val, test = resolve_splits(config)
-    return {
-        "train": train,
-        "val": val if config.val_fraction is None else f"{config.val_fraction} of train",
-        "test": test,
-    }

@@ -1,4 +1,7 @@
-"""Classification metrics, the run's JSONL log, and the facts a run summary records (memory, versions, commit)."""
+"""The run's JSONL log and the facts a run summary records (memory, versions, commit).
+
+The task metrics live with their tasks (:mod:`sidetune.tasks`); ``ClassificationMeter`` is re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -13,56 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ..tasks.classification import ClassificationMeter
 
-class ClassificationMeter:
-    """Accumulate loss, top-1/top-5 and per-class accuracy over batches of logits.
-
-    Per-class accuracy is the recall of each class (``MulticlassAccuracy(average=None)`` in torchmetrics);
-    a class absent from the data gets None. ``mean_class_acc`` averages the classes present.
-
-    Args:
-        num_classes: classifier size.
-    """
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.correct = torch.zeros(num_classes, dtype=torch.long)
-        self.total = torch.zeros(num_classes, dtype=torch.long)
-        self.top5_correct = 0
-        self.loss_sum = 0.0
-
-    @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """logits (B, K), labels (B,)."""
-        logits, labels = logits.detach().float().cpu(), labels.detach().cpu().long()
-        self.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        pred = logits.argmax(-1)
-        self.total += torch.bincount(labels, minlength=self.num_classes)
-        self.correct += torch.bincount(labels[pred == labels], minlength=self.num_classes)
-        k = min(5, self.num_classes)
-        self.top5_correct += (logits.topk(k, -1).indices == labels[:, None]).any(-1).sum().item()
-
-    @property
-    def count(self) -> int:
-        return int(self.total.sum())
-
-    def compute(self) -> dict[str, Any]:
-        """``{"loss", "top1", "top5", "mean_class_acc", "per_class", "count"}`` (accuracies in [0, 1])."""
-        n = self.count
-        if n == 0:
-            return {"loss": None, "top1": None, "top5": None, "mean_class_acc": None, "per_class": [], "count": 0}
-        per_class = [(c / t if t else None) for c, t in zip(self.correct.tolist(), self.total.tolist(), strict=True)]
-        present = [a for a in per_class if a is not None]
-        return {
-            "loss": self.loss_sum / n,
-            "top1": int(self.correct.sum()) / n,
-            "top5": self.top5_correct / n,
-            "mean_class_acc": sum(present) / len(present),
-            "per_class": per_class,
-            "count": n,
-        }
+__all__ = ["ClassificationMeter", "JsonlLog", "device_name", "git_commit", "peak_memory", "read_log", "versions"]
 
 
 class JsonlLog:

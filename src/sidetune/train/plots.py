@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
-    """Draw loss (per step, with a moving average), learning rate, and per-epoch accuracies.
+def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "", metric: str = "top1") -> Path:
+    """Draw loss (per step, with a moving average), learning rate, and the task's headline metric per epoch.
 
     Args:
         records: the run's log records (:func:`sidetune.train.metrics.read_log`).
         path: PNG to write.
         title: figure title.
+        metric: the headline metric (``top1``, ``mIoU``, ``bbox_mAP``): ``train_<metric>`` and ``val_<metric>``
+            are drawn where the log has them.
 
     Returns:
         The PNG path.
@@ -48,18 +50,21 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: s
     ax.set_xlabel("optimizer step")
     ax.set_title("learning rate")
     ax = axes[2]
-    for key, label in (
-        ("train_top1", "train top-1"),
-        ("val_top1", "val top-1"),
-        ("val_mean_class_acc", "val mean class acc"),
-    ):
-        pts = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
+    curves = [(f"train_{metric}", f"train {metric}"), (f"val_{metric}", f"val {metric}")]
+    if metric == "top1":
+        curves.append(("val_mean_class_acc", "val mean class acc"))
+    values = []
+    for key, label in curves:
+        pts = [(r["epoch"], r[key]) for r in epochs if isinstance(r.get(key), int | float)]
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", label=label)
+            values += [v for _, v in pts]
     ax.set_xlabel("epoch")
-    ax.set_ylim(0, 1)
-    ax.set_title("accuracy")
-    ax.legend(fontsize=8)
+    if values and all(0 <= v <= 1 for v in values):
+        ax.set_ylim(0, 1)
+    ax.set_title(metric)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -1,0 +1,164 @@
+"""What a run sets up before its first step, the same for every task: precision, Accelerator, AdamW groups, schedule.
+
+The recipe: AdamW on the trainable parameters only (no weight decay on biases, norms and other 1-D tensors,
+position embeddings and class/register tokens), linear warm-up then cosine decay, stepped once per optimizer
+step (one step per ``grad_accum`` micro-batches).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from ..bench.levers import native_low_precision
+from ..data import DataError
+from ..errors import ConfigError
+from ..model import SidetuneModel
+from .checkpoint import CheckpointError
+
+
+class WarmupCosine:
+    """LR multiplier per optimizer step: linear warm-up from ``1/warmup`` to 1, then cosine to ``floor``.
+
+    A callable object (not a lambda) so that ``LambdaLR.state_dict()`` saves it.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, floor: float = 0.0) -> None:
+        self.warmup_steps, self.total_steps, self.floor = warmup_steps, max(1, total_steps), floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_mixed_precision(requested: str, on_cpu: bool) -> str:
+    """``auto`` -> ``bf16``/``fp16`` on CUDA, ``no`` on CPU; a 16-bit mode the device lacks is an error.
+
+    On the CPU, ``bf16`` is accepted where the processor computes it natively (AVX512-BF16 or AMX, as
+    oneDNN reports): there autocast runs the matrix products in bfloat16, about 2.5x faster for a ViT, with
+    parameters, gradients and optimizer state in float32. Elsewhere autocast would emulate it, slower than
+    float32, so it is refused. ``auto`` stays ``no`` on the CPU: bf16 changes the numbers, so it is asked for.
+    """
+    if on_cpu:
+        if requested in ("auto", "no"):
+            return "no"
+        if requested == "bf16" and native_low_precision(torch.bfloat16, torch.device("cpu")):
+            return "bf16"
+        reason = (
+            "fp16 training needs a CUDA device"
+            if requested == "fp16"
+            else "this CPU has no native bfloat16 (AVX512-BF16 or AMX), so autocast would be slower than float32"
+        )
+        raise ConfigError(f"mixed_precision={requested!r} on the CPU: {reason}; use 'no' (or 'auto').")
+    bf16 = torch.cuda.is_bf16_supported()
+    if requested == "auto":
+        return "bf16" if bf16 else "fp16"
+    if requested == "bf16" and not bf16:
+        raise ConfigError(f"mixed_precision='bf16' is not supported by {torch.cuda.get_device_name()}; use 'fp16'.")
+    return requested
+
+
+def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
+    """``Accelerator(mixed_precision=..., **kwargs)`` that a second run in the same process may also build.
+
+    Accelerate keeps its state in a process-wide singleton and refuses a second ``Accelerator`` with another
+    precision ("restart your runtime"). A notebook or script that trains twice (fp32, then bf16) is normal
+    use, so the precision part of that state is dropped first; the process group (``PartialState``) stays.
+    """
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
+
+
+def param_groups(model: SidetuneModel, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices and convolutions; not biases, norms, 1-D tensors, embeddings and tokens."""
+    skip_names = ("pos_embed", "cls_token", "reg_token", "dist_token", "relative_position_bias_table")
+    decay, no_decay = [], []
+    for name, p in model.named_trainable_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in skip_names) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_schedule(
+    config, optimizer, batches_per_epoch: int, num_images: int, accelerator: Accelerator
+) -> tuple[torch.optim.lr_scheduler.LambdaLR, dict[str, Any]]:
+    """The warm-up + cosine scheduler of a run and its schedule facts (saved with checkpoints, checked on resume).
+
+    ``config`` is the run's ``TrainConfig`` (batch_size, grad_accum, epochs, warmup_epochs, lr, min_lr);
+    ``optimizer`` the prepared one; one optimizer step per ``grad_accum`` batches.
+
+    Raises:
+        DataError: the training data gives no batch.
+    """
+    if batches_per_epoch == 0:
+        raise DataError(f"the training data ({num_images} images) gives no batch of {config.batch_size}.")
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer, WarmupCosine(warmup_steps, total_steps, config.min_lr / config.lr)
+    )
+    facts = {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "num_processes": accelerator.num_processes,
+        "images_per_step": config.batch_size * accelerator.num_processes * config.grad_accum,
+    }
+    return scheduler, facts
+
+
+_SCHEDULE_FACTS = {
+    "steps_per_epoch": "--batch-size, --grad-accum or the training data",
+    "images_per_step": "--batch-size, --grad-accum or the number of processes",
+    "total_steps": "--epochs",
+}
+
+
+def check_schedule(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint into another schedule.
+
+    The position in the epoch (batches to skip) and the learning-rate schedule (whose warm-up and length the
+    scheduler's state carries) are only meaningful for the same steps per epoch, images per step and total
+    steps; resuming with, say, more epochs would silently follow the old cosine.
+
+    Raises:
+        CheckpointError: naming each fact that differs, both values and the setting behind it.
+    """
+    diffs = [
+        f"{key} {saved[key]} -> {current[key]} ({why})"
+        for key, why in _SCHEDULE_FACTS.items()
+        if key in saved and key in current and saved[key] != current[key]
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {str(checkpoint)!r}: this run's schedule differs from the checkpoint's: "
+            f"{'; '.join(diffs)}. Resume with the settings the run started with, or start a new run "
+            "(another --output) initialised from its adapter."
+        )
+
+
+def unused_parameters(model: SidetuneModel, task: Any, dataset: Any) -> list[str]:
+    """Trainable parameters that get no gradient from a training step (DDP must then look for them).
+
+    Runs the task's loss on a batch of two training samples, forward and backward, with the RNG state preserved
+    and the gradients cleared afterwards.
+    """
+    batch = task.collate([dataset[i] for i in range(min(2, len(dataset)))])
+    with torch.random.fork_rng(devices=[]):
+        was_training = model.training
+        model.train()
+        task.step(model, batch).loss.float().backward()
+        model.train(was_training)
+    names = [n for n, p in model.named_trainable_parameters() if p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return names

@@ -1,0 +1,227 @@
+"""The tap cache: build, train from it (every task) without the backbone, resume a build, refuse stale caches, sweep."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sidetune.backbones import TimmBackbone
+from sidetune.cache import CacheError, Manifest, build
+from sidetune.cache.sweep import sweep
+from sidetune.errors import ConfigError
+from sidetune.train import fit
+from train_data import IMG, make_task_data, step_losses, task_config
+
+build_module = importlib.import_module("sidetune.cache.build")
+TASKS = ("classification", "segmentation", "detection")
+# deterministic transforms: a cached run must see the images of an uncached one
+DETERMINISTIC = {
+    "classification": dict(method="losa", augmentation="vtab", val_fraction=0.34, test_split="none"),
+    "segmentation": dict(augmentation="none"),
+    "detection": dict(augmentation="none", val_split="none"),
+}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache-data")
+    return {task: make_task_data(task, root / task) for task in TASKS}
+
+
+def no_backbone(monkeypatch):
+    """Make any backbone forward fail: a cached run must never call it."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the backbone ran during a cached run")
+
+    monkeypatch.setattr(TimmBackbone, "_run", refuse)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_training_from_the_cache_reproduces_uncached_training_without_the_backbone(
+    task, datasets, tmp_path, monkeypatch
+):
+    opts = DETERMINISTIC[task]
+    method = opts.get("method", "e3va")
+    config = task_config(task, datasets[task], tmp_path / "plain", **opts)
+    plain = fit(config)
+    build(config, [method], tmp_path / "cache", batch_size=4, shard_size=5)
+    no_backbone(monkeypatch)
+    cached = fit(task_config(task, datasets[task], tmp_path / "cached", cache=str(tmp_path / "cache"), **opts))
+    a, b = step_losses(tmp_path / "plain"), step_losses(tmp_path / "cached")
+    assert len(a) == len(b) >= 4
+    tolerance = 5e-3 if task != "detection" else 5e-2  # float16 taps; the RPN's sampling reacts to tiny changes
+    assert b == pytest.approx(a, rel=tolerance, abs=tolerance)
+    if task != "detection":
+        pm, cm = plain.summary["metrics"]["final_val"], cached.summary["metrics"]["final_val"]
+        key = "top1" if task == "classification" else "mIoU"
+        assert cm[key] == pytest.approx(pm[key], abs=0.02)
+    assert cached.summary["data"]["source"].startswith("tap cache")
+
+
+def test_cache_holds_only_what_the_methods_read(datasets, tmp_path):
+    splits = dict(test_split="none", val_split="none")
+    config = task_config("classification", datasets["classification"], tmp_path / "x", method="e3va", **splits)
+    manifest = build(config, ["e3va"], tmp_path / "e3va-cache", splits=("train",))
+    assert set(manifest.taps) >= {"attn.0", "mlp.0", "out.5"}
+    assert set(manifest.taps.values()) == {1}  # E3VA on a class-token ViT reads the class token only
+    full = build(config, ["losa", "e3va"], tmp_path / "union", splits=("train",))
+    assert full.taps["out.5"] is None and full.taps["attn.0"] == 1  # the union: LoSA needs every token
+    from safetensors import safe_open
+
+    with safe_open(str(next((tmp_path / "e3va-cache").glob("train-*"))), "pt") as f:
+        assert f.get_slice("tap.attn.0").get_shape() == [18, 1, 64]  # 18 images, the class token, 64 channels
+    with safe_open(str(next((tmp_path / "union").glob("train-*"))), "pt") as f:
+        assert f.get_slice("tap.out.5").get_shape() == [18, 5, 64]  # every token of the 2x2 grid + the class token
+    with pytest.raises(CacheError, match=r"method 'losa' reads what the cache .* lacks: .*hold only the leading"):
+        fit(task_config("classification", datasets["classification"], tmp_path / "r", method="losa",
+                        cache=str(tmp_path / "e3va-cache"), **splits))  # fmt: skip
+    with pytest.raises(CacheError, match=r"taps .* are not cached"):
+        fit(task_config("classification", datasets["classification"], tmp_path / "r2", method="linear",
+                        cache=str(tmp_path / "e3va-cache"), **splits))  # fmt: skip
+
+
+def test_in_place_methods_are_refused(datasets, tmp_path):
+    config = task_config("classification", datasets["classification"], tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"'lora' changes the backbone .* cannot be cached"):
+        build(config, ["lora"], tmp_path / "c")
+
+
+def test_an_interrupted_build_resumes_at_its_first_missing_shard(datasets, tmp_path, monkeypatch):
+    config = task_config("classification", datasets["classification"], tmp_path / "x", method="losa")
+    real = build_module.write_shard
+    calls = {"n": 0}
+
+    def dying(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(build_module, "write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build(config, ["losa"], tmp_path / "c", shard_size=4)
+    monkeypatch.undo()
+    assert not Manifest.load(tmp_path / "c").complete
+    written = sorted((tmp_path / "c").glob("*.safetensors"))
+    assert len(written) == 2 and not list((tmp_path / "c").glob(".*tmp"))
+    with pytest.raises(CacheError, match="incomplete"):
+        fit(task_config("classification", datasets["classification"], tmp_path / "r", cache=str(tmp_path / "c")))
+    stamps = {p.name: p.stat().st_mtime_ns for p in written}
+    manifest = build(config, ["losa"], tmp_path / "c", shard_size=4)
+    assert manifest.complete and sum(s["samples"] for s in manifest.splits.values()) == 24
+    assert all((tmp_path / "c" / name).stat().st_mtime_ns == ns for name, ns in stamps.items())  # not rewritten
+
+
+def test_stale_or_broken_caches_are_refused_naming_what_differs(datasets, tmp_path):
+    data = datasets["classification"]
+    opts = dict(method="losa", test_split="none")
+    config = task_config("classification", data, tmp_path / "x", **opts)
+    build(config, ["losa"], tmp_path / "c")
+    cache = str(tmp_path / "c")
+
+    def run(name: str, **extra):
+        return fit(task_config("classification", data, tmp_path / name, cache=cache, **{**opts, **extra}))
+
+    with pytest.raises(CacheError, match=r"input size \[32, 32\] \(this run: \[64, 64\]\)"):
+        run("a", img_size=64)
+    with pytest.raises(CacheError, match=r"backbone weights .*fingerprint"):
+        run("b", seed=5)  # a random backbone is drawn from the seed: other weights
+    with pytest.raises(CacheError, match=r"val_fraction None \(this run: 0.5\)"):
+        run("c", val_fraction=0.5)
+    with pytest.raises(CacheError, match=r"transform augmentation 'vtab' .*'standard'"):
+        run("d", augmentation="standard")
+    image = next((data / "train" / "cat").iterdir())
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(CacheError, match=rf"{image.name} changed since the cache"):
+            run("e")
+    finally:
+        os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns - 10**9))
+    run("ok")  # unchanged again: accepted
+    shard = next((tmp_path / "c").glob("train-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(CacheError, match="truncated or corrupt"):
+        run("f")
+    (tmp_path / "c" / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheError, match="not a sidetune cache manifest"):
+        run("g")
+    with pytest.raises(CacheError, match="no tap cache"):
+        fit(task_config("classification", data, tmp_path / "h", cache=str(tmp_path / "absent"), **opts))
+
+
+def test_the_disk_check_refuses_before_writing(datasets, tmp_path, monkeypatch):
+    config = task_config("classification", datasets["classification"], tmp_path / "x", method="losa")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(build_module.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(CacheError, match=r"the cache needs about .* GiB .* are free"):
+        build(config, ["losa"], tmp_path / "c")
+    assert not list((tmp_path / "c").glob("*.safetensors"))
+
+
+def test_views_of_random_augmentation_replay_the_uncached_epochs(datasets, tmp_path, monkeypatch):
+    opts = dict(method="losa", augmentation="standard", test_split="none", epochs=2)
+    config = task_config("classification", datasets["classification"], tmp_path / "plain", **opts)
+    fit(config)
+    build(config, ["losa"], tmp_path / "c", views=2)
+    no_backbone(monkeypatch)
+    fit(task_config("classification", datasets["classification"], tmp_path / "cached", cache=str(tmp_path / "c"),
+                    **opts))  # fmt: skip
+    assert step_losses(tmp_path / "cached") == pytest.approx(step_losses(tmp_path / "plain"), rel=5e-3, abs=5e-3)
+
+
+def test_a_sweep_trains_each_configuration_as_its_own_cached_run(datasets, tmp_path):
+    data = datasets["classification"]
+    opts = dict(method="losa", val_fraction=0.34, epochs=2)
+    config = task_config("classification", data, tmp_path / "x", **opts)
+    build(config, ["losa"], tmp_path / "c")
+    grid = {"lr": [1e-3, 1e-2], "channel_rank": [2, 4]}
+    result = sweep(tmp_path / "c", "losa", grid, tmp_path / "sweep", epochs=2, batch_size=config.batch_size,
+                   warmup_epochs=config.warmup_epochs)  # fmt: skip
+    assert len(result.configs) == 4 and result.test is not None
+    for name in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png", "best/adapter_model.safetensors"):
+        assert (tmp_path / "sweep" / name).is_file(), name
+    chosen = result.configs[result.best]
+    assert chosen["best_val_top1"] == max(c["best_val_top1"] for c in result.configs)
+    # configuration 3 (lr 1e-2, rank 4) is exactly the run `sidetune train --cache` makes with those settings
+    alone = fit(task_config("classification", data, tmp_path / "alone", cache=str(tmp_path / "c"), lr=1e-2,
+                            method_options={"channel_rank": 4}, **opts))  # fmt: skip
+    swept = [
+        json.loads(line) for line in (tmp_path / "sweep" / "configs" / "003" / "log.jsonl").read_text().splitlines()
+    ]
+    assert [r["loss"] for r in swept if r["type"] == "step"] == pytest.approx(step_losses(tmp_path / "alone"), rel=1e-5)
+    assert alone.summary["metrics"]["best_val"] == pytest.approx(result.configs[3]["best_val_top1"])
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_cache(datasets, tmp_path):
+    data = datasets["classification"]
+    exe = Path(sys.executable).parent / "torchrun"
+    if not exe.exists():
+        pytest.skip("torchrun is not installed")
+    command = [str(exe), "--standalone", "--nproc_per_node", "2", "-m", "sidetune.cli", "cache", "build", "test_vit",
+               "--methods", "losa", "--data", str(data), "--img-size", str(IMG), "--shard-size", "4",
+               "--workers", "0", "--output", str(tmp_path / "ddp")]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    config = task_config("classification", data, tmp_path / "x", method="losa")
+    one = build(config, ["losa"], tmp_path / "one", shard_size=4)
+    two = Manifest.load(tmp_path / "ddp")
+    assert two.complete and two.splits == one.splits and two.taps == one.taps
+    from safetensors.torch import load_file
+
+    for shard in (tmp_path / "one").glob("*.safetensors"):
+        a, b = load_file(str(shard)), load_file(str(tmp_path / "ddp" / shard.name))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), shard.name
