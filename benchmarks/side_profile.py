@@ -59,9 +59,12 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
 
 
-def _clock(fn: Callable[[], None], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median and fastest CPU seconds of ``fn`` (after ``warmup`` untimed calls)."""
-    for _ in range(warmup):
+WARMUP = {"value": 2}
+
+
+def _clock(fn: Callable[[], None], rounds: int, warmup: int | None = None) -> dict[str, float]:
+    """Median and fastest CPU seconds of ``fn`` (after ``warmup`` untimed calls, default ``--warmup``)."""
+    for _ in range(WARMUP["value"] if warmup is None else warmup):
         fn()
     times = []
     for _ in range(rounds):
@@ -198,7 +201,7 @@ def inference_time(backbone: str, precision: str, images, rounds: int) -> dict[s
         with torch.inference_mode(), _autocast(precision):
             model.backbone(images)
 
-    return _clock(forward, rounds, warmup=1)
+    return _clock(forward, rounds, warmup=min(1, WARMUP["value"]))
 
 
 def markdown(results: list[dict], command: str, env: dict[str, Any]) -> str:
@@ -241,13 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each timing")
     parser.add_argument("--compile", action="store_true", help="add torch.compile of forward_taps as a row")
     parser.add_argument("--no-parts", action="store_true", help="only the whole side steps")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--name", default="side_profile")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    IMG_SIZE["value"] = args.img_size
+    IMG_SIZE["value"], WARMUP["value"] = args.img_size, args.warmup
     command = shlex.join(["python", "benchmarks/side_profile.py", *(sys.argv[1:] if argv is None else argv)])
     results = []
     for backbone in args.backbones.split(","):
