@@ -34,6 +34,11 @@ Choices the paper leaves open, as config fields:
   at initialisation the pooled features equal the frozen model's pre-logits: E3VA starts as a linear
   probe.
 * On a plain ViT (one stage, no downsampling) the same highway runs over all blocks.
+* Training memory: each block's adapters are recomputed in backward from its two taps (``recompute``, default
+  True), which the down-projections' weight gradients need anyway; nothing else of a block is kept.
+
+Not the paper's, off by default: ``input_norm=True`` puts a LayerNorm on each adapter's input; docs/methods.md
+gives the reason and the evidence.
 """
 
 from __future__ import annotations

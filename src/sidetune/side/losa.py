@@ -32,6 +32,11 @@ config field:
   of another size fails with a message naming both sizes.
 * Hierarchical backbones (Swin): the side state crosses a stage boundary through the backbone's own
   patch merging, as ``D(b + a) - D(b)`` (see ``carry_across_stage``).
+* Training memory: each mixer is recomputed in backward from its input (``recompute``, default True), so one
+  (B, N, C) tensor per tapped block is kept, as LoRA with gradient checkpointing keeps.
+
+Not the paper's, off by default: ``read="norm"`` / ``read="gain"`` change what a mixer reads of the backbone
+(``LN(b) + a``, ``gamma b + a``); docs/methods.md gives the reason and the evidence.
 """
 
 from __future__ import annotations
