@@ -407,13 +407,15 @@ def test_levers_keep_numerics() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference)
     cpu = torch.device("cpu")
-    for method in ("lora", "losa"):
-        a, b = tiny("vit", method).train(), tiny("vit", method).train()
+    for key, method in (("vit", "lora"), ("vit", "losa"), ("swin", "lora"), ("swin", "e3va")):
+        x = images(key, 2)
+        a, b = tiny(key, method).train(), tiny(key, method).train()
         b.load_state_dict(a.state_dict())
         levers = Levers(precision="bf16", frozen_low_precision=True)
         apply_levers(b, levers, get_kind(method), cpu)
         frozen = [p for p in b.parameters() if not p.requires_grad and p.dtype == torch.bfloat16]
         assert frozen and all(p.dtype == torch.float32 for p in b.trainable_parameters())
+        assert next(b.backbone.model.parameters()).dtype == torch.float32  # what the backbone checks images against
         outs = []
         for m in (a, b):
             with autocast(levers, cpu):
@@ -422,6 +424,7 @@ def test_levers_keep_numerics() -> None:
             outs.append((out, [p.grad for p in m.trainable_parameters()]))
         assert torch.equal(outs[0][0], outs[1][0])  # autocast casts a float32 weight to these very values
         assert all(torch.equal(g, h) for g, h in zip(outs[0][1], outs[1][1], strict=True))
+    x = images("vit", 2)
     low = tiny("vit", "e3va").train()
     apply_levers(low, Levers(frozen_precision="bf16"), "side", cpu)
     taps = low.backbone(x, low.method.tap_request)

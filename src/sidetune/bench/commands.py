@@ -130,7 +130,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--frozen-weights-low-precision",
         action="store_true",
-        help="store every row's frozen linear/conv weights in the --precision dtype (same numbers, no cast per step)",
+        help="store every row's frozen linear weights in the --precision dtype (same numbers, no cast per step)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile every row's backbone (and side network)")
     g.add_argument("--channels-last", action="store_true", help="channels-last weights and images (CNN backbones)")

@@ -11,10 +11,12 @@ come in two kinds:
   side network run under the same autocast as full fine-tuning's and LoRA's forward. On CPU a 16-bit precision is
   allowed only where the CPU computes it natively (oneDNN's ``_is_mkldnn_bf16_supported`` /
   ``_is_mkldnn_fp16_supported``: AVX512-BF16, AMX); elsewhere autocast emulates it, slower than float32.
-* ``frozen_low_precision``: the frozen weights that autocast casts anyway (linear and convolution layers whose
-  parameters do not train) stored in the autocast dtype, so no step casts them again. The numbers are the same
-  (autocast would cast them to exactly these values); any method with frozen weights gains: LoRA's base weights,
-  an adapter's frozen backbone, a side method's whole backbone. Full fine-tuning has none.
+* ``frozen_low_precision``: the frozen weights that autocast casts anyway (linear layers whose parameters do not
+  train) stored in the autocast dtype, so no step casts them again. The numbers are the same (autocast would cast
+  them to exactly these values); any method with frozen weights gains: LoRA's base weights, an adapter's frozen
+  backbone, a side method's backbone. Full fine-tuning has none. Convolutions stay float32: the backbone checks
+  the images' dtype against its first parameter, a convolution's in Swin and CNNs (a ViT's patch embedding is a
+  few hundred thousand weights; a CNN gains little from this lever).
 * ``compile``: ``torch.compile`` of the timm model's ``forward_features`` for every row (the tap hooks are traced
   with it; in-place rows compile it with autograd) and of the side network's ``forward_taps`` for side rows.
   Compilation happens on the first call; the profiler reports it apart from the step time.
@@ -54,7 +56,7 @@ class Levers:
 
     Attributes:
         precision: training precision of the row: ``fp32`` (no autocast), ``bf16`` or ``fp16`` (autocast).
-        frozen_low_precision: frozen linear/convolution weights stored in the autocast dtype.
+        frozen_low_precision: frozen linear weights stored in the autocast dtype.
         compile: ``torch.compile`` of the backbone's ``forward_features`` (and a side network's ``forward_taps``).
         channels_last: channels-last weights and images (CNN backbones).
         frozen_precision: side only: the frozen forward alone under this autocast dtype (``fp32``: off).
@@ -188,7 +190,7 @@ def _taps_to(taps: Taps, dtype: torch.dtype) -> Taps:
 
 
 def store_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store the weights of ``model``'s frozen linear and convolution layers in ``dtype``; return how many layers.
+    """Store the weights of ``model``'s frozen linear layers in ``dtype``; return how many layers.
 
     A layer counts as frozen when none of its own parameters trains (a BitFit layer, whose bias trains, keeps its
     weight in float32). Under autocast to ``dtype`` the layer computes the same numbers as before: autocast casts
@@ -196,7 +198,7 @@ def store_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
     """
     count = 0
     for module in model.modules():
-        if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+        if not isinstance(module, nn.Linear):
             continue
         params = list(module.parameters(recurse=False))
         if not params or any(p.requires_grad for p in params):

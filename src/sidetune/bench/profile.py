@@ -100,7 +100,7 @@ class BenchConfig:
             method (a variant's own options override them).
         precision: training precision of every row (``fp32``; ``bf16`` / ``fp16``: each row's forward and loss
             under autocast, side and in-place alike; see :mod:`sidetune.bench.levers`).
-        frozen_low_precision: every row's frozen linear/convolution weights stored in the autocast dtype (the same
+        frozen_low_precision: every row's frozen linear weights stored in the autocast dtype (the same
             numbers, no cast per step): LoRA's base weights as a side method's backbone. Needs bf16/fp16.
         compile: ``torch.compile`` of every row's backbone forward (and of side networks).
         channels_last: channels-last weights and images for every row (CNN backbones).

@@ -156,7 +156,7 @@ def _levers_line(report: BenchReport) -> str:
         "and AdamW state in float32)"
     )
     shared = [
-        f"frozen linear/convolution weights stored in {run.precision} (every row with frozen weights)"
+        f"frozen linear weights stored in {run.precision} (every row with frozen weights)"
         if run.frozen_low_precision
         else "",
         "torch.compile of every row's backbone forward (and side networks)" if run.compile else "",
