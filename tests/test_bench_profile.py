@@ -161,6 +161,7 @@ _ROW_TYPES = {
     "floor_frozen_s": float,
     "floor_kind": str,
     "inference_s": float,
+    "inference_min_s": float,
     "inference_gflops": float,
     "time_vs_ref": float,
     "time_vs_floor": float,
