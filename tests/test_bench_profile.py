@@ -20,7 +20,7 @@ import sidetune
 from sidetune.bench import measure_peak_rss
 from sidetune.bench.accounting import saved_tensor_bytes
 from sidetune.bench.commands import _parse_option
-from sidetune.bench.levers import Levers, apply_levers, lever_variants, native_low_precision
+from sidetune.bench.levers import Levers, apply_levers, autocast, side_variants
 from sidetune.bench.plan import MemoryFit, fit_memory, parse_size, plan
 from sidetune.bench.profile import (
     DOES_NOT_FIT,
@@ -129,7 +129,7 @@ _TINY = dict(backbone="test_vit", img_size=64, batch_size=2, warmup=1, rounds=2,
 
 @pytest.fixture(scope="module")
 def report():
-    config = BenchConfig(methods=("full", "linear", "losa", "losa[recompute=true]"), peak_memory=False, **_TINY)
+    config = BenchConfig(methods=("full", "linear", "losa", "losa[recompute=false]"), peak_memory=False, **_TINY)
     return profile(config, command="pytest")
 
 
@@ -160,9 +160,13 @@ _ROW_TYPES = {
     "floor_s": float,
     "floor_frozen_s": float,
     "floor_kind": str,
+    "inference_s": float,
+    "inference_min_s": float,
     "inference_gflops": float,
     "time_vs_ref": float,
     "time_vs_floor": float,
+    "time_vs_inference": float,
+    "saved_activation_dtypes": dict,
     "saved_vs_ref": float,
     "static_vs_ref": float,
     "params_vs_ref": float,
@@ -199,20 +203,25 @@ def test_json_schema_is_stable(report) -> None:
     assert data["reference"] == "full" and data["reference_found"] is True
     # A variant row (a method with options of its own) has the same fields as every row: its name as written,
     # the method, and its options.
-    assert [r["name"] for r in data["rows"]] == ["full", "linear", "losa", "losa[recompute=true]"]
-    assert data["settings"]["methods"] == ["full", "linear", "losa", "losa[recompute=true]"]
+    assert [r["name"] for r in data["rows"]] == ["full", "linear", "losa", "losa[recompute=false]"]
+    assert data["settings"]["methods"] == ["full", "linear", "losa", "losa[recompute=false]"]
     for row in data["rows"]:
         assert set(row) == _ROW_KEYS
         assert row["status"] == OK, row
         for key, typ in _ROW_TYPES.items():
             assert isinstance(row[key], typ), (row["name"], key, row[key])
-    full, linear, losa, recompute = data["rows"]
-    assert (recompute["method"], recompute["options"], losa["options"]) == ("losa", {"recompute": True}, {})
-    assert recompute["trainable_params"] == losa["trainable_params"]
-    assert 0 < recompute["saved_activation_bytes"] < losa["saved_activation_bytes"]
+    full, linear, losa, keep_all = data["rows"]
+    assert (keep_all["method"], keep_all["options"], losa["options"]) == ("losa", {"recompute": False}, {})
+    assert keep_all["trainable_params"] == losa["trainable_params"]
+    assert 0 < losa["saved_activation_bytes"] < keep_all["saved_activation_bytes"]  # recompute is LoSA's default
     assert full["time_vs_ref"] == full["saved_vs_ref"] == 1.0
     assert (full["floor_kind"], linear["floor_kind"], losa["floor_kind"]) == ("inference_forward", "side", "side")
     assert losa["floor_s"] == pytest.approx(losa["floor_frozen_s"] + losa["floor_side_s"])
+    # x inference: the step over one plain inference forward, the same forward for every row (in-place rows' floor)
+    assert len({r["inference_s"] for r in data["rows"]}) == 1 and full["inference_s"] == full["floor_s"]
+    for row in data["rows"]:
+        assert row["time_vs_inference"] == pytest.approx(row["step_time_s"] / row["inference_s"])
+        assert set(row["saved_activation_dtypes"]) <= {"float32", "int64"} and row["levers"] == "none"
     assert losa["trainable_params"] == tiny("vit", "losa", num_classes=10).num_parameters()
     assert full["backprop_through_backbone"] and not losa["backprop_through_backbone"]
     assert losa["saved_activation_bytes"] < full["saved_activation_bytes"]
@@ -230,10 +239,13 @@ def test_saved_bytes_are_deterministic(report) -> None:
 def test_markdown_and_csv(report) -> None:
     text = markdown(report)
     assert "Command: `pytest`" in text and "| losa | side |" in text and "x full time" in text
-    assert "| losa[recompute=true] | side |" in text
+    assert "| losa[recompute=false] | side |" in text
+    assert "| x floor | x inference | x full time |" in text
+    assert "Precision, the same for every row: float32 (no autocast)." in text
     rows = list(csv.DictReader(line for line in csv_text(report).splitlines() if not line.startswith("#")))
-    assert [r["name"] for r in rows] == ["full", "linear", "losa", "losa[recompute=true]"]
-    assert json.loads(rows[3]["options"]) == {"recompute": True}
+    assert [r["name"] for r in rows] == ["full", "linear", "losa", "losa[recompute=false]"]
+    assert json.loads(rows[3]["options"]) == {"recompute": False}
+    assert float(rows[2]["time_vs_inference"]) > 0
     assert set(rows[0]) == _ROW_KEYS
 
 
@@ -285,28 +297,44 @@ def test_unknown_method_lists_choices() -> None:
 
 
 def test_rows_plan_levers_and_gc() -> None:
-    config = BenchConfig(methods=("losa", "full"), precision="bf16", compile=True, grad_checkpointing=True)
-    names = [r.name for r in plan_rows(config)]
-    assert names == ["losa", "losa+bf16", "losa+compile", "losa+bf16+compile", "full", "full+gc"]
-    assert [v.label for v in lever_variants("fp32", False, True)] == ["", "+channels_last"]
+    """Run-wide levers are in every row and in no row name; side-only levers add labelled side rows."""
+    config = BenchConfig(
+        methods=("losa", "full", "lora"),
+        precision="bf16",
+        frozen_low_precision=True,
+        compile=True,
+        cache=True,
+        grad_checkpointing=True,
+    )
+    rows = plan_rows(config)
+    assert [r.name for r in rows] == ["losa", "losa+cache", "full", "full+gc", "lora", "lora+gc"]
+    assert all(r.levers.precision == "bf16" and r.levers.frozen_low_precision and r.levers.compile for r in rows)
+    assert [r.name for r in rows if r.levers.side_only] == ["losa+cache"]
+    assert rows[1].levers.description == "bf16,frozen-weights-bf16,compile,cache"
+    fp32 = {r.name: r.levers for r in plan_rows(BenchConfig(methods=("e3va", "full"), frozen_precision="bf16"))}
+    assert list(fp32) == ["e3va", "e3va+bf16-frozen", "full"]
+    assert fp32["e3va+bf16-frozen"].label == "+bf16-frozen" and not fp32["full"].active
+    assert [v.label for v in side_variants(Levers(), "bf16", True)] == ["", "+bf16-frozen", "+cache"]
     assert _parse_option("losa.channel_rank=32") == ("losa", "channel_rank", 32)
     assert _parse_option("losa.blocks=[0,1]") == ("losa", "blocks", (0, 1))
     assert _parse_option("losa.recompute=True") == ("losa", "recompute", True)
+    with pytest.raises(ConfigError, match="frozen weights in low precision need a 16-bit precision"):
+        BenchConfig(methods=("lora",), frozen_low_precision=True)
 
 
 def test_variant_rows_carry_their_options_beside_the_plain_method() -> None:
-    text = "full,losa,losa[recompute=true],losa[recompute=true,channel_rank=8],e3va[ recompute = true ]"
+    text = "full,losa,losa[recompute=false],losa[recompute=false,channel_rank=8],e3va[ recompute = false ]"
     assert split_methods(text) == [
         "full",
         "losa",
-        "losa[recompute=true]",
-        "losa[recompute=true,channel_rank=8]",
-        "e3va[ recompute = true ]",
+        "losa[recompute=false]",
+        "losa[recompute=false,channel_rank=8]",
+        "e3va[ recompute = false ]",
     ]
     config = BenchConfig(
         methods=(*split_methods(text), "losa"),  # a repeated entry is measured once
         method_options={"losa": {"token_rank": 4}},  # --option: every losa row, a variant's own options win
-        precision="bf16",
+        cache=True,
         grad_checkpointing=True,
     )
     rows = {r.name: r for r in plan_rows(config)}
@@ -314,22 +342,22 @@ def test_variant_rows_carry_their_options_beside_the_plain_method() -> None:
         "full",
         "full+gc",
         "losa",
-        "losa+bf16",
-        "losa[recompute=true]",
-        "losa[recompute=true]+bf16",
-        "losa[recompute=true,channel_rank=8]",
-        "losa[recompute=true,channel_rank=8]+bf16",
-        "e3va[recompute=true]",
-        "e3va[recompute=true]+bf16",
+        "losa+cache",
+        "losa[recompute=false]",
+        "losa[recompute=false]+cache",
+        "losa[recompute=false,channel_rank=8]",
+        "losa[recompute=false,channel_rank=8]+cache",
+        "e3va[recompute=false]",
+        "e3va[recompute=false]+cache",
     ]
     assert rows["losa"].options == {"token_rank": 4}
-    assert rows["losa[recompute=true,channel_rank=8]"].options == {
+    assert rows["losa[recompute=false,channel_rank=8]"].options == {
         "token_rank": 4,
-        "recompute": True,
+        "recompute": False,
         "channel_rank": 8,
     }
-    assert rows["e3va[recompute=true]+bf16"].method == "e3va" and rows["e3va[recompute=true]"].options == {
-        "recompute": True
+    assert rows["e3va[recompute=false]+cache"].method == "e3va" and rows["e3va[recompute=false]"].options == {
+        "recompute": False
     }
     lora = {r.name: r.options for r in plan_rows(BenchConfig(methods=("lora[r=4]",), grad_checkpointing=True))}
     assert lora == {"lora[r=4]": {"r": 4}, "lora[r=4]+gc": {"r": 4, "grad_checkpointing": True}}
@@ -368,7 +396,9 @@ def test_cli_variant_rows_parse_and_unknown_options_are_one_line(capsys) -> None
     assert "channel_rank" in err and "recompute" in err
 
 
-def test_levers_keep_side_numerics_in_float32() -> None:
+def test_levers_keep_numerics() -> None:
+    """compile and frozen weights in the autocast dtype change no number; the side-only frozen precision keeps the
+    side network in float32; levers that cannot apply say why."""
     x = images("vit", 2)
     plain = tiny("vit", "e3va").eval()
     with torch.no_grad():
@@ -377,17 +407,66 @@ def test_levers_keep_side_numerics_in_float32() -> None:
     apply_levers(model, Levers(compile=True, compile_backend="eager"), "side", torch.device("cpu"))
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference)
-    if native_low_precision(torch.bfloat16, torch.device("cpu")):
-        low = tiny("vit", "e3va").train()
-        apply_levers(low, Levers(precision="bf16"), "side", torch.device("cpu"))
-        taps = low.backbone(x, low.method.tap_request)
-        assert all(t.dtype == torch.float32 for t in [*taps.attn.values(), taps.final])
-        F.cross_entropy(low(x), torch.tensor([0, 1])).backward()
-        assert all(p.grad.dtype == torch.float32 for p in low.trainable_parameters())
-    with pytest.raises(ConfigError, match="side methods only"):
-        apply_levers(tiny("vit", "linear"), Levers(precision="bf16"), "inplace", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    for key, method in (("vit", "lora"), ("vit", "losa"), ("swin", "lora"), ("swin", "e3va")):
+        x = images(key, 2)
+        a, b = tiny(key, method).train(), tiny(key, method).train()
+        b.load_state_dict(a.state_dict())
+        levers = Levers(precision="bf16", frozen_low_precision=True)
+        apply_levers(b, levers, get_kind(method), cpu)
+        frozen = [p for p in b.parameters() if not p.requires_grad and p.dtype == torch.bfloat16]
+        assert frozen and all(p.dtype == torch.float32 for p in b.trainable_parameters())
+        assert next(b.backbone.model.parameters()).dtype == torch.float32  # what the backbone checks images against
+        outs = []
+        for m in (a, b):
+            with autocast(levers, cpu):
+                out = m(x)
+            out.float().sum().backward()
+            outs.append((out, [p.grad for p in m.trainable_parameters()]))
+        assert torch.equal(outs[0][0], outs[1][0])  # autocast casts a float32 weight to these very values
+        assert all(torch.equal(g, h) for g, h in zip(outs[0][1], outs[1][1], strict=True))
+    x = images("vit", 2)
+    low = tiny("vit", "e3va").train()
+    apply_levers(low, Levers(frozen_precision="bf16"), "side", cpu)
+    taps = low.backbone(x, low.method.tap_request)
+    assert all(t.dtype == torch.float32 for t in [*taps.attn.values(), taps.final])
+    F.cross_entropy(low(x), torch.tensor([0, 1])).backward()
+    assert all(p.grad.dtype == torch.float32 for p in low.trainable_parameters())
+    with pytest.raises(ConfigError, match="only side methods"):
+        apply_levers(tiny("vit", "linear"), Levers(cache=True), "inplace", cpu)
     with pytest.raises(ConfigError, match="CNN backbones only"):
-        apply_levers(tiny("vit", "linear"), Levers(channels_last=True), "side", torch.device("cpu"))
+        apply_levers(tiny("vit", "linear"), Levers(channels_last=True), "side", cpu)
+
+
+def get_kind(method: str) -> str:
+    return next(m["kind"] for m in sidetune.list_methods() if m["name"] == method)
+
+
+def test_every_row_trains_in_the_run_precision_and_reads_x_inference() -> None:
+    """A bf16 run: full fine-tuning and LoRA train under the same autocast as the side methods (their saved
+    activations are bf16 too), LoRA's base weights and the side backbone are stored in bf16, the cache row is
+    labelled, and every row has its step over the plain inference forward."""
+    config = BenchConfig(
+        methods=("full", "lora", "e3va"),
+        precision="bf16",
+        frozen_low_precision=True,
+        cache=True,
+        peak_memory=False,
+        **{**_TINY, "rounds": 1},
+    )
+    result = profile(config, command="x")
+    assert [r.name for r in result.rows] == ["full", "lora", "e3va", "e3va+cache"]
+    for row in result.rows:
+        assert row.status == OK, row.error
+        assert row.saved_activation_dtypes.get("bfloat16", 0) > 0, row.name
+        assert row.levers.startswith("bf16,frozen-weights-bf16")
+        assert row.time_vs_inference == pytest.approx(row.step_time_s / row.inference_s)
+    full, lora, e3va, cached = result.rows
+    assert full.param_bytes > lora.param_bytes  # LoRA's frozen base weights in bf16; full's all train in float32
+    assert cached.floor_kind == "cache" and cached.floor_s is None and e3va.floor_kind == "side"
+    text = markdown(result)
+    assert "bf16 autocast over every row's forward and loss" in text and "`+cache`" in text
+    assert "| e3va+cache | side |" in text and "(cached)" in text
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -479,7 +558,7 @@ def test_write_report_without_plots(report, tmp_path) -> None:
     assert json.loads(written["json"].read_text())["rows"] == [r.as_dict() for r in report.rows]
 
 
-def test_efficiency_benchmark_targets_list_the_recompute_rows(report, tmp_path) -> None:
+def test_efficiency_benchmark_targets_judge_the_defaults_against_lora_gc(report, tmp_path) -> None:
     import importlib.util
 
     from conftest import REPO
@@ -487,12 +566,17 @@ def test_efficiency_benchmark_targets_list_the_recompute_rows(report, tmp_path) 
     spec = importlib.util.spec_from_file_location("efficiency", REPO / "benchmarks" / "efficiency.py")
     efficiency = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(efficiency)
-    assert {"losa[recompute=true]", "e3va[recompute=true]"} <= set(efficiency.METHODS)
+    assert {"losa", "e3va", "losa[recompute=false]", "e3va[recompute=false]"} <= set(efficiency.METHODS)
     BenchConfig(methods=efficiency.METHODS)  # every default entry parses
     table, _ = efficiency.targets_markdown(report)
-    assert "| losa | saved for backward / full |" in table
-    assert "| losa[recompute=true] | saved for backward / full |" in table
+    assert "saved for backward / LoRA+gc (<= 1.00x)" in table and "step / inference forward (<= 1.10x)" in table
+    assert "| losa |" in table and "| losa[recompute=false] |" in table and "| full |" not in table
     write_report(report, tmp_path, "efficiency_test_vit", plots=False)
     summary = efficiency.write_summary(tmp_path).read_text()
-    assert "| efficiency_test_vit | losa |" in summary and "| efficiency_test_vit | losa[recompute=true] |" in summary
-    assert "| efficiency_test_vit | full |" not in summary
+    assert "| efficiency_test_vit | fp32 | losa |" in summary
+    assert "| efficiency_test_vit | fp32 | losa[recompute=false] |" in summary
+    assert "| efficiency_test_vit | fp32 | full |" not in summary
+    rows = {r["name"]: r for r in json.loads((tmp_path / "efficiency_test_vit.json").read_text())["rows"]}
+    lora_gc = dict(rows["losa"], name="lora+gc", saved_activation_bytes=2 * rows["losa"]["saved_activation_bytes"])
+    assert efficiency._lora_gc_saved(rows["losa"], {**rows, "lora+gc": lora_gc}) == 0.5
+    assert efficiency._lora_gc_saved(rows["losa"], rows) is None  # no lora+gc row: no ratio

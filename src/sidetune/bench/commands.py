@@ -81,8 +81,11 @@ def _config_from_args(args: argparse.Namespace, **overrides: Any):
         backbone_kwargs=backbone_kwargs,
         method_options=options,
         precision=args.precision,
+        frozen_low_precision=args.frozen_weights_low_precision,
         compile=args.compile,
         channels_last=args.channels_last,
+        frozen_precision=args.frozen_precision,
+        cache=args.cache,
         grad_checkpointing=args.grad_checkpointing,
         device=args.device,
         threads=args.threads,
@@ -107,7 +110,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated methods (default: every one in `sidetune methods`). METHOD[KEY=VALUE,...] adds a row "
         "of METHOD with those options, named as written, beside the plain one: "
-        "'losa,losa[recompute=true],e3va,e3va[recompute=true]' (quote the list: [ ] are shell glob characters)",
+        "'losa,losa[recompute=false],e3va,e3va[recompute=false]' (quote the list: [ ] are shell glob characters)",
     )
     g.add_argument("--num-classes", type=int, default=10, help="classifier size (default: 10)")
     g.add_argument(
@@ -117,10 +120,28 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="a method option (JSON value) for every row of METHOD, repeatable (one extra row: METHOD[KEY=VALUE])",
     )
     g.add_argument("--backbone-kwargs", default=None, metavar="JSON", help="extra timm.create_model arguments")
-    g = p.add_argument_group("levers (side methods; each adds rows measured with it, alone and together)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="frozen forward precision")
-    g.add_argument("--compile", action="store_true", help="torch.compile the frozen forward")
-    g.add_argument("--channels-last", action="store_true", help="channels-last frozen CNN backbone")
+    g = p.add_argument_group("precision and levers of every row (a fair comparison: baselines get them too)")
+    g.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="training precision of every row: bf16/fp16 run each row's forward and loss under autocast",
+    )
+    g.add_argument(
+        "--frozen-weights-low-precision",
+        action="store_true",
+        help="store every row's frozen linear weights in the --precision dtype (same numbers, no cast per step)",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile every row's backbone (and side network)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last weights and images (CNN backbones)")
+    g = p.add_argument_group("side-only levers (each adds a separate, labelled row per side method)")
+    g.add_argument(
+        "--frozen-precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="+bf16-frozen rows: the frozen forward alone in this precision, the side network in float32",
+    )
+    g.add_argument("--cache", action="store_true", help="+cache rows: the side network's step on taps held in memory")
     g.add_argument(
         "--grad-checkpointing", action="store_true", help="add a +gc row per in-place method (the memory baseline)"
     )

@@ -32,7 +32,7 @@ import torch
 from ..errors import ConfigError
 from ..methods import get_method
 from .accounting import environment_info
-from .levers import apply_levers, lever_problem
+from .levers import apply_levers, autocast, lever_problem
 from .memory_probe import available_memory_bytes, measure_cuda_peak
 from .profile import (
     DOES_NOT_FIT,
@@ -230,9 +230,9 @@ def _peak_cuda(config: BenchConfig, row: RowPlan, batch: int, device: torch.devi
         model = build_row_model(config, row, device)
         apply_levers(model, row.levers, row.kind, device)
         images, labels = make_batch(batch, model.backbone.layout.img_size, config.num_classes, config.seed, device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(row.levers, device):
             model(images)
-        step = make_step(model, images, labels, optimizer_for(model))
+        step = make_step(model, images, labels, optimizer_for(model), row.levers)
 
         def run() -> None:
             for _ in range(config.probe_steps):
@@ -292,7 +292,7 @@ def plan(
     for rp in plan_rows(config):
         row = PlanRow(name=rp.name, method=rp.method, kind=get_method(rp.method).kind)
         rows.append(row)
-        problem = lever_problem(rp.levers, _family(config.backbone), device) if rp.levers.active else None
+        problem = lever_problem(rp.levers, _family(config.backbone), device, rp.kind) if rp.levers.active else None
         if problem:
             row.status, row.error = ERROR, f"not applicable: {problem}"
             continue

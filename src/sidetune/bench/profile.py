@@ -58,7 +58,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..backbones import TapRequest
+from ..backbones import TapRequest, Taps
 from ..errors import ConfigError, unknown_choice
 from ..methods import get_method, list_methods
 from .accounting import (
@@ -68,9 +68,9 @@ from .accounting import (
     saved_tensor_bytes,
     static_memory_bytes,
 )
-from .levers import Levers, apply_levers, lever_problem, lever_variants
+from .levers import Levers, apply_levers, autocast, lever_problem, side_variants
 from .memory_probe import ProbeResult, available_memory_bytes, measure_cuda_peak, measure_peak_rss
-from .workload import WORKLOAD, build_model, make_batch, make_step, optimizer_for
+from .workload import WORKLOAD, build_model, make_batch, make_side_step, make_step, optimizer_for
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,16 @@ class BenchConfig:
         backbone_kwargs: extra ``timm.create_model`` arguments.
         method_options: per method name, options for :func:`sidetune.create`, applied to every row of that
             method (a variant's own options override them).
-        precision, compile, channels_last: levers for the frozen forward of side methods; each one asked
-            for adds rows measured with it alone, and with all together (see :mod:`sidetune.bench.levers`).
+        precision: training precision of every row (``fp32``; ``bf16`` / ``fp16``: each row's forward and loss
+            under autocast, side and in-place alike; see :mod:`sidetune.bench.levers`).
+        frozen_low_precision: every row's frozen linear weights stored in the autocast dtype (the same
+            numbers, no cast per step): LoRA's base weights as a side method's backbone. Needs bf16/fp16.
+        compile: ``torch.compile`` of every row's backbone forward (and of side networks).
+        channels_last: channels-last weights and images for every row (CNN backbones).
+        frozen_precision: adds, per side method, a ``+bf16-frozen`` (``+fp16-frozen``) row: the frozen forward
+            alone in that precision, the side network in float32. A lever no in-place method can use.
+        cache: adds, per side method, a ``+cache`` row: the step on taps held in memory, without the frozen
+            forward (what a tap cache gives). A lever no in-place method can use.
         compile_backend: ``torch.compile`` backend.
         grad_checkpointing: add a ``+gc`` row for each in-place method that has the option.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -133,8 +141,11 @@ class BenchConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     precision: str = "fp32"
+    frozen_low_precision: bool = False
     compile: bool = False
     channels_last: bool = False
+    frozen_precision: str = "fp32"
+    cache: bool = False
     compile_backend: str = "inductor"
     grad_checkpointing: bool = False
     device: str = "auto"
@@ -163,12 +174,29 @@ class BenchConfig:
             raise unknown_choice("device", self.device, ("auto", "cpu", "cuda"))
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("bench: device 'cuda' asked for, but CUDA is not available here.")
-        Levers(precision=self.precision)  # validates the name
+        run = self.run_levers  # validates the names
+        # a run-wide lever applies to every row: one that cannot apply here leaves nothing to measure (channels-last
+        # depends on the backbone's family and is checked per row)
+        problem = lever_problem(dataclasses.replace(run, channels_last=False), "any", self.torch_device, "inplace")
+        if problem:
+            raise ConfigError(f"bench: {problem}.")
+        Levers(frozen_precision=self.frozen_precision)
         if self.methods is not None:
             self.methods = tuple(self.methods)
         for request in resolve_methods(self.methods):  # names, then every row's options, before measuring
             options = {**self.method_options.get(request.method, {}), **request.options}
             check_options(request.method, options, where=request.name)
+
+    @property
+    def run_levers(self) -> Levers:
+        """The levers every row of the run has (precision, frozen weights, compile, channels-last)."""
+        return Levers(
+            precision=self.precision,
+            frozen_low_precision=self.frozen_low_precision,
+            compile=self.compile,
+            channels_last=self.channels_last,
+            compile_backend=self.compile_backend,
+        )
 
     @property
     def torch_device(self) -> torch.device:
@@ -196,6 +224,9 @@ class BenchRow:
     measurements taken before the failure remain). Ratios are None where either side is missing. Step
     times: the median (the figure the ratios use), the fastest step (what the step costs without load
     from other processes: noise on a shared machine only adds time) and the 90th percentile.
+    ``inference_s`` (``inference_min_s``: the fastest) is the run's plain inference forward (the unmodified frozen
+    backbone, no taps, under ``inference_mode`` and the run's precision and levers), the same for every row;
+    ``time_vs_inference`` is the step divided by it.
     """
 
     name: str
@@ -210,6 +241,7 @@ class BenchRow:
     total_params: int | None = None
     checkpoint_bytes: int | None = None
     saved_activation_bytes: int | None = None
+    saved_activation_dtypes: dict[str, int] = field(default_factory=dict)
     saved_parameter_bytes: int | None = None
     param_bytes: int | None = None
     grad_bytes: int | None = None
@@ -229,10 +261,13 @@ class BenchRow:
     floor_frozen_s: float | None = None
     floor_side_s: float | None = None
     floor_kind: str | None = None
+    inference_s: float | None = None
+    inference_min_s: float | None = None
     compile_s: float | None = None
     inference_gflops: float | None = None
     time_vs_ref: float | None = None
     time_vs_floor: float | None = None
+    time_vs_inference: float | None = None
     saved_vs_ref: float | None = None
     peak_vs_ref: float | None = None
     static_vs_ref: float | None = None
@@ -411,22 +446,22 @@ def resolve_methods(methods: tuple[str, ...] | list[str] | None) -> list[MethodR
 
 
 def plan_rows(config: BenchConfig) -> list[RowPlan]:
-    """The rows of a run: each method entry (plain or a variant with its options), then its lever variants
-    (side) or ``+gc`` (in-place)."""
-    variants = lever_variants(config.precision, config.compile, config.channels_last)
-    variants = [dataclasses.replace(v, compile_backend=config.compile_backend) for v in variants]
+    """The rows of a run: each method entry (plain or a variant with its options), with the run-wide levers; then
+    its side-only lever rows (side methods: ``+bf16-frozen``, ``+cache``) or its ``+gc`` row (in-place)."""
+    run = config.run_levers
     rows = []
     for request in resolve_methods(config.methods):
         name = request.name
         spec = get_method(request.method)
         options = {**config.method_options.get(request.method, {}), **request.options}
-        rows.append(RowPlan(name, request.method, spec.kind, options, variants[0]))
+        rows.append(RowPlan(name, request.method, spec.kind, options, run))
         has_gc = "grad_checkpointing" in {f.name for f in dataclasses.fields(spec.config_cls)}
         if spec.kind == "side":
-            rows += [RowPlan(name + v.label, request.method, spec.kind, options, v) for v in variants[1:]]
+            variants = side_variants(run, config.frozen_precision, config.cache)[1:]
+            rows += [RowPlan(name + v.label, request.method, spec.kind, options, v) for v in variants]
         elif config.grad_checkpointing and has_gc and "grad_checkpointing" not in request.options:
             gc_options = {**options, "grad_checkpointing": True}
-            rows.append(RowPlan(name + "+gc", request.method, spec.kind, gc_options, variants[0]))
+            rows.append(RowPlan(name + "+gc", request.method, spec.kind, gc_options, run))
     return rows
 
 
@@ -520,6 +555,8 @@ class _Live:
     step: str
     frozen: str | None = None
     side: str | None = None
+    inference: str | None = None
+    floor_kind: str | None = None
 
 
 def _share_frozen_weights(model, source) -> None:
@@ -578,7 +615,7 @@ class _Profiler:
             method=plan.method,
             kind=plan.kind,
             backprop_through_backbone=spec.backprop_through_backbone,
-            levers=plan.levers.label.lstrip("+") or "none",
+            levers=plan.levers.description,
             options=dict(plan.options),
         )
         if self.config.peak_memory and self.device.type == "cpu":
@@ -600,48 +637,56 @@ class _Profiler:
         return row
 
     def _measure_in_process(self, plan: RowPlan, row: BenchRow) -> None:
-        cfg, dev = self.config, self.device
+        cfg, dev, levers = self.config, self.device, plan.levers
         model = build_row_model(cfg, plan, dev)
         side = plan.kind == "side"
-        # channels_last converts weights in place: such a row keeps its own copy. The source (whose backbone
-        # also runs the in-place rows' floor) is a row without levers.
-        if side and not plan.levers.channels_last:
-            if self.shared_source is None and not plan.levers.active:
-                self.shared_source = model
-            elif self.shared_source is not None:
-                _share_frozen_weights(model, self.shared_source)
         if self.batch is None:
             self.img_size = tuple(model.backbone.layout.img_size)
             self.batch = make_batch(cfg.batch_size, self.img_size, cfg.num_classes, cfg.seed, dev)
         images, labels = self.batch
-        static = static_memory_bytes(model, "adamw")
-        row.trainable_params = static.num_trainable
-        row.total_params = static.num_parameters
+        row.trainable_params = sum(p.numel() for p in model.trainable_parameters())
+        row.total_params = sum(p.numel() for p in model.parameters())
+        row.checkpoint_bytes = _checkpoint_bytes(model)
+        row.inference_gflops = inference_flops(model, images[:1]) / 1e9  # before any lever: the model's own FLOPs
+        apply_levers(model, levers, plan.kind, dev)
+        # One copy of the frozen weights however many side rows (channels-last rows convert theirs in place).
+        # The source, whose backbone also runs the plain inference forward, is a row with the run's levers only.
+        if side and not levers.channels_last:
+            if self.shared_source is None and not levers.side_only:
+                self.shared_source = model
+            elif self.shared_source is not None:
+                _share_frozen_weights(model, self.shared_source)
+        static = static_memory_bytes(model, "adamw")  # after the levers: frozen weights may be 16-bit
         row.param_bytes = static.parameter_bytes + static.buffer_bytes
         row.grad_bytes = static.gradient_bytes
         row.optimizer_state_bytes = static.optimizer_state_bytes
         row.static_bytes = static.total_bytes
-        row.checkpoint_bytes = _checkpoint_bytes(model)
-        row.inference_gflops = inference_flops(model, images[:1]) / 1e9
         model.train()
 
-        if plan.levers.active:
-            apply_levers(model, plan.levers, plan.kind, dev)
-            if plan.levers.compile:
-                start = time.perf_counter()
-                with torch.no_grad():
-                    model.backbone(images, getattr(model.method, "tap_request", None))
-                _sync(dev)
-                row.compile_s = time.perf_counter() - start
+        optimizer = optimizer_for(model)
+        step = make_step(model, images, labels, optimizer, levers)
+        if levers.compile:  # the first step compiles (forward, and backward for autograd)
+            start = time.perf_counter()
+            step()
+            _sync(dev)
+            row.compile_s = time.perf_counter() - start
+        optimizer.zero_grad(set_to_none=True)
+
+        cached: Taps | None = None
+        if levers.cache:  # what the cache replays, computed without autograd as a cache stores it
+            with torch.no_grad(), autocast(levers, dev):
+                cached = model.backbone(images, model.method.tap_request)
 
         def forward_loss() -> torch.Tensor:
-            return F.cross_entropy(model(images), labels)
+            with autocast(levers, dev):
+                if cached is not None:
+                    return F.cross_entropy(model.head(model.method.forward_taps(cached)), labels)
+                return F.cross_entropy(model(images), labels)
 
         saved = saved_tensor_bytes(forward_loss, module=model)
         row.saved_activation_bytes, row.saved_parameter_bytes = saved.activation_bytes, saved.parameter_bytes
+        row.saved_activation_dtypes = dict(saved.activation_bytes_by_dtype)
 
-        optimizer = optimizer_for(model)
-        step = make_step(model, images, labels, optimizer)
         if dev.type == "cuda" and cfg.peak_memory:
 
             def run() -> None:
@@ -660,34 +705,39 @@ class _Profiler:
 
         live = _Live(row=row, plan=plan, model=model, step=f"step:{plan.name}")
         self.timers[live.step] = _Timer(live.step, step, [row])
-        if side and hasattr(model.method, "forward_taps"):
+        live.inference = self._inference_timer(row)
+        if levers.cache:  # the step is the side network's own: no frozen forward, no floor to compare with
+            live.floor_kind = "cache"
+        elif side and hasattr(model.method, "forward_taps"):
             request = model.method.tap_request
-            live.frozen = self._frozen_timer(model, plan.levers, request, row)
-            with torch.no_grad():
+            live.frozen = self._frozen_timer(model, levers, request, row)
+            with torch.no_grad(), autocast(levers, dev):
                 taps = model.backbone(images, request)
             live.side = f"side:{plan.name}"
-            self.timers[live.side] = _Timer(live.side, _side_step(model, taps, labels, optimizer), [row])
+            self.timers[live.side] = _Timer(live.side, make_side_step(model, taps, labels, optimizer, levers), [row])
         else:
-            live.frozen = self._plain_frozen_timer(row)
+            live.frozen = live.inference
         self.live.append(live)
 
     def _frozen_timer(self, model, levers: Levers, request: TapRequest, row: BenchRow) -> str:
-        """The inference-mode frozen forward with ``request``, one timer per (levers, request)."""
-        key = f"frozen:{levers.label}:{sorted(request.attn)}:{sorted(request.mlp)}:{sorted(request.out)}"
+        """The inference-mode frozen forward with ``request`` under the row's precision, one timer per (levers,
+        request)."""
+        key = f"frozen:{levers.description}:{sorted(request.attn)}:{sorted(request.mlp)}:{sorted(request.out)}"
         if key in self.timers:
             self.timers[key].rows.append(row)
             return key
-        backbone, images = model.backbone, self.batch[0]
+        backbone, images, dev = model.backbone, self.batch[0], self.device
 
         def frozen() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(levers, dev):
                 backbone(images, request)
 
         self.timers[key] = _Timer(key, frozen, [row])
         return key
 
-    def _plain_frozen_timer(self, row: BenchRow) -> str:
-        """The unmodified backbone's inference forward without taps: the floor of in-place rows."""
+    def _inference_timer(self, row: BenchRow) -> str:
+        """The unmodified backbone's inference forward without taps, under the run's levers: the plain inference
+        forward of ``x inference`` and the floor of in-place rows."""
         source = self.shared_source
         if source is None:  # no plain side row yet: build a linear probe to run the frozen forward
             cfg = self.config
@@ -702,8 +752,9 @@ class _Profiler:
                 seed=cfg.seed,
                 device=self.device,
             )
+            apply_levers(source, cfg.run_levers, "side", self.device)
             self.shared_source = source
-        return self._frozen_timer(source, Levers(), TapRequest(), row)
+        return self._frozen_timer(source, self.config.run_levers, TapRequest(), row)
 
     # -- stage 2: timing --------------------------------------------------------------------------------
     def time_all(self) -> None:
@@ -757,6 +808,12 @@ class _Profiler:
                 row.step_wall_s = self.report(live.step, "wall").median_s
                 row.step_cpu_s = self.report(live.step, "cpu").median_s
                 row.throughput = step.throughput(self.config.batch_size)
+            inference = self.report(live.inference)
+            if inference is not None:
+                row.inference_s, row.inference_min_s = inference.median_s, inference.min_s
+            if live.floor_kind == "cache":
+                row.floor_kind = "cache"
+                continue
             frozen, side = self.report(live.frozen), self.report(live.side)
             if frozen is not None:
                 row.floor_frozen_s = frozen.median_s
@@ -770,19 +827,6 @@ class _Profiler:
         self.shared_source = None
         self.batch = None
         gc.collect()
-
-
-def _side_step(model, taps, labels: torch.Tensor, optimizer) -> Callable[[], None]:
-    """The side network's own step on fixed taps: forward_taps, head, loss, backward, optimizer update."""
-    method, head = model.method, model.head
-
-    def step() -> None:
-        loss = F.cross_entropy(head(method.forward_taps(taps)), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def _probe_message(error: str) -> str:
@@ -803,6 +847,7 @@ def add_ratios(report: BenchReport) -> None:
     ref = report.reference_row
     for row in report.rows:
         row.time_vs_floor = _ratio(row.step_time_s, row.floor_s)
+        row.time_vs_inference = _ratio(row.step_time_s, row.inference_s)
         if ref is None:
             continue
         row.time_vs_ref = _ratio(row.step_time_s, ref.step_time_s)
@@ -846,7 +891,7 @@ def profile(
         for plan in plans:
             if plan.levers.active:
                 family = _family(config.backbone)
-                problem = lever_problem(plan.levers, family, profiler.device)
+                problem = lever_problem(plan.levers, family, profiler.device, plan.kind)
                 if problem:
                     rows.append(_skipped(plan, problem))
                     log(f"  {plan.name:<22} skipped: {problem}")
@@ -893,7 +938,7 @@ def _skipped(plan: RowPlan, reason: str) -> BenchRow:
         method=plan.method,
         kind=plan.kind,
         backprop_through_backbone=spec.backprop_through_backbone,
-        levers=plan.levers.label.lstrip("+"),
+        levers=plan.levers.description,
         options=dict(plan.options),
         status=ERROR,
         error=f"not applicable: {reason}",

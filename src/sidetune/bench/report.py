@@ -99,6 +99,7 @@ _COLUMNS = (
     "img/s",
     "floor ms",
     "x floor",
+    "x inference",
     "x {ref} time",
     "x {ref} saved",
     "x {ref} peak",
@@ -110,6 +111,7 @@ _COLUMNS = (
 def _cells(row: BenchRow) -> list[str]:
     status = row.status if row.status == OK else f"{row.status}: {row.error}"
     floor = fmt_ms(row.floor_s) + (" (fwd)" if row.floor_kind == "inference_forward" else "")
+    floor = "(cached)" if row.floor_kind == "cache" else floor
     return [
         row.name,
         row.kind,
@@ -122,6 +124,7 @@ def _cells(row: BenchRow) -> list[str]:
         "-" if row.throughput is None else f"{row.throughput:.1f}",
         floor,
         fmt_ratio(row.time_vs_floor),
+        fmt_ratio(row.time_vs_inference),
         fmt_ratio(row.time_vs_ref),
         fmt_ratio(row.saved_vs_ref),
         fmt_ratio(row.peak_vs_ref),
@@ -136,6 +139,44 @@ def _title(report: BenchReport) -> str:
     size_text = f"{size[0]}x{size[1]}" if size[0] else "default size"
     weights = cfg.weights or "random weights"
     return f"{cfg.backbone} ({weights}), {size_text}, batch {cfg.batch_size}, {report.environment.get('device')}"
+
+
+def _inference_s(report: BenchReport) -> float | None:
+    return next((r.inference_s for r in report.rows if r.inference_s is not None), None)
+
+
+def _levers_line(report: BenchReport) -> str:
+    """What every row of the run has in common (precision, run-wide levers), and which rows are side-only."""
+    cfg = report.config
+    run = cfg.run_levers
+    precision = (
+        "float32 (no autocast)"
+        if run.precision == "fp32"
+        else f"{run.precision} autocast over every row's forward and loss (mixed precision: parameters, gradients "
+        "and AdamW state in float32)"
+    )
+    shared = [
+        f"frozen linear weights stored in {run.precision} (every row with frozen weights)"
+        if run.frozen_low_precision
+        else "",
+        "torch.compile of every row's backbone forward (and side networks)" if run.compile else "",
+        "channels-last" if run.channels_last else "",
+    ]
+    text = f"Precision, the same for every row: {precision}."
+    if any(shared):
+        text += " Levers of every row: " + "; ".join(p for p in shared if p) + "."
+    side_only = []
+    if cfg.frozen_precision != "fp32":
+        side_only.append(
+            f"`+{cfg.frozen_precision}-frozen`: the frozen forward alone under {cfg.frozen_precision} autocast, "
+            "the side network in float32"
+        )
+    if cfg.cache:
+        side_only.append("`+cache`: the side network's step on taps held in memory, no frozen forward")
+    if side_only:
+        text += " Side-only rows (levers no in-place method can use, not a like-for-like comparison): "
+        text += "; ".join(side_only) + "."
+    return text
 
 
 def markdown(report: BenchReport) -> str:
@@ -177,8 +218,12 @@ def markdown(report: BenchReport) -> str:
                     else ")."
                 )
             )
-            + f" Ratios `x {ref}` divide by the {ref} row."
+            + f" Ratios `x {ref}` divide by the {ref} row; `x inference` divides the step by the plain inference "
+            "forward of the frozen backbone (no taps, inference mode, the run's precision and levers)"
+            + (f": {fmt_ms(_inference_s(report))} ms." if _inference_s(report) else ".")
         ),
+        "",
+        _levers_line(report),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i in (0, 1, len(header) - 1) else "---:" for i in range(len(header))) + "|",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..methods import get_method
-from .levers import Levers, apply_levers
+from .levers import Levers, apply_levers, autocast
 
 WORKLOAD = "sidetune.bench.workload:train_steps_workload"
 
@@ -56,11 +56,39 @@ def make_batch(
     return images.to(device), labels.to(device)
 
 
-def make_step(model, images: torch.Tensor, labels: torch.Tensor, optimizer) -> Callable[[], None]:
-    """One training step: forward, cross-entropy, backward, optimizer update."""
+def make_step(
+    model, images: torch.Tensor, labels: torch.Tensor, optimizer, levers: Levers | None = None
+) -> Callable[[], None]:
+    """One training step: forward and cross-entropy (under the row's autocast), backward, optimizer update.
+
+    With the ``cache`` lever, the step of the side network alone on taps computed once beforehand (under
+    ``no_grad``, in the row's precision): what a step costs when a tap cache replays the taps.
+    """
+    levers = levers or Levers()
+    device = images.device
+    if levers.cache:
+        with torch.no_grad(), autocast(levers, device):
+            taps = model.backbone(images, model.method.tap_request)
+        return make_side_step(model, taps, labels, optimizer, levers)
 
     def step() -> None:
-        loss = F.cross_entropy(model(images), labels)
+        with autocast(levers, device):
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def make_side_step(model, taps, labels: torch.Tensor, optimizer, levers: Levers | None = None) -> Callable[[], None]:
+    """The side network's own step on fixed taps: ``forward_taps``, head, loss, backward, optimizer update."""
+    levers = levers or Levers()
+    method, head, device = model.method, model.head, labels.device
+
+    def step() -> None:
+        with autocast(levers, device):
+            loss = F.cross_entropy(head(method.forward_taps(taps)), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -89,10 +117,10 @@ def train_steps_workload(
 ) -> Callable[[], None]:
     """Peak-memory probe workload (see :mod:`sidetune.bench.memory_probe` for the protocol).
 
-    Set-up (not measured): build the model, AdamW and the batch, and run one no-grad forward (warms the
-    kernels; compiles the frozen forward when the ``compile`` lever is on). ``run()``: ``steps``
-    training steps, so that the peak includes gradients, optimizer state and the activations of a step
-    taken while the optimizer state exists.
+    Set-up (not measured): build the model, apply the row's levers, build AdamW and the batch, and run one
+    no-grad forward (warms the kernels; compiles when the ``compile`` lever is on; with the ``cache`` lever, the
+    taps the steps replay are computed here). ``run()``: ``steps`` training steps, so that the peak includes
+    gradients, optimizer state and the activations of a step taken while the optimizer state exists.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -108,11 +136,12 @@ def train_steps_workload(
         seed=seed,
         device=dev,
     )
-    apply_levers(model, Levers(**levers), get_method(method).kind, dev)
+    row_levers = Levers(**levers)
+    apply_levers(model, row_levers, get_method(method).kind, dev)
     images, labels = make_batch(batch_size, model.backbone.layout.img_size, num_classes, seed, dev)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(row_levers, dev):
         model(images)
-    step = make_step(model, images, labels, optimizer_for(model))
+    step = make_step(model, images, labels, optimizer_for(model), row_levers)
 
     def run() -> None:
         for _ in range(steps):

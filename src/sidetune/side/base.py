@@ -23,6 +23,9 @@ class SideMethod(nn.Module):
 
     tap_request: TapRequest = TapRequest()
     pyramid_normalized: bool = False
+    #: width of ``Features.pooled`` when it is not the backbone's own (``num_features``): the multi-layer probe
+    #: concatenates several blocks. The classification head is built this wide.
+    pooled_width: int | None = None
 
     def __init__(self, backbone: FrozenBackbone) -> None:
         super().__init__()
@@ -64,6 +67,11 @@ def carry_across_stage(
     network carries into the next stage is ``D(base + delta) - D(base)``: exactly zero when ``delta`` is,
     and ``D``'s parameters receive no gradient (they are frozen), while the gradient flows through ``D``.
 
+    For timm's ``PatchMerging`` (norm, then a bias-free linear ``W``) the difference is taken before the linear
+    map, ``W (LN(M(base + delta)) - LN(M(base)))`` with ``M`` the 2x2 merge: the same function with one matrix
+    product instead of two (the product is the cost of a patch merging), and without the cancellation of two
+    large products. Any other downsampling module is run twice, as the definition reads.
+
     Args:
         delta: (B, N, C) correction, with autograd.
         base: (B, N, C) frozen stage output (no grad).
@@ -75,10 +83,37 @@ def carry_across_stage(
     """
     b, _, c = base.shape
     h, w = grid
+    if _is_linear_patch_merging(downsample):
+        norm, reduction = downsample.norm, downsample.reduction
+        with torch.no_grad():
+            frozen = norm(merge_2x2(base.reshape(b, h, w, c)))
+        adapted = norm(merge_2x2((base + delta).reshape(b, h, w, c)))
+        return reduction(adapted - frozen).flatten(1, 2)
     with torch.no_grad():
         frozen_next = downsample(base.reshape(b, h, w, c))
     adapted_next = downsample((base + delta).reshape(b, h, w, c))
     return (adapted_next - frozen_next).flatten(1, 2)
+
+
+def _is_linear_patch_merging(module: nn.Module) -> bool:
+    """timm's (Swin v1) ``PatchMerging``: 2x2 merge, then ``norm``, then the bias-free linear ``reduction``."""
+    from timm.models.swin_transformer import PatchMerging
+
+    reduction = getattr(module, "reduction", None)
+    return type(module) is PatchMerging and isinstance(reduction, nn.Linear) and reduction.bias is None
+
+
+def merge_2x2(x: torch.Tensor) -> torch.Tensor:
+    """timm ``PatchMerging``'s merge: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 4C), zero-padding odd sizes.
+
+    The channel order is timm's (``x0, x1, x2, x3`` = top-left, bottom-left, top-right, bottom-right), so that
+    ``reduction(norm(merge_2x2(x)))`` is exactly ``PatchMerging.forward(x)`` (tested).
+    """
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        x = nn.functional.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        _, h, w, _ = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
 
 
 def to_final_format(tokens: torch.Tensor, layout: TapLayout) -> torch.Tensor:

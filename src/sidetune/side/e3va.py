@@ -34,6 +34,11 @@ Choices the paper leaves open, as config fields:
   at initialisation the pooled features equal the frozen model's pre-logits: E3VA starts as a linear
   probe.
 * On a plain ViT (one stage, no downsampling) the same highway runs over all blocks.
+* Training memory: each block's adapters are recomputed in backward from its two taps (``recompute``, default
+  True), which the down-projections' weight gradients need anyway; nothing else of a block is kept.
+
+Not the paper's, off by default: ``input_norm=True`` puts a LayerNorm on each adapter's input; docs/methods.md
+gives the reason and the evidence.
 """
 
 from __future__ import annotations
@@ -68,8 +73,17 @@ class E3VAConfig:
             default: the last stage for classification (the only one a classifier reads), all stages for
             dense tasks (the paper's FPN input).
         copy_final_norm: start the last stage's output norm from the backbone's final norm.
-        recompute: recompute each block's adapter activations in backward (``torch.utils.checkpoint``)
-            instead of keeping them, at the cost of one more forward of the adapters. Results are identical.
+        recompute: keep only each block's two taps for backward and recompute the adapters' activations from
+            them (``torch.utils.checkpoint`` per block), instead of keeping the (B, N, m) hidden activations
+            (twice per adapter) and the low-rank intermediates. The default: the taps must be kept anyway (the
+            down-projections' weight gradients read them), so this halves what E3VA keeps on Swin (Swin-T,
+            batch 8: 211 -> 105 MiB) for one more forward of the adapters. Under autocast the taps are kept in
+            the autocast dtype, which is the precision the adapters' first product reads them in. Results are
+            identical either way. Where E3VA adapts the prefix tokens only (a class-token ViT classifier), there
+            is nothing worth recomputing (ViT-B: 2.9 MiB kept in all) and the adapters keep their activations.
+        input_norm: a trainable LayerNorm on each adapter's input, ``A(LN(x))`` (LN starting at weight 1, bias 0).
+            A departure from the paper, whose adapters read the branch outputs as they are (sec. 3.3, eq. 5); see
+            docs/methods.md for why one would, and what it did.
     """
 
     alpha: int = 8
@@ -79,7 +93,8 @@ class E3VAConfig:
     dropout: float = 0.0
     out_stages: tuple[int, ...] | None = None
     copy_final_norm: bool = True
-    recompute: bool = False
+    recompute: bool = True
+    input_norm: bool = False
 
     def __post_init__(self) -> None:
         require_positive_int("alpha", self.alpha, "E3VA")
@@ -121,26 +136,46 @@ class DualLowRankLinear(nn.Module):
         else:
             nn.init.normal_(self.s, std=1.0 / math.sqrt(branches * alpha))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S, T)`` with ``W = S T``: S = [s_1 .. s_K] is (m, K alpha), T = [t_1; ..; t_K] is (K alpha, n)."""
         k, m, a = self.s.shape
+        return self.s.permute(1, 0, 2).reshape(m, k * a), self.t.reshape(k * a, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # sum_k s_k (t_k x) == [s_1 .. s_K] [t_1; ..; t_K] x: one rank-(K alpha) product, two small matmuls.
-        t = self.t.reshape(k * a, -1)
-        s = self.s.permute(1, 0, 2).reshape(m, k * a)
+        s, t = self.factors()
         return F.linear(F.linear(x, t), s, self.bias)
 
 
 class E3VAAdapter(nn.Module):
-    """``up(GELU(down(x)))`` with dual low-rank projections (fig. 4, right). (B, N, C) -> (B, N, C)."""
+    """``up(GELU(down(x)))`` with dual low-rank projections (fig. 4, right). (B, N, C) -> (B, N, C).
 
-    def __init__(self, channels: int, width: int, alpha: int, branches: int, dropout: float) -> None:
+    With ``input_norm`` (not the paper's), ``up(GELU(down(LN(x))))``.
+
+    The highway never asks an adapter for its output: :meth:`inner` returns the up-projection's low-rank input
+    ``z = T_up GELU(down(x))``, (B, N, K alpha), and E3VA applies ``S_up`` and the bias of both adapters of a block
+    in one product (see :meth:`E3VA.block_update`). ``forward`` is the adapter as the paper writes it.
+    """
+
+    def __init__(
+        self, channels: int, width: int, alpha: int, branches: int, dropout: float, input_norm: bool = False
+    ) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(channels) if input_norm else nn.Identity()
         self.down = DualLowRankLinear(channels, width, alpha, branches)
         self.act = nn.GELU()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.up = DualLowRankLinear(width, channels, alpha, branches, zero_init=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.drop(self.act(self.down(x))))
+        return self.up(self.drop(self.act(self.down(self.norm(x)))))
+
+    def inner(self, x: torch.Tensor) -> torch.Tensor:
+        """``z = T_up drop(GELU(S_down T_down x + b_down))``: (B, N, C) -> (B, N, K alpha), the adapter without its
+        last factor ``S_up`` and bias."""
+        s_down, t_down = self.down.factors()
+        hidden = self.drop(self.act(F.linear(F.linear(self.norm(x), t_down), s_down, self.down.bias)))  # (B, N, m)
+        return F.linear(hidden, self.up.factors()[1])
 
 
 class E3VA(SideMethod):
@@ -188,7 +223,7 @@ class E3VA(SideMethod):
 
         def adapter(block: int) -> E3VAAdapter:
             c = layout.stage_dims[layout.block_stage[block]]
-            return E3VAAdapter(c, config.width(c), config.alpha, config.branches, config.dropout)
+            return E3VAAdapter(c, config.width(c), config.alpha, config.branches, config.dropout, config.input_norm)
 
         self.attn_adapters = nn.ModuleList(adapter(i) for i in blocks)
         self.mlp_adapters = nn.ModuleList(adapter(i) for i in blocks)
@@ -201,9 +236,20 @@ class E3VA(SideMethod):
     def tap_tokens(self) -> int | None:
         return self.prefix_only
 
-    def _block_update(self, i: int, attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
-        """The highway increment of block ``i``: the two parallel adapters, summed (eq. 11)."""
-        return self.attn_adapters[i](attn) + self.mlp_adapters[i](mlp)
+    def block_update(self, i: int, attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+        """``A1(attn) + A2(mlp)``: the highway increment of block ``i``, the two parallel adapters summed (eq. 11).
+
+        Both adapters end in a low-rank product plus a bias, ``S_1 z_1 + b_1 + S_2 z_2 + b_2``, computed as the one
+        product ``[S_1 S_2 b_1+b_2] [z_1; z_2; 1]``: the (B, N, C) increment is written once, instead of each
+        adapter's output being written and then read again by their sum (and again in backward).
+
+        Shapes: attn, mlp (B, N, C) -> (B, N, C).
+        """
+        a1, a2 = self.attn_adapters[i], self.mlp_adapters[i]
+        z1, z2 = a1.inner(attn), a2.inner(mlp)
+        z = torch.cat([z1, z2, z1.new_ones(*z1.shape[:-1], 1)], -1)  # (B, N, 2 K alpha + 1)
+        s = torch.cat([a1.up.factors()[0], a2.up.factors()[0], (a1.up.bias + a2.up.bias)[:, None]], 1)
+        return F.linear(z, s)
 
     def stage_features(self, taps: Taps) -> dict[int, torch.Tensor]:
         """Adapted stage outputs ``norm_s(l_s + delta_s)``, as (B, N, C), for each of ``out_stages``."""
@@ -227,10 +273,14 @@ class E3VA(SideMethod):
                     raise ConfigError("E3VA: a stage boundary without a downsampling module cannot carry the highway.")
                 delta = carry_across_stage(delta, taps.out[prev_end], downsample, layout.stage_grids[stage - 1])
             for i in layout.stage_blocks(stage):
-                if self.config.recompute and torch.is_grad_enabled():
-                    update = checkpoint(self._block_update, i, taps.attn[i], taps.mlp[i], use_reentrant=False)
+                # prefix tokens only (a class-token ViT): a few KiB per block, nothing worth recomputing
+                if self.config.recompute and not self.prefix_only and torch.is_grad_enabled():
+                    attn, mlp = taps.attn[i], taps.mlp[i]
+                    if not self.config.input_norm:  # the first op reading a tap is then the autocast product
+                        attn, mlp = _autocast_input(attn), _autocast_input(mlp)
+                    update = checkpoint(self.block_update, i, attn, mlp, use_reentrant=False)
                 else:
-                    update = self._block_update(i, taps.attn[i], taps.mlp[i])
+                    update = self.block_update(i, taps.attn[i], taps.mlp[i])
                 delta = update if delta is None else delta + update
             if stage in self.out_stages:
                 base = taps.out[max(layout.stage_blocks(stage))]
@@ -253,6 +303,19 @@ class E3VA(SideMethod):
             pyramid=pyramid,
             strides=[layout.stage_strides[s] for s in self.out_stages],
         )
+
+
+def _autocast_input(tap: torch.Tensor) -> torch.Tensor:
+    """A tap in the dtype that autocast gives the matrix product reading it (unchanged without autocast).
+
+    The checkpoint keeps its inputs for backward: a float32 tap (a ViT's branch output after a float32
+    layer-scale, under bfloat16 autocast) would be kept in float32 although the adapter's first product only ever
+    reads its bfloat16 cast. Casting first keeps half the bytes and gives the same numbers.
+    """
+    device = tap.device.type
+    if not torch.is_autocast_enabled(device) or not tap.is_floating_point():
+        return tap
+    return tap.to(torch.get_autocast_dtype(device))
 
 
 def _build(backbone: FrozenBackbone, config: E3VAConfig, task: str) -> E3VA:
