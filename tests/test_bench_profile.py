@@ -580,3 +580,29 @@ def test_efficiency_benchmark_targets_judge_the_defaults_against_lora_gc(report,
     lora_gc = dict(rows["losa"], name="lora+gc", saved_activation_bytes=2 * rows["losa"]["saved_activation_bytes"])
     assert efficiency._lora_gc_saved(rows["losa"], {**rows, "lora+gc": lora_gc}) == 0.5
     assert efficiency._lora_gc_saved(rows["losa"], rows) is None  # no lora+gc row: no ratio
+
+
+def test_cache_rows_report_what_a_cache_stores_per_image(tmp_path) -> None:
+    """`+cache` rows give the bytes `sidetune cache build` writes per image for the method, equal to a real cache's."""
+    import math
+
+    from safetensors import safe_open
+
+    from sidetune.cache import build
+    from train_data import make_image_folder, task_config
+
+    report = profile(BenchConfig(methods=("losa", "e3va"), cache=True, peak_memory=False, **{**_TINY, "rounds": 1}),
+                     command="x")  # fmt: skip
+    rows = {r.name: r for r in report.rows}
+    losa, e3va = rows["losa+cache"].cache_bytes_per_image, rows["e3va+cache"].cache_bytes_per_image
+    assert losa > e3va > 0 and rows["losa"].cache_bytes_per_image is None
+    assert "/img)" in markdown(report)
+    data = make_image_folder(tmp_path / "images")
+    for method, per_image in (("losa", losa), ("e3va", e3va)):
+        config = task_config("classification", data, tmp_path / "x", method=method, img_size=_TINY["img_size"],
+                             test_split="none")  # fmt: skip
+        manifest = build(config, [method], tmp_path / method, splits=("train",))
+        shard = tmp_path / method / manifest.splits["train"]["shards"][0]["file"]
+        with safe_open(str(shard), "pt") as f:
+            shapes = [f.get_slice(k).get_shape() for k in f.keys() if k.startswith("tap.")]  # noqa: SIM118
+        assert sum(math.prod(shape[1:]) * 2 for shape in shapes) == per_image, method

@@ -205,6 +205,22 @@ class BenchConfig:
         return torch.device(self.device)
 
 
+def cache_bytes_per_image(model: torch.nn.Module, taps: Taps) -> int:
+    """What ``sidetune cache build --methods <this method>`` stores per image: the taps the method reads, the
+    leading tokens it keeps, in float16 (the cache's default)."""
+    from ..cache import tap_spec
+
+    spec = tap_spec(model, [model.config.method], {model.config.method: dict(model.config.method_config)})
+    total = 0
+    for key, tokens in spec.items():
+        value = taps.final if key == "final" else getattr(taps, key.split(".")[0])[int(key.split(".")[1])]
+        per_image = value[0]
+        if tokens is not None and per_image.ndim == 2:
+            per_image = per_image[:tokens]
+        total += per_image.numel() * 2
+    return total
+
+
 @dataclass(frozen=True)
 class RowPlan:
     """One row to measure: a method with its options and levers."""
@@ -263,6 +279,7 @@ class BenchRow:
     floor_kind: str | None = None
     inference_s: float | None = None
     inference_min_s: float | None = None
+    cache_bytes_per_image: int | None = None
     compile_s: float | None = None
     inference_gflops: float | None = None
     time_vs_ref: float | None = None
@@ -676,6 +693,7 @@ class _Profiler:
         if levers.cache:  # what the cache replays, computed without autograd as a cache stores it
             with torch.no_grad(), autocast(levers, dev):
                 cached = model.backbone(images, model.method.tap_request)
+            row.cache_bytes_per_image = cache_bytes_per_image(model, cached)
 
         def forward_loss() -> torch.Tensor:
             with autocast(levers, dev):

@@ -111,7 +111,8 @@ _COLUMNS = (
 def _cells(row: BenchRow) -> list[str]:
     status = row.status if row.status == OK else f"{row.status}: {row.error}"
     floor = fmt_ms(row.floor_s) + (" (fwd)" if row.floor_kind == "inference_forward" else "")
-    floor = "(cached)" if row.floor_kind == "cache" else floor
+    if row.floor_kind == "cache":
+        floor = "(cached" + (f", {fmt_bytes(row.cache_bytes_per_image)}/img)" if row.cache_bytes_per_image else ")")
     return [
         row.name,
         row.kind,
@@ -172,7 +173,10 @@ def _levers_line(report: BenchReport) -> str:
             "the side network in float32"
         )
     if cfg.cache:
-        side_only.append("`+cache`: the side network's step on taps held in memory, no frozen forward")
+        side_only.append(
+            "`+cache`: the side network's step on taps held in memory, no frozen forward (its floor cell gives what "
+            "`sidetune cache build` stores per image for the method, in float16)"
+        )
     if side_only:
         text += " Side-only rows (levers no in-place method can use, not a like-for-like comparison): "
         text += "; ".join(side_only) + "."
