@@ -151,6 +151,7 @@ _ROW_TYPES = {
     "optimizer_state_bytes": int,
     "static_bytes": int,
     "step_time_s": float,
+    "cache_bytes_per_image": (int, type(None)),
     "step_time_min_s": float,
     "step_wall_s": float,
     "step_cpu_s": float,
@@ -466,7 +467,7 @@ def test_every_row_trains_in_the_run_precision_and_reads_x_inference() -> None:
     assert cached.floor_kind == "cache" and cached.floor_s is None and e3va.floor_kind == "side"
     text = markdown(result)
     assert "bf16 autocast over every row's forward and loss" in text and "`+cache`" in text
-    assert "| e3va+cache | side |" in text and "(cached)" in text
+    assert "| e3va+cache | side |" in text and "(cached, " in text and "/img)" in text
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -606,3 +607,23 @@ def test_cache_rows_report_what_a_cache_stores_per_image(tmp_path) -> None:
         with safe_open(str(shard), "pt") as f:
             shapes = [f.get_slice(k).get_shape() for k in f.keys() if k.startswith("tap.")]  # noqa: SIM118
         assert sum(math.prod(shape[1:]) * 2 for shape in shapes) == per_image, method
+
+
+def test_a_step_below_its_own_floor_is_flagged_as_noise(report) -> None:
+    """A step cannot cost less than a part of itself: such a row is marked, with the spread of its steps."""
+    import copy
+
+    from sidetune.bench.profile import add_ratios, noise_notes
+
+    noisy = copy.deepcopy(report)
+    for r in noisy.rows:  # every row honest (the fixture's own timings may be noisy on a loaded machine)
+        if r.floor_s is not None:
+            r.step_time_s = 1.2 * r.floor_s
+    row = next(r for r in noisy.rows if r.floor_s is not None)
+    row.step_time_s, row.step_time_min_s, row.step_time_p90_s = 0.8 * row.floor_s, 0.7 * row.floor_s, row.floor_s
+    add_ratios(noisy)
+    notes = noise_notes(noisy)
+    assert len(notes) == 1 and notes[0].startswith(f"{row.name}: its median step") and "measurement noise" in notes[0]
+    assert "fastest" in notes[0] and "90th percentile" in notes[0]
+    line = next(line for line in markdown(noisy).splitlines() if line.startswith(f"| {row.name} |"))
+    assert "0.80x (noise)" in line

@@ -937,7 +937,32 @@ def profile(
         why = "was not measured" if missing else "did not run"
         report.notes.append(f"reference method {config.reference!r} {why}: no ratios to it in this report.")
     add_ratios(report)
+    report.notes += noise_notes(report)
     return report
+
+
+#: A step this far below its own floor is measurement noise, not a result (the floor is part of the step).
+NOISE_RATIO = 0.98
+
+
+def below_floor(row: BenchRow) -> bool:
+    """Whether the row's median step is below its own floor: a step cannot cost less than a part of itself."""
+    return row.time_vs_floor is not None and row.time_vs_floor < NOISE_RATIO
+
+
+def noise_notes(report: BenchReport) -> list[str]:
+    """One note per row whose step came out below its own floor, with the spread of its timed steps."""
+    notes = []
+    for row in report.rows:
+        if below_floor(row):
+            notes.append(
+                f"{row.name}: its median step ({1000 * row.step_time_s:.1f} ms; fastest "
+                f"{1000 * (row.step_time_min_s or 0):.1f}, 90th percentile {1000 * (row.step_time_p90_s or 0):.1f} ms "
+                f"over {row.timed_steps} steps) is below its own floor ({1000 * row.floor_s:.1f} ms): measurement "
+                "noise from other load on the machine, not a result. Rerun on a quiet machine, with more --rounds, or "
+                "with --clock cpu."
+            )
+    return notes
 
 
 def _family(backbone: str) -> str:

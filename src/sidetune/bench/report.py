@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .profile import OK, BenchReport, BenchRow
+from .profile import OK, BenchReport, BenchRow, below_floor
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _cells(row: BenchRow) -> list[str]:
         fmt_ms(row.step_time_s) + ("" if row.step_time_min_s is None else f" ({fmt_ms(row.step_time_min_s)})"),
         "-" if row.throughput is None else f"{row.throughput:.1f}",
         floor,
-        fmt_ratio(row.time_vs_floor),
+        fmt_ratio(row.time_vs_floor) + (" (noise)" if below_floor(row) else ""),
         fmt_ratio(row.time_vs_inference),
         fmt_ratio(row.time_vs_ref),
         fmt_ratio(row.saved_vs_ref),
