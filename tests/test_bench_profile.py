@@ -494,7 +494,10 @@ def test_fit_predictor_on_synthetic_points() -> None:
 def test_plan_predicts_checks_and_refits(monkeypatch) -> None:
     """A machine where memory is 1 GB + 10 MB per image below batch 50 and 1 GB + 12 MB above it."""
 
-    def fake_measure(config, row, batch, device, max_rss):
+    thresholds = set()
+
+    def fake_measure(config, row, batch, device, max_rss, mmap_threshold=None):
+        thresholds.add(mmap_threshold)
         per = 10 * 10**6 if batch < 50 else 12 * 10**6
         return True, 10**9 + per * batch, None
 
@@ -507,8 +510,10 @@ def test_plan_predicts_checks_and_refits(monkeypatch) -> None:
     assert row.verdict == "fits" and row.checked_batch == row.max_batch < 100
     assert row.checked_bytes <= 2 * 10**9
     assert "| losa |" in result.markdown()
-    unchecked = plan(config, budget_bytes=2 * 10**9, batches=(4, 16), check=False).rows[0]
-    assert (unchecked.max_batch, unchecked.verdict) == (100, "predicted")
+    assert thresholds == {None} and "glibc's default allocator policy" in result.measure
+    unchecked = plan(config, budget_bytes=2 * 10**9, batches=(4, 16), check=False, mmap_threshold=131072)
+    assert (unchecked.rows[0].max_batch, unchecked.rows[0].verdict) == (100, "predicted")
+    assert thresholds == {None, 131072} and "mmap threshold fixed at 131072 bytes" in unchecked.measure
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -164,6 +164,14 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-check", action="store_true", help="predict only, do not run the predicted batch")
     p.add_argument("--max-check-batch", type=int, default=512, help="CPU: largest batch a check may run (default: 512)")
+    p.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="CPU: glibc MALLOC_MMAP_THRESHOLD_ of the measured processes (default: glibc's dynamic policy, which "
+        "keeps freed activations in the heap); e.g. 131072 returns every large tensor to the system when freed",
+    )
 
 
 def _batches(text: str) -> tuple[int, int]:
@@ -277,6 +285,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         max_check_batch=args.max_check_batch,
         log=_progress,
         command=command_line(args),
+        mmap_threshold=args.mmap_threshold,
     )
     text = report.markdown()
     print(text)

@@ -249,13 +249,18 @@ def _peak_cuda(config: BenchConfig, row: RowPlan, batch: int, device: torch.devi
 
 
 def _measure(
-    config: BenchConfig, row: RowPlan, batch: int, device: torch.device, max_rss: int | None
+    config: BenchConfig,
+    row: RowPlan,
+    batch: int,
+    device: torch.device,
+    max_rss: int | None,
+    mmap_threshold: int | None = None,
 ) -> tuple[bool, int, str | None]:
     """Peak bytes of ``row`` at ``batch``: ``(ok, bytes, error)``."""
     if device.type == "cuda":
         return _peak_cuda(config, row, batch, device)
-    # glibc's default allocator policy: what a training process started without tuning holds
-    result = probe_peak_rss(dataclasses.replace(config, probe_mmap_threshold=None), row, batch, max_rss)
+    # None: glibc's default allocator policy, what a training process started without tuning holds
+    result = probe_peak_rss(dataclasses.replace(config, probe_mmap_threshold=mmap_threshold), row, batch, max_rss)
     return result.ok, result.peak_bytes, result.error
 
 
@@ -267,6 +272,7 @@ def plan(
     max_check_batch: int = 512,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    mmap_threshold: int | None = None,
 ) -> PlanReport:
     """Predict, and check, the largest batch of each row of ``config`` within ``budget_bytes``.
 
@@ -278,6 +284,9 @@ def plan(
         max_check_batch: CPU: do not check batches above this (a check runs two real training steps).
         log: progress messages.
         command: command line to record.
+        mmap_threshold: CPU: glibc's ``MALLOC_MMAP_THRESHOLD_`` for the measured processes (None: glibc's dynamic
+            default, which keeps freed activations in the heap; a fixed threshold returns every large tensor to the
+            system when freed: what a process started with ``MALLOC_MMAP_THRESHOLD_=...`` holds).
     """
     log = log or logger.info
     b1, b2 = sorted(int(b) for b in batches)
@@ -297,7 +306,7 @@ def plan(
             row.status, row.error = ERROR, f"not applicable: {problem}"
             continue
         for b in (b1, b2):
-            ok, peak, error = _measure(config, rp, b, device, max_rss)
+            ok, peak, error = _measure(config, rp, b, device, max_rss, mmap_threshold)
             if not ok:
                 status = failure_status(error or "")
                 row.status, row.error = status, f"at batch {b}: " + (error or "failed").splitlines()[0]
@@ -306,12 +315,18 @@ def plan(
         if row.status != OK:
             log(f"  {rp.name:<22} {row.status}: {row.error}")
             continue
-        _predict_and_check(config, rp, row, budget_bytes, device, max_rss, check, max_check_batch)
+        _predict_and_check(config, rp, row, budget_bytes, device, max_rss, check, max_check_batch, mmap_threshold)
         log(f"  {rp.name:<22} max batch {row.max_batch}: {row.verdict} {row.note}".rstrip())
+    allocator = (
+        "glibc's default allocator policy"
+        if mmap_threshold is None
+        else f"glibc's mmap threshold fixed at {mmap_threshold} bytes (MALLOC_MMAP_THRESHOLD_)"
+    )
     measure = (
         "CUDA peak reserved memory (torch.cuda.max_memory_reserved) of two training steps"
         if device.type == "cuda"
-        else "peak resident set of a fresh process over two training steps (interpreter and weights included)"
+        else "peak resident set of a fresh process over two training steps (interpreter and weights included; "
+        f"{allocator})"
     )
     notes = []
     if device.type == "cuda":
@@ -338,6 +353,7 @@ def _predict_and_check(
     max_rss: int | None,
     check: bool,
     max_check_batch: int,
+    mmap_threshold: int | None = None,
 ) -> None:
     fit = fit_memory(row.points)
     row.fixed_bytes, row.per_sample_bytes = fit.fixed_bytes, fit.per_sample_bytes
@@ -364,7 +380,7 @@ def _predict_and_check(
         if candidate in measured:
             ok, peak, error = True, measured[candidate], None
         else:
-            ok, peak, error = _measure(config, rp, candidate, device, max_rss)
+            ok, peak, error = _measure(config, rp, candidate, device, max_rss, mmap_threshold)
         row.checked_batch, row.checked_bytes = candidate, (peak if ok else None)
         if ok and peak <= budget:
             row.verdict = "fits"
