@@ -166,12 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report["build"], indent=1), flush=True)
     for method in methods:
-        row: dict[str, Any] = {"epoch": time_epochs(args, method, cache, args.timing_rounds)}
+        timed = work / f"{method}-epoch.json"  # each finished part is kept, so a stopped benchmark goes on
+        if not timed.is_file():
+            timed.write_text(json.dumps(time_epochs(args, method, cache, args.timing_rounds), indent=1) + "\n")
+        row: dict[str, Any] = {"epoch": json.loads(timed.read_text())}
         print(method, "epoch", row["epoch"], flush=True)
         for name, extra in (("uncached", {}), ("cached", {"cache": str(cache)})):
             out = work / f"{method}-{name}"
             if not (out / "summary.json").is_file():
-                fit(base_config(args, method, out, **extra))
+                resume = str(out) if (out / "log.jsonl").is_file() else None
+                fit(base_config(args, method, out, resume=resume, **extra))
             summary = json.loads((out / "summary.json").read_text())
             row[name] = {
                 "test_top1": summary["metrics"]["test"]["top1"],

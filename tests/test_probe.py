@@ -1,10 +1,4 @@
-"""The multi-layer linear probe (``probe``): frozen class and mean patch tokens of several blocks, one linear head.
-
-The probe's head reads a concatenation wider than the backbone's ``num_features``: ``sidetune.create`` must build
-the head ``method.pooled_width`` wide. Until ``sidetune.factory._pooled_width`` honours that attribute (the change
-this branch asks for, see docs/methods.md), the fixture below applies it, and registers the method as
-``sidetune.methods`` will.
-"""
+"""The multi-layer linear probe (``probe``): frozen class and mean patch tokens of several blocks, one linear head."""
 
 from __future__ import annotations
 
@@ -13,27 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import sidetune
-from sidetune import factory
 from sidetune.backbones import TapRequest
-from sidetune.methods import _REGISTRY
-from sidetune.side import probe as probe_module
 from sidetune.side.probe import ProbeConfig
 
 from conftest import images, tiny
-
-
-@pytest.fixture(autouse=True)
-def probe_registered(monkeypatch):
-    original = factory._pooled_width
-
-    def pooled_width(method_module, size):
-        width = getattr(method_module, "pooled_width", None)
-        return int(width) if width else original(method_module, size)
-
-    monkeypatch.setattr(factory, "_pooled_width", pooled_width)
-    sidetune.list_methods()  # fill the registry first
-    for spec in probe_module.SPECS:
-        monkeypatch.setitem(_REGISTRY, spec.name, spec)
 
 
 def _reference(model, x: torch.Tensor, blocks: tuple[int, ...], class_token: bool) -> torch.Tensor:

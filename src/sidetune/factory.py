@@ -218,7 +218,11 @@ def _build_head(
 
 
 def _pooled_width(method_module: torch.nn.Module, size: tuple[int, int]) -> int:
-    """Width of ``Features.pooled``: the model's ``num_features`` where the pooling keeps it."""
+    """Width of ``Features.pooled``: the method's ``pooled_width`` where it declares one (the multi-layer probe's
+    concatenation), else the model's ``num_features`` where the pooling keeps it."""
+    declared = getattr(method_module, "pooled_width", None)
+    if declared:
+        return int(declared)
     model = method_module.backbone.model
     width = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
     if width is None:

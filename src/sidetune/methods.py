@@ -30,10 +30,11 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 def _builtin_specs() -> list[MethodSpec]:
     from .inplace import adapter, adaptformer, lora, selective, vpt
-    from .side import e3va, linear, losa, lst
+    from .side import e3va, linear, losa, lst, probe
 
     return [
         *linear.SPECS,
+        *probe.SPECS,
         *losa.SPECS,
         *e3va.SPECS,
         *lst.SPECS,

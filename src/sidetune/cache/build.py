@@ -336,13 +336,30 @@ def _check_resumable(out: Path, manifest: Manifest) -> None:
               "files", "shard_size")  # fmt: skip
     differ = [f for f in fields if _plain(getattr(old, f)) != _plain(getattr(manifest, f))]
     if differ:
+        detail = _first_file_change(old.files, manifest.files) if "files" in differ else ""
         raise CacheError(
-            f"{str(out)!r} already holds a cache built with other settings ({', '.join(differ)} differ); build into "
-            "another folder, or delete this one."
+            f"{str(out)!r} already holds a cache built with other settings ({', '.join(differ)} differ{detail}); "
+            "build into another folder, or delete this one."
         )
     if old.complete:
         logger.info("cache %s is already complete; rewriting its manifest only", out)
     manifest.save(out)
+
+
+def _first_file_change(old: dict[str, list], new: dict[str, list]) -> str:
+    """``': train/a.jpg was modified'``: the first data file whose path, size or modification time changed."""
+    for split in sorted(set(old) | set(new)):
+        before, after = old.get(split, []), new.get(split, [])
+        if len(before) != len(after):
+            return f": {split} had {len(before)} files, now {len(after)}"
+        for (path, size, mtime), (path2, size2, mtime2) in zip(before, after, strict=True):
+            if path != path2:
+                return f": {split} file {path!r} is now {path2!r}"
+            if size != size2:
+                return f": {path!r} changed size"
+            if mtime != mtime2:
+                return f": {path!r} was modified or copied again since the build"
+    return ""
 
 
 def _plain(value: Any) -> Any:
