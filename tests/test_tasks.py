@@ -61,8 +61,13 @@ def test_segmentation_class_weights_auto_come_from_the_training_pixels(tmp_path)
     torch.testing.assert_close(task.weight, expected)
     sky, building = counts[0], counts[1]
     assert (task.weight[0] / task.weight[1]).item() == pytest.approx(building / sky, rel=1e-5)  # inverse frequency
+    softer = make_task("segmentation", {"class_weights": "sqrt"})
+    softer.prepare(built)
+    assert (softer.weight[0] / softer.weight[1]).item() == pytest.approx((building / sky) ** 0.5, rel=1e-5)
     with pytest.raises(ConfigError, match="class_weights has 2 values for 11 classes"):
         make_task("segmentation", {"class_weights": (1.0, 2.0)}).prepare(built)
+    with pytest.raises(ConfigError, match="--class-weights must be 'auto', 'sqrt' or one number per class"):
+        make_task("segmentation", {"class_weights": "inverse"})
 
 
 def test_a_segmentation_model_that_predicts_one_class_is_flagged(tmp_path, monkeypatch):

@@ -43,8 +43,8 @@ class ClassificationOptions:
     Attributes:
         label_smoothing: cross-entropy label smoothing, in [0, 1).
         head_dropout: dropout before the classifier, in [0, 1).
-        class_weights: None, ``"auto"`` (inverse class frequency of the training split, mean 1) or one weight
-            per class: weighs the loss for imbalanced data.
+        class_weights: None, ``"auto"`` (inverse class frequency of the training split, mean 1), ``"sqrt"``
+            (its square root: softer) or one weight per class: weighs the loss for imbalanced data.
     """
 
     label_smoothing: float = 0.0
@@ -59,35 +59,42 @@ class ClassificationOptions:
         self.class_weights = check_class_weights(self.class_weights)
 
 
+#: ``class_weights`` names and the power of the inverse frequency each stands for.
+POWERS = {"auto": 1.0, "sqrt": 0.5}
+
+
 def check_class_weights(value: Any) -> str | tuple[float, ...] | None:
-    """``None``, ``"auto"`` or a sequence of positive finite weights (returned as a tuple)."""
-    if value is None or value == "auto":
+    """``None``, ``"auto"``, ``"sqrt"`` or a sequence of positive finite weights (returned as a tuple)."""
+    if value is None or value in POWERS:
         return value
     if isinstance(value, str):
-        raise ConfigError(f"class_weights must be 'auto' or one number per class (w1,w2,...), got {value!r}.")
+        raise ConfigError(
+            f"--class-weights must be 'auto', 'sqrt' or one number per class (w1,w2,...), got {value!r}."
+        )
     try:
         weights = tuple(float(w) for w in value)
     except (TypeError, ValueError):
-        raise ConfigError(f"class_weights must be 'auto' or one number per class, got {value!r}.") from None
+        raise ConfigError(f"--class-weights must be 'auto', 'sqrt' or one number per class, got {value!r}.") from None
     if not weights or any(not (w > 0 and w < float("inf")) for w in weights):
         raise ConfigError(f"class weights must be positive finite numbers, got {value!r}.")
     return weights
 
 
 def loss_weights(option: Any, data: TaskData) -> torch.Tensor | None:
-    """The (K,) loss weights of the ``class_weights`` option: ``auto`` from the training split's counts
-    (:func:`sidetune.data.class_weights`: inverse frequency, mean 1), or the given weights, one per class."""
+    """The (K,) loss weights of the ``class_weights`` option: ``auto``/``sqrt`` from the training split's counts
+    (:func:`sidetune.data.class_weights`: inverse frequency or its square root, mean 1), or the given weights, one
+    per class."""
     if option is None:
         return None
-    if option == "auto":
+    if option in POWERS:
         if data.counts is None:
             raise ConfigError(
-                "class_weights 'auto' counts the training split's classes, which needs a dataset read by sidetune "
-                "(not one handed to fit()): give one weight per class instead."
+                f"class_weights {option!r} counts the training split's classes, which needs a dataset read by "
+                "sidetune (not one handed to fit()): give one weight per class instead."
             )
         from ..data import class_weights
 
-        return class_weights(data.train, "auto", counts=data.counts)
+        return class_weights(data.train, "auto", power=POWERS[option], counts=data.counts)
     if len(option) != len(data.classes):
         raise ConfigError(
             f"class_weights has {len(option)} values for {len(data.classes)} classes ({list(data.classes)})."

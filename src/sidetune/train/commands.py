@@ -27,8 +27,8 @@ TASK_FLAGS: dict[str, tuple[str, str]] = {
     "--head-dropout": ("head_dropout", "dropout before the classifier (classification; default: 0)"),
     "--class-weights": (
         "class_weights",
-        "weigh the loss by class: 'auto' (inverse frequency of the training split; pixels for segmentation) or "
-        "w1,w2,... one per class (classification, segmentation; default: none). Use it when a class is rare.",
+        "weigh the loss by class: 'auto' (inverse frequency of the training split; pixels for segmentation), "
+        "'sqrt' (its square root: softer) or w1,w2,... one per class (classification, segmentation; default: none). Use it when a class is rare.",
     ),
     "--eval-mode": ("eval_mode", "segmentation inference at full resolution: whole or slide (default: whole)"),
     "--detector": ("detector", "detector head: faster_rcnn, retinanet (detection) or mask_rcnn (instance)"),
