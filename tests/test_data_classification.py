@@ -223,7 +223,7 @@ def test_csv_class_names_map_to_sorted_indices(tmp_path: Path) -> None:
     assert build_classification_dataset(csv_file, classes=["tulip", "rose", "daisy"]).targets == [0, 2, 1]
     with pytest.raises(DataError, match=r"line 3: label 'daisy' is neither one of the classes"):
         build_classification_dataset(csv_file, classes=["tulip", "rose"])
-    with pytest.raises(DataError, match=r"3 class names .* num_classes=4"):
+    with pytest.raises(DataError, match=r"3 class names .* --num-classes is 4"):
         build_classification_dataset(csv_file, num_classes=4)
 
 
@@ -290,10 +290,10 @@ def test_corrupt_image_fails_on_read_and_skip_corrupt_drops_it(tmp_path: Path) -
 def test_check_num_classes(tmp_path: Path) -> None:
     ds = fake_dataset([2, 2, 2])
     check_num_classes(ds, 3)
-    with pytest.raises(DataError, match=r"num_classes=5 but .* has 3 classes \['c0', 'c1', 'c2'\].*num_classes=3"):
+    with pytest.raises(DataError, match=r"--num-classes 5 but .* has 3 classes \['c0', 'c1', 'c2'\].*--num-classes 3"):
         check_num_classes(ds, 5)
     root = make_tree(tmp_path, {"a": 1, "b": 1})
-    with pytest.raises(DataError, match=r"num_classes=10 but the data at .* has 2 classes"):
+    with pytest.raises(DataError, match=r"--num-classes 10 but the data at .* has 2 classes"):
         build_classification_dataset(root, num_classes=10)
     with pytest.raises(DataError, match=r"label 3 of .* is outside the 2 classes"):
         ClassificationDataset([(Path("x.png"), 3)], ["a", "b"])

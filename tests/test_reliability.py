@@ -150,7 +150,14 @@ def test_eval_and_predict_mistakes_are_one_line_errors(argv, message, run, data,
     assert not (run / "best" / "eval_x.json").exists() and not (tmp_path.parent / "x").exists()
 
 
-def test_ctrl_c_prints_the_step_and_the_resume_command_and_exits_130(data, tmp_path):
+@pytest.mark.parametrize(
+    ("step", "kept"),
+    [
+        (4, "the last checkpoint is kept"),
+        (2, "no checkpoint was saved yet, so resuming starts the run again from scratch"),
+    ],
+)
+def test_ctrl_c_prints_the_step_and_the_resume_command_and_exits_130(data, tmp_path, step, kept):
     out = tmp_path / "run"
     script = textwrap.dedent(f"""
         import sys
@@ -160,7 +167,7 @@ def test_ctrl_c_prints_the_step_and_the_resume_command_and_exits_130(data, tmp_p
         def fit(config, callback=None, **kw):
             def interrupting(event, record):
                 callback(event, record)
-                if event == "step" and record["step"] == 2:
+                if event == "step" and record["step"] == {step}:
                     raise KeyboardInterrupt
             return real(config, callback=interrupting, **kw)
 
@@ -173,7 +180,7 @@ def test_ctrl_c_prints_the_step_and_the_resume_command_and_exits_130(data, tmp_p
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("sidetune train: interrupted at step 2; the last checkpoint is kept. Resume with: ")
+    assert last.startswith(f"sidetune train: interrupted at step {step}; {kept}. Resume with: ")
     assert f"--resume {out}" in last and "Traceback" not in proc.stderr
     # the command it prints is the one that continues the run
     assert main(["train", "test_vit", "linear", "--data", str(data), "--img-size", str(IMG), "--batch-size", "6",
@@ -274,3 +281,11 @@ def test_a_tampered_inference_json_is_named(content, message, run, data, tmp_pat
     assert main(["eval", str(adapter), "--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_resume_of_a_folder_that_holds_no_run_is_refused(data, tmp_path):
+    """A mistyped --resume path must not silently start a new run there."""
+    missing = tmp_path / "typo"
+    with pytest.raises(CheckpointError, match="no run there to resume"):
+        fit(config(data, missing, resume=str(missing)))
+    assert not (missing / "log.jsonl").exists()

@@ -277,7 +277,7 @@ def test_missing_or_empty_data_is_named(tmp_path):
 
 
 def test_num_classes_disagreeing_with_the_data(data, tmp_path):
-    with pytest.raises(DataError, match=r"num_classes=5 .* 3 classes"):
+    with pytest.raises(DataError, match=r"--num-classes 5 .* 3 classes"):
         fit(config(data, tmp_path / "out", num_classes=5))
 
 

@@ -342,7 +342,7 @@ class VTABDataset(ClassificationDataset):
                 num_classes = max_label + 1
             classes = [str(i) for i in range(num_classes)]
         elif num_classes is not None and num_classes != len(classes):
-            raise DataError(f"num_classes={num_classes} disagrees with the {len(classes)} names given in classes.")
+            raise DataError(f"--num-classes {num_classes} disagrees with the {len(classes)} class names of the data.")
         for n, _, y in entries:
             if y >= len(classes):
                 raise DataError(
@@ -433,7 +433,7 @@ def _map_csv_labels(
     if classes is not None:
         classes = [str(c) for c in classes]
         if num_classes is not None and num_classes != len(classes):
-            raise DataError(f"num_classes={num_classes} disagrees with the {len(classes)} names given in classes.")
+            raise DataError(f"--num-classes {num_classes} disagrees with the {len(classes)} class names of the data.")
         lookup = {c: i for i, c in enumerate(classes)}
         labels = []
         for n, _, label in rows:
@@ -472,8 +472,8 @@ def _map_csv_labels(
     names = sorted({label for _, _, label in rows})
     if num_classes is not None and num_classes != len(names):
         raise DataError(
-            f"{csv_file} has {len(names)} class names {names[:20]} but num_classes={num_classes}; pass "
-            f"num_classes={len(names)}, or classes=[...] listing all {num_classes} names."
+            f"{csv_file} has {len(names)} class names {names[:20]} but --num-classes is {num_classes}; pass "
+            f"--num-classes {len(names)}, or (in Python) classes=[...] naming all {num_classes}."
         )
     lookup = {c: i for i, c in enumerate(names)}
     return [lookup[label] for _, _, label in rows], names
@@ -508,12 +508,15 @@ def check_num_classes(dataset: Any, num_classes: int) -> None:
     if len(classes) != num_classes:
         shown = classes if len(classes) <= 20 else [*classes[:20], "..."]
         raise DataError(
-            f"num_classes={num_classes} but the data at {where} has {len(classes)} classes {shown}; "
-            f"pass num_classes={len(classes)} or fix the data."
+            f"--num-classes {num_classes} but the data at {where} has {len(classes)} classes {shown}; "
+            f"pass --num-classes {len(classes)} or fix the data."
         )
     labels = _labels_of(dataset)
     if labels and max(labels) >= num_classes:
-        raise DataError(f"the data at {where} has label {max(labels)} but num_classes={num_classes}.")
+        raise DataError(
+            f"the data at {where} has label {max(labels)} but --num-classes is {num_classes} "
+            f"(labels are 0..{num_classes - 1})."
+        )
 
 
 class ClassificationSubset(Subset):
@@ -625,7 +628,7 @@ def split_train_val(
         val_idx.extend(idx[j] for j in order[:n_val])
         train_idx.extend(idx[j] for j in order[n_val:])
     if not val_idx:
-        raise DataError(f"val_fraction={val_fraction} leaves the validation split empty; raise it.")
+        raise DataError(f"--val-fraction {val_fraction} leaves the validation split empty; raise it.")
     logger.info("split_train_val: %d train, %d val (seed %d)", len(train_idx), len(val_idx), seed)
     return ClassificationSubset(dataset, sorted(train_idx)), ClassificationSubset(dataset, sorted(val_idx))
 

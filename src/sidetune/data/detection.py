@@ -287,7 +287,10 @@ def _voc_ids(root: Path, split: str | None) -> list[str]:
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
         have = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt"))
-        raise DataError(f"no split list {list_file}; found {have} (or pass split=None for every XML file).")
+        raise DataError(
+            f"no split list {list_file}; found {have} (give one of those split names; in Python, split=None "
+            "reads every XML file)."
+        )
     # A Main/ list is "<id>" or, per class, "<id> <flag>": the id is the first field.
     return [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
 

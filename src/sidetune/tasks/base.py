@@ -361,7 +361,7 @@ def split_fraction(train: Dataset, twin: Dataset, fraction: float, seed: int) ->
     n = len(train)
     n_val = min(max(1, math.floor(fraction * n + 0.5)), n - 1)
     if n < 2:
-        raise DataError(f"val_fraction={fraction} needs at least 2 training images, the split has {n}.")
+        raise DataError(f"--val-fraction {fraction} needs at least 2 training images, the split has {n}.")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return _Picked(train, sorted(order[n_val:])), _Picked(twin, sorted(order[:n_val]))
 

@@ -68,9 +68,7 @@ def check_class_weights(value: Any) -> str | tuple[float, ...] | None:
     if value is None or value in POWERS:
         return value
     if isinstance(value, str):
-        raise ConfigError(
-            f"--class-weights must be 'auto', 'sqrt' or one number per class (w1,w2,...), got {value!r}."
-        )
+        raise ConfigError(f"--class-weights must be 'auto', 'sqrt' or one number per class (w1,w2,...), got {value!r}.")
     try:
         weights = tuple(float(w) for w in value)
     except (TypeError, ValueError):

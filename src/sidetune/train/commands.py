@@ -28,7 +28,8 @@ TASK_FLAGS: dict[str, tuple[str, str]] = {
     "--class-weights": (
         "class_weights",
         "weigh the loss by class: 'auto' (inverse frequency of the training split; pixels for segmentation), "
-        "'sqrt' (its square root: softer) or w1,w2,... one per class (classification, segmentation; default: none). Use it when a class is rare.",
+        "'sqrt' (its square root: softer) or w1,w2,... one per class (classification, segmentation; default: "
+        "none). Use it when a class is rare.",
     ),
     "--eval-mode": ("eval_mode", "segmentation inference at full resolution: whole or slide (default: whole)"),
     "--detector": ("detector", "detector head: faster_rcnn, retinanet (detection) or mask_rcnn (instance)"),
@@ -475,9 +476,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             bar[0].close()
         if main:
             at = f" at step {int(clock['step'])}" if "step" in clock else " before the first step"
+            from .rundir import has_checkpoint
+
+            kept = (
+                "the last checkpoint is kept"
+                if has_checkpoint(Path(config.output))
+                else "no checkpoint was saved yet, so resuming starts the run again from scratch"
+            )
             print(
-                f"sidetune train: interrupted{at}; the last checkpoint is kept. Resume with: "
-                f"{_resume_command(args, config)}",
+                f"sidetune train: interrupted{at}; {kept}. Resume with: {_resume_command(args, config)}",
                 file=sys.stderr,
             )
         return 130

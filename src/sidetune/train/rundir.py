@@ -125,12 +125,12 @@ def open_run(out: Path, resume: str | os.PathLike | None) -> Path | None:
         raise ConfigError(f"--output {str(out)!r} is a file; give a directory for the run.")
     if resume is None:
         if (out / LOG).exists():
-            has_checkpoint = _has_checkpoint(out)
+            resumable = has_checkpoint(out)
             raise ConfigError(
                 f"output directory {str(out)!r} already holds a run ({LOG}); "
                 + (
                     f"pass --resume {out} to continue it or choose another --output."
-                    if has_checkpoint
+                    if resumable
                     else f"it has no complete checkpoint (it stopped before its first save): pass --resume {out} to "
                     "start it again from scratch, or choose another --output."
                 )
@@ -142,6 +142,11 @@ def open_run(out: Path, resume: str | os.PathLike | None) -> Path | None:
     except CheckpointError:
         if resume_path.resolve() != out.resolve() or not out.is_dir():
             raise
+        if not (out / LOG).is_file():  # not a run that died early: a mistyped path, or a run never started
+            raise CheckpointError(
+                f"--resume {str(resume_path)!r}: no run there to resume (no {LOG}); check the path, or drop "
+                "--resume to start a new run."
+            ) from None
     logger.warning("%s has no complete checkpoint (the run stopped before its first save): starting it again", out)
     (out / LOG).unlink(missing_ok=True)
     (out / SUMMARY).unlink(missing_ok=True)
@@ -149,7 +154,7 @@ def open_run(out: Path, resume: str | os.PathLike | None) -> Path | None:
     return None
 
 
-def _has_checkpoint(out: Path) -> bool:
+def has_checkpoint(out: Path) -> bool:
     try:
         find_checkpoint(out)
     except CheckpointError:

@@ -56,12 +56,14 @@ def resolve_mixed_precision(requested: str, on_cpu: bool) -> str:
             if requested == "fp16"
             else "this CPU has no native bfloat16 (AVX512-BF16 or AMX), so autocast would be slower than float32"
         )
-        raise ConfigError(f"mixed_precision={requested!r} on the CPU: {reason}; use 'no' (or 'auto').")
+        raise ConfigError(f"--mixed-precision {requested} on the CPU: {reason}; use --mixed-precision no (or auto).")
     bf16 = torch.cuda.is_bf16_supported()
     if requested == "auto":
         return "bf16" if bf16 else "fp16"
     if requested == "bf16" and not bf16:
-        raise ConfigError(f"mixed_precision='bf16' is not supported by {torch.cuda.get_device_name()}; use 'fp16'.")
+        raise ConfigError(
+            f"--mixed-precision bf16 is not supported by {torch.cuda.get_device_name()}; use --mixed-precision fp16."
+        )
     return requested
 
 
