@@ -289,3 +289,22 @@ def test_resume_of_a_folder_that_holds_no_run_is_refused(data, tmp_path):
     with pytest.raises(CheckpointError, match="no run there to resume"):
         fit(config(data, missing, resume=str(missing)))
     assert not (missing / "log.jsonl").exists()
+
+
+def test_a_log_line_cut_short_by_a_kill_is_dropped_and_a_damaged_log_is_named(tmp_path):
+    """A process killed while writing a log line leaves half a line: resume and read_log drop it; damage elsewhere
+    is an error naming the line, never silently skipped."""
+    from sidetune.train.metrics import JsonlLog, read_log
+
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(path)
+    for step in (1, 2, 3):
+        log.write({"type": "step", "step": step, "loss": 0.5})
+    with path.open("a") as f:
+        f.write('{"type": "step", "step": 4, "lo')
+    assert [r["step"] for r in read_log(path)] == [1, 2, 3]
+    log.truncate_after(2)
+    assert [r["step"] for r in read_log(path)] == [1, 2] and path.read_text().endswith("\n")
+    path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"log.jsonl, line 2: not JSON"):
+        read_log(path)

@@ -37,15 +37,34 @@ class JsonlLog:
         """Drop records past ``step`` (written by a run that died after its last checkpoint)."""
         if not (self.enabled and self.path.is_file()):
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        kept = [r for r in _records(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a ``log.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a ``log.jsonl`` (a last line cut short by a killed process is left out)."""
+    return _records(Path(path))
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """Parse a JSON-lines log. Only the last line may be cut short (the process died while writing it): it is
+    dropped; any other line that does not parse means the file was damaged, and says where.
+
+    Raises:
+        ValueError: a line other than the last is not JSON.
+    """
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if n == len(lines):
+                break  # the write the process died in: the checkpoint it belongs to was never saved either
+            raise ValueError(f"{path}, line {n}: not JSON ({err.msg}); the log is damaged.") from None
+    return records
 
 
 def _finite(value: Any) -> Any:
