@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ import torch
 from PIL import Image
 
 import sidetune
+from sidetune.bench.levers import native_low_precision
 from sidetune.serve import MultiTask, decode_mask, predict_folder
 from sidetune.serve.multitask import default_task_name
+from sidetune.train.inference import autocast_for
 
 from conftest import TINY_BACKBONES
 from serve_adapters import ADAPTERS, KEY, build_adapter, build_all, load_single, sample_images, single_outputs
@@ -178,6 +181,9 @@ def test_duplicate_and_invalid_names_are_refused(adapters, tmp_path) -> None:
     with pytest.raises(sidetune.ConfigError, match=r"task name 'a b'"):
         MultiTask({"a b": run_a})
     assert list(MultiTask([run_a, run_b], names=["x", "y"]).tasks) == ["x", "y"]
+    # names that nn.ModuleDict keys could not be (a '.', a Module attribute) are task names like any other
+    tasks = MultiTask([run_a, run_b], names=["v1.2", "half"])
+    assert list(tasks.tasks) == ["v1.2", "half"] and set(tasks(sample_images()[:1])) == {"v1.2", "half"}
 
 
 def test_in_place_adapters_are_refused_with_the_reason(adapters, tmp_path) -> None:
@@ -235,14 +241,111 @@ def test_models_built_on_a_shared_backbone_still_work_alone(adapters, multitask)
         assert torch.equal(multitask.models["cls-losa"](x), alone(x))
 
 
-def test_under_autocast_the_outputs_equal_the_models_alone_under_autocast(adapters, multitask) -> None:
-    images = sample_images()[:2]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = multitask(images, tasks=["cls-losa", "det"])
-        refs = {n: single_outputs(adapters[n], images) for n in ("cls-losa", "det")}
-    assert multitask.last_pass.recomputed == 0
+BF16 = pytest.mark.skipif(
+    not native_low_precision(torch.bfloat16, torch.device("cpu")), reason="no native bfloat16 on this CPU"
+)
+PRECISION_TASKS = ("cls-losa", "seg", "det")
+
+
+@pytest.fixture(scope="module")
+def bf16_adapters(tmp_path_factory) -> dict[str, Path]:
+    """Adapters whose run trained in bf16 (``inference.json`` records it), one per task kind."""
+    root = tmp_path_factory.mktemp("bf16")
+    out = {}
+    for i, name in enumerate(PRECISION_TASKS):
+        method, task, k, head, extras = ADAPTERS[name]
+        out[name] = build_adapter(root / name, method, task, k, head, {**extras, "mixed_precision": "bf16"}, seed=i)
+    return out
+
+
+@BF16
+def test_adapters_trained_in_bf16_run_in_bf16_as_single_predict_does(bf16_adapters) -> None:
+    """The recorded precision is the default, as for single-adapter predict: the shared pass and every head under
+    bf16 autocast give what each model alone gives under it (and not its float32 output)."""
+    images = [sample_images()[i] for i in (0, 3, 4)]  # at the backbone's size, wide, larger: every resize path
+    tasks = MultiTask(list(bf16_adapters.values()))
+    assert tasks.mixed_precision == "bf16" and tasks.describe()["mixed_precision"] == "bf16"
+    out = tasks(images)
+    assert tasks.last_pass.recomputed == 0  # still one shared pass under autocast
+    with autocast_for("bf16", torch.device("cpu")):
+        refs = {n: single_outputs(bf16_adapters[n], images) for n in PRECISION_TASKS}
     for name, ref in refs.items():
         _assert_same(name, out[name], ref)
+    assert out["cls-losa"].dtype == torch.bfloat16
+    assert not torch.equal(out["cls-losa"].float(), single_outputs(bf16_adapters["cls-losa"], images))
+
+
+def test_adapters_trained_in_different_precisions_are_refused_naming_each(adapters, bf16_adapters) -> None:
+    mixed = {"cls32": adapters["cls-losa"], "seg16": bf16_adapters["seg"]}
+    with mock.patch("sidetune.serve.multitask.create_timm_model", side_effect=AssertionError("weights loaded")):
+        with pytest.raises(
+            sidetune.ConfigError, match=r"different precisions \('cls32' .*: no; 'seg16' .*: bf16\).*--mixed-precision"
+        ):
+            MultiTask(mixed)
+        with pytest.raises(sidetune.ConfigError, match="mixed_precision='fp16' on the CPU"):
+            MultiTask(mixed, mixed_precision="fp16", device="cpu")
+    assert MultiTask(mixed, mixed_precision="no").mixed_precision == "no"
+
+
+def test_video_adapters_are_refused_before_any_weights_load(adapters, tmp_path, capsys) -> None:
+    from sidetune.cli import main
+
+    name, kwargs, size = TINY_BACKBONES[KEY]
+    torch.manual_seed(0)
+    video = sidetune.create(
+        name, "losa", task="video", num_frames=2, num_classes=3, img_size=size, backbone_kwargs=kwargs
+    )
+    video.save_adapter(tmp_path / "clips")
+    message = r"adapter 'clips' .* is a video adapter.*not images.*sidetune predict ADAPTER CLIPS"
+    no_weights = mock.patch("sidetune.serve.multitask.create_timm_model", side_effect=AssertionError("weights loaded"))
+    with no_weights, pytest.raises(sidetune.ConfigError, match=message):
+        MultiTask([adapters["cls-losa"], tmp_path / "clips"])
+    sample_images()[0].save(tmp_path / "frame.png")
+    argv = ["--adapter", str(adapters["cls-losa"]), "--adapter", str(tmp_path / "clips"), str(tmp_path / "frame.png")]
+    assert main(["predict", *argv, "--output", str(tmp_path / "out")]) != 0
+    assert "is a video adapter" in capsys.readouterr().err
+
+
+@BF16
+def test_the_precision_flag_reaches_predict_and_serve(adapters, bf16_adapters, tmp_path, capsys) -> None:
+    """`predict --adapter` writes what `predict ADAPTER` writes in the same precision (the recorded bf16 by
+    default, or --mixed-precision no); `serve` takes --mixed-precision and refuses adapters that disagree."""
+    import csv
+
+    from sidetune.cli import main
+    from sidetune.serve.commands import main as serve_main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(sample_images()):
+        image.save(images / f"img{i}.png")
+
+    def rows(path: Path) -> list[list[str]]:
+        with open(path, newline="") as f:
+            return list(csv.reader(f))
+
+    cls = str(bf16_adapters["cls-losa"])
+    for flag in ([], ["--mixed-precision", "no"]):
+        out = tmp_path / f"multi{len(flag)}"
+        alone = tmp_path / f"alone{len(flag)}.csv"
+        argv = ["--adapter", f"cls={cls}", "--adapter", f"seg={bf16_adapters['seg']}", str(images)]
+        assert main(["predict", *argv, "--output", str(out), *flag]) == 0
+        assert main(["predict", cls, str(images), "--output", str(alone), *flag]) == 0
+        assert rows(out / "cls" / "predictions.csv") == rows(alone)
+    assert rows(tmp_path / "alone0.csv") != rows(tmp_path / "alone2.csv")  # bf16 and float32 do differ
+
+    mixed = [f"cls32={adapters['cls-losa']}", f"seg16={bf16_adapters['seg']}", "--port", "1", "--no-warmup"]
+    assert serve_main(mixed) == 2
+    assert "different precisions" in capsys.readouterr().err
+    served = []
+
+    def stop(multitask, config):
+        served.append(multitask.mixed_precision)
+        raise sidetune.ConfigError("stopped before serving")
+
+    with mock.patch("sidetune.serve.app.create_app", side_effect=stop):
+        assert serve_main([*mixed, "--mixed-precision", "no"]) == 2
+    assert served == ["no"]
 
 
 def test_multi_adapter_predict_writes_each_task_as_it_writes_alone(adapters, tmp_path) -> None:

@@ -89,6 +89,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    g.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        help="autocast of every forward (default: the precision the adapters were trained in, when they agree and "
+        "this device runs it)",
+    )
     g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up forward before reporting healthy")
     g.add_argument(
@@ -160,12 +166,15 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     logger = logging.getLogger("sidetune.serve")
     logger.info("loading %d adapter(s) onto one backbone", len(args.adapters))
-    multitask = MultiTask(_checked_pairs(args.adapters), args.weights, device=args.device)
+    multitask = MultiTask(
+        _checked_pairs(args.adapters), args.weights, device=args.device, mixed_precision=args.mixed_precision
+    )
     info = multitask.describe()
     logger.info(
-        "backbone %s at %s: %.1f MB, shared by %s",
+        "backbone %s at %s in %s precision: %.1f MB, shared by %s",
         info["backbone"]["name"],
         "x".join(map(str, info["backbone"]["img_size"])),
+        info["mixed_precision"],
         info["backbone"]["bytes"] / 1e6,
         ", ".join(f"{t['name']} ({t['task']}, {t['method']}, {t['bytes'] / 1e6:.1f} MB)" for t in info["tasks"]),
     )

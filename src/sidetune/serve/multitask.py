@@ -459,10 +459,19 @@ class MultiTask(nn.Module):
             run folder's name). Names are the keys of the outputs and of the HTTP API: letters, digits, ``_``,
             ``.``, ``-``.
         device: where to run (default: CUDA when available, else the CPU).
+        mixed_precision: the autocast of every forward, ``no``, ``bf16`` or ``fp16``, as in ``sidetune predict``
+            (:func:`sidetune.train.inference.autocast_for`): the shared backbone pass and every task's side network
+            and head run under it, so each task's output equals its single-adapter ``predict`` in that precision.
+            Default: the precision the adapters recorded in ``inference.json`` (float32 when that device cannot run
+            it, with a warning, as single-adapter ``predict`` does); adapters that recorded different precisions
+            are refused, since one shared pass runs in one precision. A caller's own autocast around
+            :meth:`forward` does not apply: this one replaces it.
 
     Raises:
-        ConfigError: duplicate or invalid names; an in-place adapter (LoRA etc.); adapters built on another
-            backbone, input size or timm options (the message lists every difference).
+        ConfigError: duplicate or invalid names; an in-place adapter (LoRA etc.) or a video adapter; adapters
+            built on another backbone, input size or timm options (the message lists every difference);
+            adapters trained in different precisions with no ``mixed_precision`` given, or a precision this
+            device cannot run.
         FingerprintMismatchError: adapters trained on different backbone weights, or ``weights`` that are not
             the ones they were trained on.
 
@@ -480,6 +489,7 @@ class MultiTask(nn.Module):
         *,
         names: Sequence[str] | None = None,
         device: str | torch.device | None = None,
+        mixed_precision: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(adapters, Mapping):
@@ -498,11 +508,13 @@ class MultiTask(nn.Module):
         configs = dict(zip(names, (c for c, _ in read), strict=True))
         infos = dict(zip(names, (i for _, i in read), strict=True))
         _check_compatible(configs, dict(zip(names, dirs, strict=True)))
+        device = torch.device(device) if device is not None else _default_device()
+        # before any weights load: a precision problem is a configuration error, found in milliseconds
+        self.mixed_precision = _shared_precision(mixed_precision, infos, dict(zip(names, dirs, strict=True)), device)
 
         first_name = names[0]
         first = configs[first_name]
         chosen = first.weights if isinstance(weights, str) and weights == "saved" else weights
-        device = torch.device(device) if device is not None else _default_device()
         with torch.random.fork_rng(devices=[]):
             # a random backbone (weights=None, tests' tiny models) is rebuilt from the seed it was created with
             torch.manual_seed(infos[first_name].get("seed", 0))
@@ -521,7 +533,11 @@ class MultiTask(nn.Module):
                 f"{found[:23]}.... Load them with the weights they were trained on."
             )
         self.backbone = backbone.to(device)
-        self.models = nn.ModuleDict()
+        # Task name -> model. A plain dict: task names may hold '.' or be nn.Module attributes ('half', 'train'),
+        # which ModuleDict keys cannot; the models are registered in load order in task_models instead, so that
+        # .to(), .eval() and parameters() still reach them.
+        self.models: dict[str, SidetuneModel] = {}
+        self.task_models = nn.ModuleList()
         self._runners: dict[str, _Runner] = {}
         infos_out: dict[str, TaskInfo] = {}
         shared = {id(t) for t in [*self.backbone.parameters(), *self.backbone.buffers()]}  # after the move
@@ -530,6 +546,7 @@ class MultiTask(nn.Module):
             info = infos[name]
             runner = _RUNNERS[model.config.task](model, info)
             self.models[name] = model
+            self.task_models.append(model)
             self._runners[name] = runner
             count, size = _module_bytes(model, shared)
             classes = info.get("classes") or [str(i) for i in range(model.config.num_classes)]
@@ -576,6 +593,7 @@ class MultiTask(nn.Module):
                 "bytes": self.backbone_bytes(),
                 "device": str(self.device),
             },
+            "mixed_precision": self.mixed_precision,
             "tasks": [t.to_dict() for t in self.tasks.values()],
         }
 
@@ -594,7 +612,7 @@ class MultiTask(nn.Module):
     # -- inference -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, images: Sequence[Any], tasks: Sequence[str] | None = None) -> dict[str, Any]:
-        """Run every task (or ``tasks``) on raw images with one backbone forward.
+        """Run every task (or ``tasks``) on raw images with one backbone forward, under :attr:`mixed_precision`.
 
         Args:
             images: B raw images: PIL images (any mode), (H, W, 3) uint8 arrays or (3, H, W) uint8 tensors, of
@@ -605,8 +623,18 @@ class MultiTask(nn.Module):
             Task name -> what that task's model alone gives for these images: classification ``(B, K)`` logits;
             segmentation a list of B ``(K, H_i, W_i)`` logits at each image's own size; detection / instance a
             list of B torchvision detection dicts (``boxes`` XYXY in image pixels, ``scores``, ``labels`` 1..K,
-            and ``masks`` (N, 1, H_i, W_i) for instance).
+            and ``masks`` (N, 1, H_i, W_i) for instance). Under ``bf16``/``fp16`` the logits are in that dtype,
+            as the model alone gives them under that autocast.
         """
+        from ..train.inference import autocast_for  # the single-adapter path's autocast, so both agree
+
+        # Everything under it, as single-adapter predict has the model call and the dense resizing under it; the
+        # preprocessing that predict runs outside autocast (transforms, the detector's letterbox) keeps its
+        # float32 either way (element-wise and resampling ops do not autocast, run_detector switches it off).
+        with autocast_for(self.mixed_precision, self.device):
+            return self._forward(images, tasks)
+
+    def _forward(self, images: Sequence[Any], tasks: Sequence[str] | None) -> dict[str, Any]:
         names = self.select(tasks)
         if isinstance(images, Image.Image):
             images = [images]
@@ -684,6 +712,33 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _shared_precision(
+    requested: str | None, infos: dict[str, dict[str, Any]], dirs: dict[str, Path], device: torch.device
+) -> str:
+    """The one precision of the shared pass: ``requested``, else the one every adapter recorded.
+
+    Chosen as single-adapter ``predict`` chooses it (:func:`sidetune.train.inference._precision`: the recorded
+    precision, float32 when this device cannot run it) once the adapters agree.
+
+    Raises:
+        ConfigError: the adapters recorded different precisions and none was requested (naming each); an unknown
+            precision or one ``device`` cannot run.
+    """
+    from ..train.inference import _precision, autocast_for
+
+    recorded = {name: info.get("mixed_precision", "no") for name, info in infos.items()}
+    if requested is None and len(set(recorded.values())) > 1:
+        listed = "; ".join(f"{name!r} ({str(dirs[name])!r}): {p}" for name, p in recorded.items())
+        raise ConfigError(
+            f"these adapters were trained in different precisions ({listed}), and one shared backbone pass runs in "
+            "one precision. Pass one explicitly: mixed_precision='no' (float32), 'bf16' or 'fp16' "
+            "(on the command line --mixed-precision no)."
+        )
+    precision = _precision(requested, next(iter(infos.values())), device)
+    autocast_for(precision, device)  # an unknown precision, or one this device cannot run: refused now
+    return precision
+
+
 def _dedup(views: list[torch.Tensor], by_image: dict[int, list[int]], image: int, row: torch.Tensor) -> int:
     """Index of ``row`` among the views of the same image, appended when new. Only equal tensors are merged."""
     for v in by_image.get(image, ()):
@@ -727,6 +782,17 @@ def _check_names(names: list[str], dirs: list[Path]) -> None:
 def _check_compatible(configs: dict[str, ModelConfig], dirs: dict[str, Path]) -> None:
     """Refuse adapters that cannot share one frozen backbone, naming every difference."""
     for name, config in configs.items():
+        if config.task == "video":
+            raise ConfigError(
+                f"adapter {name!r} ({str(dirs[name])!r}) is a video adapter: it reads clips of "
+                f"{config.num_frames} frames, not images, so it cannot share an image batch (or its backbone pass) "
+                "with the other tasks. Serve video adapters one at a time: sidetune predict ADAPTER CLIPS."
+            )
+        if config.task not in _RUNNERS:
+            raise ConfigError(
+                f"adapter {name!r} ({str(dirs[name])!r}) is a {config.task!r} adapter; MultiTask serves "
+                f"{', '.join(_RUNNERS)} adapters. Run it on its own with sidetune predict ADAPTER IMAGES."
+            )
         spec = get_method(config.method)
         if spec.kind != "side":
             raise ConfigError(

@@ -651,7 +651,7 @@ def _predict_multi(args: argparse.Namespace) -> int:
     result = predict_multi(
         parse_adapters(args.adapters), args.paths[0], args.output, weights=_weights(args.weights),
         device=args.device, batch_size=args.batch_size or 8, tasks=tasks, top_k=args.top_k,
-        score_threshold=args.score_threshold,
+        score_threshold=args.score_threshold, mixed_precision=args.mixed_precision,
     )  # fmt: skip
     for name, written in result["tasks"].items():
         print(f"{name}: wrote {len(written['files'])} file(s) to {Path(args.output) / name}", file=sys.stderr)

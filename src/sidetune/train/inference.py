@@ -306,15 +306,17 @@ def predict_multi(
     device: str | torch.device | None = None,
     batch_size: int = 8,
     tasks: list[str] | None = None,
+    mixed_precision: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Predict every image with several adapters sharing ONE backbone forward per batch (:class:`sidetune.MultiTask`)
     and write each task's files, under ``output/<task name>/``, as that task's :func:`predict` writes them alone
     (classification ``predictions.csv``; segmentation PNG masks and overlays; detection ``predictions.json`` and
-    overlays). ``options``: ``top_k``, ``score_threshold``.
+    overlays). ``options``: ``top_k``, ``score_threshold``. ``mixed_precision``: as in :func:`predict` (default: the
+    precision the adapters recorded, which must agree; see :class:`sidetune.MultiTask`).
 
     Returns:
-        ``{"images": N, "tasks": {name: what its writer returned}}``.
+        ``{"images": N, "tasks": {name: what its writer returned}, "mixed_precision": ...}``.
     """
     from PIL import Image
 
@@ -325,7 +327,7 @@ def predict_multi(
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
     check_output(output, is_file=False)
     paths = list_images(images)
-    multitask = MultiTask(adapters, weights, device=device)
+    multitask = MultiTask(adapters, weights, device=device, mixed_precision=mixed_precision)
     names = multitask.select(tasks)
     outputs: dict[str, list[Any]] = {name: [] for name in names}
     with torch.no_grad():
@@ -343,7 +345,7 @@ def predict_multi(
         written[name] = task.write_outputs(
             outputs[name], {"classes": list(info.classes), **adapter_info}, paths, Path(output) / name, **kwargs
         )
-    return {"images": len(paths), "tasks": written}
+    return {"images": len(paths), "tasks": written, "mixed_precision": multitask.mixed_precision}
 
 
 def check_output(output: str | os.PathLike, *, is_file: bool) -> None:
