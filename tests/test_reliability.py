@@ -92,6 +92,25 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(data
     assert (tmp_path / "run" / "checkpoints" / "LATEST").read_text().strip() == "step-00000003"
 
 
+def test_a_full_disk_while_writing_the_log_says_so_and_the_run_resumes(data, tmp_path, monkeypatch):
+    from sidetune.train.metrics import JsonlLog
+
+    real = JsonlLog.write
+
+    def full(self, record):
+        if record.get("step") == 5:  # after the first checkpoint (step 3)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real(self, record)
+
+    monkeypatch.setattr(JsonlLog, "write", full)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"is full \(.*log.jsonl could not be written\); the last checkpoint"):
+        fit(config(data, out, epochs=2))
+    monkeypatch.undo()
+    result = fit(config(data, out, epochs=2, resume=str(out)))
+    assert result.summary["timing"]["steps"] == 6 and result.summary["metrics"]["test"]["top1"] is not None
+
+
 def test_a_checkpoint_file_holding_pickled_objects_is_refused(data, tmp_path):
     out = tmp_path / "run"
     fit(config(data, out, epochs=1))

@@ -177,7 +177,7 @@ def save_checkpoint(
     except BaseException as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError | RuntimeError) and _disk_full(err, root):
+        if isinstance(err, OSError | RuntimeError) and disk_full(err):
             needed = _checkpoint_bytes(model, optimizer)
             free = shutil.disk_usage(root).free
             raise CheckpointError(
@@ -190,7 +190,7 @@ def save_checkpoint(
     return final
 
 
-def _disk_full(err: BaseException, root: Path) -> bool:
+def disk_full(err: BaseException) -> bool:
     """Whether a failed write ran out of space (ENOSPC, or torch's "unexpected pos" from a short write)."""
     import errno
 

@@ -35,8 +35,10 @@ from ..model import ADAPTER_WEIGHTS, SidetuneModel
 from ..tasks import Task, TaskData, make_task
 from ..tasks.base import inspect_data
 from .checkpoint import (
+    CheckpointError,
     TrainerState,
     check_compatible,
+    disk_full,
     load_checkpoint,
     read_trainer_state,
     save_checkpoint,
@@ -129,6 +131,13 @@ def fit(
         checkpoint = open_run(out, config.resume) if state.is_main_process else _resume_point(config)
         return _fit(config, out, mixed_precision, on_cpu, checkpoint, train_dataset, val_dataset, test_dataset,
                     callback or (lambda event, record: None))  # fmt: skip
+    except OSError as err:  # the log, an adapter or the summary (a checkpoint says so itself, see save_checkpoint)
+        if not disk_full(err):
+            raise
+        raise CheckpointError(
+            f"the disk holding {str(out)!r} is full ({err.filename or 'a run file'} could not be written); the last "
+            f"checkpoint is intact: free some space and resume with --resume {out}."
+        ) from None
     finally:
         if lock is not None:
             lock.release()
