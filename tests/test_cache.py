@@ -254,17 +254,24 @@ def test_one_cache_serves_several_seeds_with_one_validation_split(datasets, tmp_
 
 # -- video: a clip's taps are its T frames' taps ------------------------------------------------------------------
 def make_clips(root: Path, per_class: int = 2, frames: int = 5) -> Path:
-    """``root/{train,val}/<class>/c<i>/img_0000k.png``: frame folders of noisy frames coloured by the class."""
+    """``root/{train,val}/<class>/c<i>/img_0000k.png``: frame folders of noisy frames whose colour tells the class
+    and whose brightness grows with time, so that frames sampled at other offsets give other features."""
     import numpy as np
+    from PIL import Image
 
-    from train_data import CLASSES, write_image
+    from train_data import CLASSES
 
     rng = np.random.default_rng(3)
     for split, n in (("train", per_class), ("val", 1)):
         for label, name in enumerate(CLASSES):
             for i in range(n):
-                for k in range(1, frames + 1):
-                    write_image(root / split / name / f"c{i}" / f"img_{k:05d}.png", label, rng)
+                folder = root / split / name / f"c{i}"
+                folder.mkdir(parents=True)
+                for k in range(frames):
+                    base = np.zeros((12, 12, 3), dtype=np.float32)
+                    base[..., label] = 40.0 + 50.0 * k
+                    pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+                    Image.fromarray(pixels).save(folder / f"img_{k + 1:05d}.png")
     return root
 
 
@@ -313,6 +320,10 @@ def test_random_frame_offsets_are_cached_as_views_of_the_epochs(clips, tmp_path,
     plain = fit(video_config(clips, tmp_path / "plain", **opts))
     manifest = build(video_config(clips, tmp_path / "x", **opts), ["losa"], tmp_path / "c", views=2)
     assert manifest.transform["seed"] == 0 and manifest.splits["train"]["views"] == 2
+    from safetensors.torch import load_file
+
+    views = [load_file(str(tmp_path / "c" / f"train-v{v}-00000.safetensors"))["tap.out.5"] for v in (0, 1)]
+    assert not torch.equal(*views)  # the two epochs' offsets: other frames
     no_backbone(monkeypatch)
     cached = fit(video_config(clips, tmp_path / "cached", cache=str(tmp_path / "c"), **opts))
     assert step_losses(tmp_path / "cached") == pytest.approx(step_losses(tmp_path / "plain"), rel=5e-3, abs=5e-3)
@@ -337,3 +348,11 @@ def test_a_frame_edited_after_the_build_is_refused(clips, tmp_path):
     os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
     with pytest.raises(CacheError, match=r"img_00003\.png changed since the cache"):
         fit(video_config(data, tmp_path / "r", method="linear", cache=str(tmp_path / "c"), val_split="none"))
+
+
+def test_a_sweep_over_a_video_cache_takes_its_frame_settings_from_the_cache(clips, tmp_path):
+    build(video_config(clips, tmp_path / "x", method="linear"), ["linear"], tmp_path / "c")
+    result = sweep(tmp_path / "c", "linear", {"lr": [1e-3, 1e-2]}, tmp_path / "sweep", epochs=1, batch_size=2)
+    assert len(result.configs) == 2 and result.configs[result.best]["best_val_top1"] is not None
+    saved = json.loads((tmp_path / "sweep" / "best" / "adapter_config.json").read_text())
+    assert saved["task"] == "video" and saved["num_frames"] == 3
