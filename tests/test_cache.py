@@ -250,3 +250,109 @@ def test_one_cache_serves_several_seeds_with_one_validation_split(datasets, tmp_
     assert all(r.summary["data"]["val"] == runs[0].summary["data"]["val"] for r in runs)
     with pytest.raises(CacheError, match=r"split_seed 0 \(this run: 1\)"):
         fit(task_config("classification", data, tmp_path / "s3", cache=str(tmp_path / "cw"), seed=1, **opts))
+
+
+# -- video: a clip's taps are its T frames' taps ------------------------------------------------------------------
+def make_clips(root: Path, per_class: int = 2, frames: int = 5) -> Path:
+    """``root/{train,val}/<class>/c<i>/img_0000k.png``: frame folders of noisy frames whose colour tells the class
+    and whose brightness grows with time, so that frames sampled at other offsets give other features."""
+    import numpy as np
+    from PIL import Image
+
+    from train_data import CLASSES
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", per_class), ("val", 1)):
+        for label, name in enumerate(CLASSES):
+            for i in range(n):
+                folder = root / split / name / f"c{i}"
+                folder.mkdir(parents=True)
+                for k in range(frames):
+                    base = np.zeros((12, 12, 3), dtype=np.float32)
+                    base[..., label] = 40.0 + 50.0 * k
+                    pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+                    Image.fromarray(pixels).save(folder / f"img_{k + 1:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    return make_clips(tmp_path_factory.mktemp("cache-clips") / "data")
+
+
+def video_config(data: Path, output: Path, **overrides):
+    from sidetune.train import TrainConfig
+
+    sampling = overrides.pop("frame_sampling", "uniform")
+    values = dict(backbone="test_vit", method="losa", task="video", data=str(data), img_size=IMG, epochs=2,
+                  batch_size=2, lr=1e-2, warmup_epochs=0.5, workers=0, output=str(output), augmentation="vtab",
+                  task_options={"num_frames": 3, "frame_sampling": sampling})  # fmt: skip
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("method", ["losa", "linear"])
+def test_training_video_from_the_cache_reproduces_uncached_training_without_the_backbone(
+    method, clips, tmp_path, monkeypatch
+):
+    plain = fit(video_config(clips, tmp_path / "plain", method=method))
+    manifest = build(video_config(clips, tmp_path / "x", method=method), [method], tmp_path / "cache", batch_size=4,
+                     shard_size=4)  # fmt: skip
+    assert manifest.transform["frames"]["num_frames"] == 3 and manifest.transform["seed"] is None
+    from safetensors import safe_open
+
+    key = "out.5" if method == "losa" else "final"
+    with safe_open(str(tmp_path / "cache" / "train-v0-00000.safetensors"), "pt") as f:
+        assert f.get_slice(f"tap.{key}").get_shape() == [4, 3, 5, 64]  # 4 clips of 3 frames: per clip, per frame
+    no_backbone(monkeypatch)
+    cached = fit(video_config(clips, tmp_path / "cached", method=method, cache=str(tmp_path / "cache")))
+    a, b = step_losses(tmp_path / "plain"), step_losses(tmp_path / "cached")
+    assert len(a) == len(b) == 6
+    assert b == pytest.approx(a, rel=5e-3, abs=5e-3)  # float16 taps
+    pm, cm = plain.summary["metrics"]["final_val"], cached.summary["metrics"]["final_val"]
+    assert cm["count"] == pm["count"] == 3 and cm["top1"] == pytest.approx(pm["top1"], abs=0.02)
+    assert cached.summary["data"]["source"].startswith("tap cache")
+
+
+def test_random_frame_offsets_are_cached_as_views_of_the_epochs(clips, tmp_path, monkeypatch):
+    """Random offsets are drawn from the sample's seeded RNG: view v holds the frames epoch v reads uncached."""
+    opts = dict(frame_sampling="random")
+    plain = fit(video_config(clips, tmp_path / "plain", **opts))
+    manifest = build(video_config(clips, tmp_path / "x", **opts), ["losa"], tmp_path / "c", views=2)
+    assert manifest.transform["seed"] == 0 and manifest.splits["train"]["views"] == 2
+    from safetensors.torch import load_file
+
+    views = [load_file(str(tmp_path / "c" / f"train-v{v}-00000.safetensors"))["tap.out.5"] for v in (0, 1)]
+    assert not torch.equal(*views)  # the two epochs' offsets: other frames
+    no_backbone(monkeypatch)
+    cached = fit(video_config(clips, tmp_path / "cached", cache=str(tmp_path / "c"), **opts))
+    assert step_losses(tmp_path / "cached") == pytest.approx(step_losses(tmp_path / "plain"), rel=5e-3, abs=5e-3)
+    assert cached.summary["metrics"]["final_val"]["top1"] == pytest.approx(
+        plain.summary["metrics"]["final_val"]["top1"], abs=0.02
+    )
+    # the frame settings decide the cached clips: another sampling or frame count is refused, naming it
+    with pytest.raises(CacheError, match=r"transform frames .*'frame_sampling': 'random'.*'frame_sampling': 'uniform'"):
+        fit(video_config(clips, tmp_path / "u", cache=str(tmp_path / "c")))
+    with pytest.raises(CacheError, match=r"transform frames .*'num_frames': 3.*'num_frames': 2"):
+        fit(video_config(clips, tmp_path / "n", cache=str(tmp_path / "c"),
+                         task_options={"num_frames": 2, "frame_sampling": "random"}))  # fmt: skip
+
+
+def test_a_frame_edited_after_the_build_is_refused(clips, tmp_path):
+    import shutil as sh
+
+    data = tmp_path / "data"
+    sh.copytree(clips, data)
+    build(video_config(data, tmp_path / "x", val_split="none"), ["linear"], tmp_path / "c")
+    frame = next((data / "train").rglob("img_00003.png"))
+    os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
+    with pytest.raises(CacheError, match=r"img_00003\.png changed since the cache"):
+        fit(video_config(data, tmp_path / "r", method="linear", cache=str(tmp_path / "c"), val_split="none"))
+
+
+def test_a_sweep_over_a_video_cache_takes_its_frame_settings_from_the_cache(clips, tmp_path):
+    build(video_config(clips, tmp_path / "x", method="linear"), ["linear"], tmp_path / "c")
+    result = sweep(tmp_path / "c", "linear", {"lr": [1e-3, 1e-2]}, tmp_path / "sweep", epochs=1, batch_size=2)
+    assert len(result.configs) == 2 and result.configs[result.best]["best_val_top1"] is not None
+    saved = json.loads((tmp_path / "sweep" / "best" / "adapter_config.json").read_text())
+    assert saved["task"] == "video" and saved["num_frames"] == 3

@@ -263,3 +263,38 @@ def test_video_flags_belong_to_the_video_task(tree, tmp_path, capsys):
     )
     with pytest.raises(ConfigError, match="clip_policy must be one of refuse, loop, pad"):
         TrainConfig(backbone="test_vit", method="linear", task="video", task_options={"clip_policy": "stretch"})
+
+
+def test_train_and_eval_a_video_task_from_the_command_line_and_from_a_cache(tmp_path, capsys, one_thread):
+    """`sidetune train --task video --num-frames T` and `sidetune eval` through the CLI entry point, on frame
+    folders; then `sidetune cache build --task video` with the same flags and `sidetune train --cache` reproduce it."""
+    from train_data import step_losses
+
+    data = tmp_path / "data"
+    for split, n in (("train", 2), ("val", 1)):
+        for label, name in enumerate(("left", "right")):
+            for i in range(n):
+                clip = frames(4, seed=10 * label + i)
+                frame_folder(data / split / name / f"c{i}", clip[::-1] if label else clip)
+    common = ["test_vit", "--task", "video", "--num-frames", "3", "--frame-sampling", "uniform", "--data", str(data),
+              "--img-size", str(SIZE), "--augmentation", "vtab", "--workers", "0", "--threads", "1"]  # fmt: skip
+    run = ["train", common[0], "linear", *common[1:], "--epochs", "1", "--batch-size", "2", "--lr", "1e-2",
+           "--no-progress"]  # fmt: skip
+    assert main([*run, "--output", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1: train loss" in printed
+    adapter = tmp_path / "run" / "best"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["task"] == "video" and saved["num_frames"] == 3 and saved["method"] == "linear"
+    assert main(["eval", str(adapter), "--data", str(data), "--split", "val", "--workers", "0"]) == 0
+    metrics = json.loads((adapter / "eval_val.json").read_text())
+    assert metrics["count"] == 2 and metrics["refused"] == 0 and 0.0 <= metrics["top1"] <= 1.0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["top1"] == metrics["top1"]  # the metrics on stdout, the summary on stderr
+    assert f"wrote {adapter / 'eval_val.json'}" in printed.err
+
+    cache = tmp_path / "cache"
+    assert main(["cache", "build", *common, "--methods", "linear", "--output", str(cache), "--no-progress"]) == 0
+    assert "cached 6 samples of train, val for linear" in capsys.readouterr().out
+    assert main([*run, "--cache", str(cache), "--output", str(tmp_path / "cached")]) == 0
+    assert step_losses(tmp_path / "cached") == pytest.approx(step_losses(tmp_path / "run"), rel=5e-3, abs=5e-3)

@@ -304,6 +304,10 @@ class SidetuneModel(nn.Module):
                 "train from a cache."
             )
         layout = self.backbone.layout
+        if self.config.task == "video":
+            if targets is not None:
+                raise TypeError("video models take clips only; compute the loss from the logits.")
+            return self.head(self._cached_clip_features(cached))
         taps = cached.taps(layout, next(self.backbone.model.parameters()).dtype)
         if self.config.task in ("detection", "instance"):
             return run_detector_on_taps(
@@ -314,6 +318,22 @@ class SidetuneModel(nn.Module):
         if self.config.task == "segmentation":
             return self.head(self.method(taps), size=tuple(layout.img_size))
         return self.head(self.method(taps))
+
+    def _cached_clip_features(self, cached) -> Features:
+        """Clip Features from cached (B, T, ...) taps: the B*T frames' taps, clip-major as the backbone would have
+        returned them for (B, T, 3, H, W) clips, through the method and pooled over time as :meth:`clip_features`."""
+        from .cache.batch import CachedTaps
+
+        t = self.config.num_frames
+        shapes = {k: tuple(v.shape) for k, v in cached.tensors.items()}
+        if any(len(shape) < 3 or shape[1] != t for shape in shapes.values()):
+            raise ConfigError(
+                f"this video model reads the cached taps of clips of {t} frames, (B, {t}, ...) per tap, but got "
+                f"{shapes}; build the cache with the model's num_frames (--num-frames {t})."
+            )
+        frames = CachedTaps({k: v.flatten(0, 1) for k, v in cached.tensors.items()})
+        taps = frames.taps(self.backbone.layout, next(self.backbone.model.parameters()).dtype)
+        return pool_over_time(self.method(taps), t)
 
     # -- parameters ---------------------------------------------------------------------------------------
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

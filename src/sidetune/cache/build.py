@@ -4,8 +4,9 @@ The samples are exactly those a training run with the same settings sees: the ca
 own datasets and transforms (:meth:`sidetune.tasks.Task.build_data`) and the task turns each batch into the
 backbone's input as the model would (:meth:`~sidetune.tasks.Task.cache_inputs`: classification images as they
 are, segmentation's evaluation images resized as whole-image inference does, detection images normalised and
-letterboxed with their boxes). Under ``torchrun`` / ``accelerate launch`` every process writes its own shards and
-the main process writes the complete manifest after all are done.
+letterboxed with their boxes, video clips of T frames whose B*T frames the backbone runs on as an uncached video
+model does, each clip's taps stored together as (T, ...)). Under ``torchrun`` / ``accelerate launch`` every
+process writes its own shards and the main process writes the complete manifest after all are done.
 """
 
 from __future__ import annotations
@@ -85,7 +86,10 @@ def sample_files(dataset: Dataset | None) -> list[str]:
         indices = [base.indices[i] for i in indices]
         base = base.dataset
     files: list[str] = []
-    if hasattr(base, "records"):  # detection: the image and its annotation file
+    if hasattr(base, "files_of"):  # video: a clip's file, or the frames of a frame folder
+        for i in indices:
+            files += [str(p) for p in base.files_of(i)]
+    elif hasattr(base, "records"):  # detection: the image and its annotation file
         for i in indices:
             record = base.records[i]
             files += [str(record.image_path), str(record.source)]
@@ -111,9 +115,12 @@ def file_facts(paths: Sequence[str]) -> list[list[Any]]:
     return facts
 
 
-def transform_spec(config, model, precision: str, views: int) -> dict[str, Any]:
+def transform_spec(config, model, precision: str, views: int, task=None) -> dict[str, Any]:
+    """How the cached samples were made: the transform recipe, size, normalisation, precision, views, the seed when
+    anything is drawn at random, and the ``task``'s own sampling settings (video: frames per clip, sampling)."""
     dc = model.data_config
-    return {
+    random = config.augmentation not in DETERMINISTIC or (task is not None and task.cache_draws_at_random(config))
+    spec = {
         "augmentation": config.augmentation,
         "img_size": list(model.config.img_size),
         "mean": list(dc["mean"]),
@@ -121,9 +128,12 @@ def transform_spec(config, model, precision: str, views: int) -> dict[str, Any]:
         "interpolation": dc.get("interpolation"),
         "precision": precision,
         "views": views,
-        # random augmentation: the views are those of this seed's epochs
-        "seed": None if config.augmentation in DETERMINISTIC else config.seed,
+        # random augmentation (or random frame offsets): the views are those of this seed's epochs
+        "seed": config.seed if random else None,
     }
+    if task is not None:
+        spec.update(task.cache_settings(config))
+    return spec
 
 
 def build(
@@ -149,15 +159,15 @@ def build(
         output: the cache folder. An incomplete cache with the same settings is resumed at its first missing shard.
         dtype: ``float16`` (default), ``bfloat16`` or ``float32`` storage.
         views: augmented views per training image (1: the transforms of view 0 only; use more with random
-            augmentation). Evaluation splits have one view.
+            augmentation or video's random frame offsets). Evaluation splits have one view.
         splits: which of ``train``, ``val``, ``test`` to cache (those the data has).
-        batch_size: images per backbone forward.
+        batch_size: images per backbone forward (video: clips, their frames in one forward).
         shard_size: samples per shard file.
         method_options: per method, its options (they may change what it reads).
         progress: ``progress(done, total)`` after every batch (samples of this process).
 
     Returns:
-        The manifest (complete).
+        The manifest (complete). A shard holds one (n, N, C) tensor per tap for n images, (n, T, N, C) for n clips.
 
     Raises:
         CacheError: no room on the disk, an existing cache built with other settings, an uncacheable setting.
@@ -217,7 +227,7 @@ def build(
         methods=list(methods),
         taps=spec,
         dtype=dtype,
-        transform=transform_spec(config, model, precision, views),
+        transform=transform_spec(config, model, precision, views, task),
         data={f: getattr(config, f) for f in DATA_FIELDS},
         classes=list(data.classes),
         files={s: file_facts(sample_files(datasets[s])) for s in chosen},
@@ -373,8 +383,9 @@ def _run_backbone(model, x: torch.Tensor, request: TapRequest, spec: dict[str, i
     """The taps of ``spec`` for a batch of backbone inputs, cut to the tokens kept."""
     from ..train.inference import autocast_for
 
+    clip_frames = x.shape[1] if x.ndim == 5 else None  # video: (B, T, 3, H, W) clips -> B*T frames, as uncached
     with autocast_for(precision, x.device):
-        taps = model.backbone(x, request)
+        taps = model.backbone(x.flatten(0, 1) if clip_frames else x, request)
     out: dict[str, torch.Tensor] = {}
     for key, tokens in spec.items():
         if key == "final":
@@ -382,7 +393,9 @@ def _run_backbone(model, x: torch.Tensor, request: TapRequest, spec: dict[str, i
         else:
             kind, block = key.split(".")
             value = getattr(taps, kind)[int(block)]
-        out[key] = value[:, :tokens] if tokens is not None and value.ndim == 3 else value
+        value = value[:, :tokens] if tokens is not None and value.ndim == 3 else value
+        # a clip's frames are consecutive (clip-major): its taps are stored together, (B*T, ...) -> (B, T, ...)
+        out[key] = value.unflatten(0, (-1, clip_frames)) if clip_frames else value
     return out
 
 

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``cache`` (with ``build`` and ``info``) and ``sweep``."""
-    from ..train.commands import DATA_DOCS, _float_in, _int_at_least, _layout_lines, _optional_str
+    from ..train.commands import DATA_DOCS, TASK_FLAGS, _float_in, _int_at_least, _layout_lines, _optional_str
 
     s = argparse.SUPPRESS
     p = subparsers.add_parser(
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("backbone", help="timm model name")
     b.add_argument("--methods", required=True, help="comma-separated side methods whose taps to store (the union)")
     b.add_argument("--output", required=True, help="the cache folder")
-    b.add_argument("--task", default=s, help="classification (default), segmentation, detection, instance")
+    b.add_argument("--task", default=s, help="classification (default), segmentation, detection, instance, video")
     b.add_argument("--weights", type=_optional_str, default=s, help="backbone weights (a file, 'hub')")
     b.add_argument("--img-size", type=_int_at_least(1), default=s, help="input size (default: the backbone's)")
     b.add_argument("--backbone-opt", metavar="KEY=VALUE", action="append", default=s, help="timm argument")
@@ -62,6 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--val-limit", type=_int_at_least(1), default=s, help="the first N validation images only")
     b.add_argument("--augmentation", default=s, help="the task's transform recipe, as the runs will use")
     b.add_argument("--eval-mode", default=s, help="segmentation: whole (slide cannot be cached)")
+    # video: how frames are sampled decides the cached clips (recorded, checked against the runs)
+    b.add_argument("--num-frames", type=_int_at_least(1), default=s, help=TASK_FLAGS["--num-frames"][1])
+    b.add_argument("--frame-sampling", default=s,
+                   help=TASK_FLAGS["--frame-sampling"][1] + "; random: cache --views K, one per epoch")  # fmt: skip
+    b.add_argument("--frame-stride", type=_int_at_least(1), default=s, help=TASK_FLAGS["--frame-stride"][1])
+    b.add_argument("--clip-policy", default=s, help=TASK_FLAGS["--clip-policy"][1])
     b.add_argument("--seed", type=_int_at_least(0), default=s, help="the runs' seed (splits, augmentation views)")
     b.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=s,
                    help="precision of the backbone's forward, as the runs will use (default: auto)")  # fmt: skip
@@ -71,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--views", type=_int_at_least(1), default=1,
                    help="augmented views per training image (view v = epoch v's; default 1)")  # fmt: skip
     b.add_argument("--splits", default="train,val,test", help="the splits to cache, of those the data has")
-    b.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward (default 32)")
+    b.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                   help="images per forward (video: clips, all their frames at once; default 32)")  # fmt: skip
     b.add_argument("--shard-size", type=_int_at_least(1), default=256, help="samples per shard file (default 256)")
     b.add_argument("--workers", type=_int_at_least(0), default=s, help="data-loading processes")
     b.add_argument("--threads", type=_int_at_least(1), default=s, help="torch CPU threads")

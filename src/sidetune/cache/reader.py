@@ -44,7 +44,7 @@ def check_cache(manifest: Manifest, root: Path, config, model, task, precision: 
     for field in DATA_FIELDS:
         if _plain(manifest.data.get(field)) != _plain(getattr(config, field)):
             problems.append(f"{field} {manifest.data.get(field)!r} (this run: {getattr(config, field)!r})")
-    current = transform_spec(config, model, precision, manifest.transform.get("views", 1))
+    current = transform_spec(config, model, precision, manifest.transform.get("views", 1), task)
     for key, value in current.items():
         if key != "views" and _plain(manifest.transform.get(key)) != _plain(value):
             problems.append(f"transform {key} {manifest.transform.get(key)!r} (this run: {value!r})")

@@ -87,7 +87,9 @@ def config_from_cache(cache: str | Path, method: str, **overrides: Any):
     )
     if values["img_size"] is None:
         raise CacheError("sweeps over caches of non-square inputs are not supported; train with sidetune train.")
-    values.update(overrides)
+    # video: the frame settings the clips were cached with (a grid's task options come on top, and are checked)
+    task_options = {**manifest.transform.get("frames", {}), **overrides.pop("task_options", {})}
+    values.update(overrides, task_options=task_options)
     return TrainConfig(**values)
 
 

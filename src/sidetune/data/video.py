@@ -392,6 +392,12 @@ class VideoClipDataset(Dataset):
     def targets(self) -> list[int]:
         return [label for _, label in self.clips]
 
+    def files_of(self, index: int) -> list[Path]:
+        """The files clip ``index`` is read from: its video file, or every frame file of its frame folder (what a
+        tap cache records to notice a clip edited since it was built)."""
+        source, _ = self.clips[index]
+        return list(source.frames) if source.frames is not None else [source.path]
+
     def __len__(self) -> int:
         return len(self.clips)
 

@@ -243,8 +243,19 @@ class Task:
 
     def cache_inputs(self, model: SidetuneModel, batch: Any) -> tuple[torch.Tensor, list[Any], list[dict[str, Any]]]:
         """For a tap cache: a collated batch -> (the (B, 3, H, W) backbone input, exactly as the model would compute
-        it; the per-sample targets to store; per-sample facts the model needs besides the taps)."""
+        it, or (B, T, 3, H, W) clips whose B*T frames the backbone runs on and whose taps are stored per clip as
+        (T, ...); the per-sample targets to store; per-sample facts the model needs besides the taps)."""
         raise ConfigError(f"the {self.name} task cannot be cached.")
+
+    def cache_settings(self, config: Any) -> dict[str, Any]:
+        """The task options besides the transform recipe that decide what a cached sample holds (video: how frames
+        are sampled). Recorded in the manifest's ``transform`` and checked when a run opens the cache."""
+        return {}
+
+    def cache_draws_at_random(self, config: Any) -> bool:
+        """Whether training samples draw at random apart from the augmentation recipe (video: random frame offsets).
+        A cache of such samples records the seed, and its views are the draws of an uncached run's epochs."""
+        return False
 
     # -- saved adapters ------------------------------------------------------------------------------------------
     def inference_info(self, config: Any) -> dict[str, Any]:

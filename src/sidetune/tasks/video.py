@@ -87,7 +87,9 @@ class VideoEvaluator(ClassificationEvaluator):
 
     def __init__(self, num_classes: int, dataset: Dataset) -> None:
         super().__init__(num_classes)
-        self.refused = list(getattr(dataset, "skipped", []))
+        # a split served by a tap cache lists the refused clips of the files' dataset it was cached from
+        source = getattr(dataset, "source", None) if not hasattr(dataset, "skipped") else dataset
+        self.refused = list(getattr(source, "skipped", []))
 
     def compute(self, states) -> dict[str, Any]:
         metrics = super().compute(states)
@@ -203,6 +205,35 @@ class VideoTask(ClassificationTask):
             raise ConfigError(f"the video task needs a video model (task='video'), got task {model.config.task!r}.")
         self.options.num_frames = model.config.num_frames
         model.frame_chunk = self.options.frame_chunk
+
+    # -- the tap cache ----------------------------------------------------------------------------------------------
+    def cache_inputs(self, model, batch):
+        """Clips (B, T, 3, H, W) as they are: the build runs the backbone on their B*T frames, as an uncached video
+        model does, and stores each clip's T frames' taps together."""
+        clips, labels = batch
+        if clips.ndim != 5 or clips.shape[1] != model.config.num_frames:
+            raise ConfigError(
+                f"a video cache stores clips of {model.config.num_frames} frames, got a batch of shape "
+                f"{tuple(clips.shape)}."
+            )
+        return clips, [torch.as_tensor(y) for y in labels], [{} for _ in labels]
+
+    def cache_settings(self, config) -> dict[str, Any]:
+        o = self.options
+        return {
+            "frames": {
+                "num_frames": o.num_frames,
+                "frame_sampling": o.frame_sampling,
+                "frame_stride": o.frame_stride,
+                "clip_policy": o.clip_policy,
+                "verify": o.verify,
+            }
+        }
+
+    def cache_draws_at_random(self, config) -> bool:
+        # random offsets are drawn from the sample's seeded RNG (seed, epoch, clip), as random augmentation is:
+        # view v of a cache holds the frames an uncached run reads in epoch v
+        return self.options.frame_sampling == "random"
 
     # -- evaluation and prediction -------------------------------------------------------------------------------
     def evaluator(self, model, dataset, classes) -> Evaluator:
