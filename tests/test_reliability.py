@@ -327,3 +327,14 @@ def test_a_log_line_cut_short_by_a_kill_is_dropped_and_a_damaged_log_is_named(tm
     path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"log.jsonl, line 2: not JSON"):
         read_log(path)
+
+
+def test_each_epoch_line_names_the_worst_classes_of_its_validation(data, tmp_path, capsys):
+    """Per-class results at every validation, not only at the end: a collapse shows while the run goes on."""
+    assert main(["train", "test_vit", "linear", "--data", str(data), "--img-size", str(IMG), "--batch-size", "6",
+                 "--workers", "0", "--epochs", "1", "--val-fraction", "0.5", "--no-progress",
+                 "--output", str(tmp_path / "run")]) == 0  # fmt: skip
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1:")]
+    assert len(lines) == 1 and ", val top-1 " in lines[0], lines
+    worst = lines[0].split("; worst recall: ")[1].split(", ")
+    assert len(worst) == 3 and all(item.split(" ")[0] in ("cat", "dog", "fox") for item in worst), lines[0]

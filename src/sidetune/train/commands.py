@@ -443,6 +443,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     heartbeat = main and not sys.stdout.isatty()
     bar: list[Any] = []
     clock: dict[str, float] = {}
+    classes: list[str] = []
 
     def callback(event: str, record: dict[str, Any]) -> None:
         if not main:
@@ -451,6 +452,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             clock.update(
                 start=time.monotonic(), last=time.monotonic(), first=record["step"], total=record["total_steps"]
             )
+            classes.extend(record["classes"])
             resumed = f", resuming after step {record['step']}" if record["step"] else ""
             print(f"training {config.task} {config.backbone} / {config.method} -> {config.output} "
                   f"({record['total_steps']} steps{resumed})", flush=True)  # fmt: skip
@@ -465,7 +467,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 clock["last"] = time.monotonic()
                 print(_progress_line(record, clock, config), flush=True)
         elif event == "epoch":
-            (bar[0].write if bar else lambda s: print(s, flush=True))(_epoch_line(record, task))
+            (bar[0].write if bar else lambda s: print(s, flush=True))(_epoch_line(record, task, classes))
         elif event == "end" and bar:
             bar[0].close()
 
@@ -521,15 +523,23 @@ def _progress_line(record: dict[str, Any], clock: dict[str, float], config) -> s
     )
 
 
-def _epoch_line(record: dict[str, Any], task) -> str:
+def _epoch_line(record: dict[str, Any], task, classes: list[str], worst: int = 3) -> str:
+    """``epoch 3: train loss 0.4121, val top-1 81.0% ...; worst: cat 0.52, dog 0.61, bird 0.70`` and, on lines of
+    their own, the collapse warnings of this validation (a class never predicted, no better than the majority)."""
     loss = record.get("train_loss")
     line = f"epoch {record['epoch']}: train loss {loss:.4f}" if loss is not None else f"epoch {record['epoch']}"
     if record.get("train_top1") is not None:
         line += f", train top-1 {record['train_top1']:.1%}"
     val = {k[4:]: v for k, v in record.items() if k.startswith("val_")}
-    if task.score(val) is not None:
-        line += f", val {task.summary_line(val)}"
-    return line
+    if task.score(val) is None:
+        return line
+    line += f", val {task.summary_line(val)}"
+    per = {k: v for k, v in task.per_class(val, classes).items() if v is not None and v == v} if classes else {}
+    if len(per) > 1:
+        ranked = sorted(per.items(), key=lambda kv: kv[1])[:worst]
+        line += f"; worst {task.per_class_name}: " + ", ".join(f"{name} {value:.2f}" for name, value in ranked)
+    warnings = task.collapse_warnings(val, classes) if classes else []
+    return "\n".join([line] + [f"  warning: {w}" for w in warnings])
 
 
 def _print_result(result, task) -> None:

@@ -255,7 +255,8 @@ def _fit(
         task.name, config.backbone, config.method, data.source, unwrapped.num_parameters(), total_steps,
         steps_per_epoch, accelerator.num_processes, accelerator.device, mixed_precision,
     )  # fmt: skip
-    callback("start", {"step": tstate.step, "total_steps": total_steps, "epoch": tstate.epoch})
+    callback("start", {"step": tstate.step, "total_steps": total_steps, "epoch": tstate.epoch,
+                       "classes": list(data.classes)})  # fmt: skip
     trainable = unwrapped.trainable_parameters()
     info = _inference_info(task, config, data.classes, unwrapped, mixed_precision)
     step, segment_start, base_elapsed = tstate.step, time.perf_counter(), tstate.elapsed_s
