@@ -94,7 +94,7 @@ def test_predict_writes_csv_with_top_k(run, data, tmp_path, capsys):
     ("argv", "message"),
     [
         (["train", "test_vit", "losa", "--data", "{tmp}/missing"], "missing does not exist"),
-        (["train", "test_vit", "losa", "--data", "{data}", "--num-classes", "7"], "num_classes=7"),
+        (["train", "test_vit", "losa", "--data", "{data}", "--num-classes", "7"], "--num-classes 7"),
         (["train", "test_vit", "losa", "--data", "{data}", "--mixed-precision", "fp16"], "needs a CUDA device"),
         (["train", "test_vit", "losa", "--data", "{data}", "--opt", "rank"], "--opt takes key=value"),
         (["train", "test_vit", "losa", "--data", "{data}", "--resume", "{tmp}/none"], "nothing to resume"),

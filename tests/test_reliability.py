@@ -104,7 +104,7 @@ def test_a_full_disk_while_writing_the_log_says_so_and_the_run_resumes(data, tmp
 
     monkeypatch.setattr(JsonlLog, "write", full)
     out = tmp_path / "run"
-    with pytest.raises(CheckpointError, match=r"is full \(.*log.jsonl could not be written\); the last checkpoint"):
+    with pytest.raises(CheckpointError, match=r"is full \(.*log.jsonl\); the last checkpoint is intact"):
         fit(config(data, out, epochs=2))
     monkeypatch.undo()
     result = fit(config(data, out, epochs=2, resume=str(out)))
@@ -308,6 +308,12 @@ def test_resume_of_a_folder_that_holds_no_run_is_refused(data, tmp_path):
     with pytest.raises(CheckpointError, match="no run there to resume"):
         fit(config(data, missing, resume=str(missing)))
     assert not (missing / "log.jsonl").exists()
+    # a run killed before its first step has its config but no log yet: the printed --resume command restarts it
+    early = tmp_path / "early"
+    early.mkdir()
+    config(data, early).save(early / "train_config.yaml")
+    result = fit(config(data, early, resume=str(early)))
+    assert result.summary["timing"]["steps"] == 6
 
 
 def test_a_log_line_cut_short_by_a_kill_is_dropped_and_a_damaged_log_is_named(tmp_path):
@@ -325,7 +331,7 @@ def test_a_log_line_cut_short_by_a_kill_is_dropped_and_a_damaged_log_is_named(tm
     log.truncate_after(2)
     assert [r["step"] for r in read_log(path)] == [1, 2] and path.read_text().endswith("\n")
     path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
-    with pytest.raises(ValueError, match=r"log.jsonl, line 2: not JSON"):
+    with pytest.raises(CheckpointError, match=r"log.jsonl, line 2: not JSON"):
         read_log(path)
 
 

@@ -282,7 +282,7 @@ def test_adapters_trained_in_different_precisions_are_refused_naming_each(adapte
             sidetune.ConfigError, match=r"different precisions \('cls32' .*: no; 'seg16' .*: bf16\).*--mixed-precision"
         ):
             MultiTask(mixed)
-        with pytest.raises(sidetune.ConfigError, match="mixed_precision='fp16' on the CPU"):
+        with pytest.raises(sidetune.ConfigError, match="--mixed-precision fp16 on the CPU"):
             MultiTask(mixed, mixed_precision="fp16", device="cpu")
     assert MultiTask(mixed, mixed_precision="no").mixed_precision == "no"
 

@@ -153,8 +153,9 @@ class SegmentationOptions:
     Attributes:
         eval_mode: inference at full resolution: ``whole`` (resize the image to the model's size and the logits
             back) or ``slide`` (overlapping windows of the model's size).
-        class_weights: None, ``"auto"`` (inverse pixel frequency of the training masks, mean 1) or one weight per
-            class: for classes that cover few pixels (thin structures), which otherwise collapse to the majority.
+        class_weights: None, ``"auto"`` (inverse pixel frequency of the training masks, mean 1), ``"sqrt"`` (its
+            square root: softer) or one weight per class: for classes that cover few pixels (thin structures), which
+            otherwise collapse to the majority.
     """
 
     eval_mode: str = "whole"

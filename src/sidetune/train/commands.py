@@ -482,7 +482,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             kept = (
                 "the last checkpoint is kept"
-                if has_checkpoint(Path(config.output))
+                if has_checkpoint(Path(config.output).expanduser())
                 else "no checkpoint was saved yet, so resuming starts the run again from scratch"
             )
             print(

@@ -96,7 +96,7 @@ def classes_of(dataset: Dataset, num_classes: int | None) -> list[str]:
     classes = getattr(dataset, "classes", None)
     if classes is not None:
         if num_classes is not None and len(classes) != num_classes:
-            raise DataError(f"the training dataset has {len(classes)} classes but --num-classes is {num_classes}.")
+            raise DataError(f"the training dataset has {len(classes)} classes but config.num_classes is {num_classes}.")
         return [str(c) for c in classes]
     if num_classes is None:
         raise ConfigError("the training dataset has no `classes` attribute: set num_classes in the TrainConfig.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ from .rundir import (
     RunLock,
     TrainingError,
     check_finite,
+    has_checkpoint,
     open_run,
     save_adapter,
     write_json,
@@ -70,8 +72,9 @@ from .setup import (
 
 logger = logging.getLogger(__name__)
 
-#: ``callback(event, record)``: events ``"start"`` (record has ``step``, ``total_steps``, ``epoch``), ``"step"``
-#: (a step record of the log), ``"epoch"`` (an epoch record) and ``"end"`` (the summary). Called on every process.
+#: ``callback(event, record)``: events ``"start"`` (record has ``step``, ``total_steps``, ``epoch``, ``classes``),
+#: ``"step"`` (a step record of the log), ``"epoch"`` (an epoch record) and ``"end"`` (the summary). Called on every
+#: process.
 Callback = Callable[[str, dict[str, Any]], None]
 
 
@@ -132,15 +135,28 @@ def fit(
         return _fit(config, out, mixed_precision, on_cpu, checkpoint, train_dataset, val_dataset, test_dataset,
                     callback or (lambda event, record: None))  # fmt: skip
     except OSError as err:  # the log, an adapter or the summary (a checkpoint says so itself, see save_checkpoint)
-        if not disk_full(err):
+        if not _run_disk_full(err, out):
             raise
+        kept = (
+            f"the last checkpoint is intact: free some space and resume with --resume {out}"
+            if has_checkpoint(out)
+            else f"no checkpoint was saved yet: free some space and start again with --resume {out}"
+        )
         raise CheckpointError(
-            f"the disk holding {str(out)!r} is full ({err.filename or 'a run file'} could not be written); the last "
-            f"checkpoint is intact: free some space and resume with --resume {out}."
+            f"the disk holding {str(out)!r} is full ({err.filename or 'writing a run file failed'}); {kept}."
         ) from None
     finally:
         if lock is not None:
             lock.release()
+
+
+def _run_disk_full(err: OSError, out: Path) -> bool:
+    """Whether ``err`` is the run folder's disk running out of space (not, say, a data worker's ``/dev/shm``)."""
+    if not disk_full(err):
+        return False
+    if err.filename is not None:
+        return Path(str(err.filename)).resolve().is_relative_to(out.resolve())
+    return shutil.disk_usage(out).free < 64 * 2**20  # no file named: trust it only when the run's disk is nearly full
 
 
 def _resume_point(config: TrainConfig) -> Path | None:

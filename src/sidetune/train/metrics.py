@@ -53,8 +53,10 @@ def _records(path: Path) -> list[dict[str, Any]]:
     dropped; any other line that does not parse means the file was damaged, and says where.
 
     Raises:
-        ValueError: a line other than the last is not JSON.
+        CheckpointError: a line other than the last is not JSON (the run's files are damaged).
     """
+    from .checkpoint import CheckpointError
+
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     records = []
     for n, line in enumerate(lines, 1):
@@ -63,7 +65,10 @@ def _records(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             if n == len(lines):
                 break  # the write the process died in: the checkpoint it belongs to was never saved either
-            raise ValueError(f"{path}, line {n}: not JSON ({err.msg}); the log is damaged.") from None
+            raise CheckpointError(
+                f"{path}, line {n}: not JSON ({err.msg}); the run's log is damaged: repair or remove that line, or "
+                "start the run again in a new --output."
+            ) from None
     return records
 
 

@@ -119,7 +119,8 @@ def open_run(out: Path, resume: str | os.PathLike | None) -> Path | None:
 
     Raises:
         ConfigError: ``out`` is a file, or holds a run's log and ``resume`` is None.
-        CheckpointError: ``resume`` points at nothing resumable (and not at ``out`` itself).
+        CheckpointError: ``resume`` points at nothing resumable: another folder without a checkpoint, or ``out``
+            itself holding no run (neither a log nor a config: a mistyped path).
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {str(out)!r} is a file; give a directory for the run.")
@@ -142,10 +143,10 @@ def open_run(out: Path, resume: str | os.PathLike | None) -> Path | None:
     except CheckpointError:
         if resume_path.resolve() != out.resolve() or not out.is_dir():
             raise
-        if not (out / LOG).is_file():  # not a run that died early: a mistyped path, or a run never started
+        if not ((out / LOG).is_file() or (out / CONFIG).is_file()):  # not a run that died early: a mistyped path
             raise CheckpointError(
-                f"--resume {str(resume_path)!r}: no run there to resume (no {LOG}); check the path, or drop "
-                "--resume to start a new run."
+                f"--resume {str(resume_path)!r}: no run there to resume (neither {LOG} nor {CONFIG}); check the "
+                "path, or drop --resume to start a new run."
             ) from None
     logger.warning("%s has no complete checkpoint (the run stopped before its first save): starting it again", out)
     (out / LOG).unlink(missing_ok=True)
