@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import ClassificationSubset, DataError, split_train_val
+from ..data.catalog import LAYOUTS
 from ..data.video import (
     CLIP_POLICIES,
     SAMPLINGS,
@@ -104,9 +105,7 @@ class VideoTask(ClassificationTask):
     options_cls = VideoOptions
     layouts: ClassVar[dict[str, str]] = {
         "auto": "guess from the folder: <split>.csv, <split>.txt, or <split>/<class>/<clip>",
-        "folder": "root/<split>/<class>/<clip>, a clip a video file or a folder of numbered frames",
-        "list": "UCF101/mmaction lists: root/<split>.txt, 'path label' lines (classInd.txt beside it for UCF101)",
-        "csv": "root/<split>.csv with path,label columns, or a Kinetics youtube_id,time_start,time_end,label file",
+        **LAYOUTS["video"],
     }
     augmentations = VIDEO_AUGMENTATIONS
     headline = "top1"
