@@ -160,3 +160,37 @@ def test_data_check_command_for_video(tmp_path: Path, capsys: pytest.CaptureFixt
     args = parser.parse_args(["data", "check", str(root), "--task", "classification", "--num-frames", "4"])
     with pytest.raises(ConfigError, match="--num-frames: clip options apply to --task video only"):
         args.func(args)
+
+
+# -- training checks its clips as the image tasks check their images ------------------------------------------------
+def small_tree(root: Path, train: dict[str, int]) -> Path:
+    for name, n in train.items():
+        for i in range(n):
+            frame_folder(root / "train" / name / f"c{i}", frames(4, i))
+    for i, name in enumerate(("left", "right")):
+        frame_folder(root / "val" / name / "v", frames(4, 10 + i))
+    return root
+
+
+def test_video_training_counts_clips_for_class_weights_and_refuses_a_one_class_split(tmp_path: Path) -> None:
+    from sidetune.data import build_video_dataset, class_weights, count_classes
+    from sidetune.train import TrainConfig, fit
+
+    root = small_tree(tmp_path / "data", {"left": 3, "right": 1})
+    counts = count_classes(build_video_dataset(root, "train", None, num_frames=4))
+    assert (counts.task, counts.unit, counts.counts) == ("video", "clips", [3, 1])
+    # inverse frequency [1/3, 1], mean 2/3
+    torch_weights = class_weights(None, "auto", counts=counts)
+    assert torch_weights.tolist() == pytest.approx([0.5, 1.5])
+
+    def config(data: Path, out: str) -> TrainConfig:
+        return TrainConfig(backbone="test_vit", method="linear", task="video", data=str(data), img_size=SIZE,
+                           epochs=1, batch_size=2, lr=1e-2, workers=0, output=str(tmp_path / out),
+                           task_options={"num_frames": 4, "class_weights": "auto"})  # fmt: skip
+
+    summary = fit(config(root, "run")).summary
+    assert summary["data"]["class_counts"]["counts"] == [3, 1] and summary["data"]["class_counts"]["unit"] == "clips"
+    one = small_tree(tmp_path / "one", {"left": 2})
+    frame_folder(one / "train" / "right" / "too_short", frames(2))  # its class exists, but its only clip is refused
+    with pytest.raises(DataError, match=r"refusing to train on training split 'train': every training clip is of "):
+        fit(config(one, "run_one"))

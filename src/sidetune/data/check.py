@@ -715,11 +715,8 @@ def _read_video_split(dataset: Any, decode: bool, workers: int) -> tuple[ClassCo
         results = list(pool.map(safe, range(len(dataset.clips))))
     good = [i for i, (value, _) in enumerate(results) if value is not None]
     problems = [(str(dataset.clips[i][0].path), err) for i, (_, err) in enumerate(results) if err is not None]
-    k = len(dataset.classes)
-    labels = np.asarray([dataset.clips[i][1] for i in good], dtype=np.int64)
-    counts = np.bincount(labels, minlength=k)[:k].tolist() if labels.size else [0] * k
-    clip_counts = ClassCounts("video", list(dataset.classes), "clips", counts, list(counts), len(good))
-    return clip_counts, [results[i][0][0] for i in good], problems, [results[i][0][1] for i in good]
+    counts = count_classes(Subset(dataset, good))
+    return counts, [results[i][0][0] for i in good], problems, [results[i][0][1] for i in good]
 
 
 def _repeated(dataset: Any) -> int:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import ClassificationSubset, DataError, split_train_val
+from ..data import ClassificationSubset, DataError, check_training_data, count_classes, split_train_val
 from ..data.catalog import LAYOUTS
 from ..data.video import (
     CLIP_POLICIES,
@@ -177,6 +177,14 @@ class VideoTask(ClassificationTask):
             "test": test_split,
         }
         data = TaskData(train, val, test, classes, source=str(root), splits=splits, skipped=refused)
+        # as the image tasks (inspect_data): refuse a training split of one class, warn about absent classes and
+        # imbalance; clip counts for --class-weights auto. Refused clips are reported below, for every split.
+        data.counts = count_classes(train)
+        data.warnings = [
+            w.to_dict()
+            for w in check_training_data(train, counts=data.counts, split=train_split)
+            if w.code != "skipped_files"
+        ]
         if refused:
             path, reason = refused[0]
             message = (
