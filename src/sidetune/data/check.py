@@ -437,7 +437,7 @@ def find_splits(root: str | os.PathLike[str], task: str, layout: str = "auto") -
 
     Training splits first (``train``, ...), then validation, then the rest, ``test`` last. ``None`` stands for a
     dataset without split names (an ImageFolder of class folders, one CSV or list file, a VOC folder without
-    split lists).
+    split lists, video class folders holding their clips directly).
 
     Raises:
         DataError: no known layout, or no split found.
@@ -672,7 +672,7 @@ def _clip_facts(source: ClipSource, decode: bool) -> tuple[tuple[int, int], int]
         return sizes.pop(), len(source.frames)
     import av
 
-    from .video import _open
+    from .video import _open  # the reader's own open: the same errors as training for a file that changed
 
     try:
         container = _open(source.path)
@@ -805,7 +805,8 @@ def check_dataset(
                 report.errors.append(f"split {split!r}: {exc}")
                 continue
             if task == "video":
-                counts, sizes, problems, frames = _read_video_split(dataset, decode, workers)
+                # verify decoded every clip while building (and refused the truncated ones): headers suffice now
+                counts, sizes, problems, frames = _read_video_split(dataset, decode and not verify, workers)
                 skipped = [(p, _clip_reason(p, r)) for p, r in dataset.skipped]
             else:
                 counts, sizes, problems = _read_split(dataset, task, decode, workers)
