@@ -16,12 +16,17 @@ What runs (one process, side by side):
    street sequences) -> MP4 files (H.264, ``--frames-per-video`` frames) under ``--data``.
 2. Training through the library's one pipeline (``sidetune.train.fit``, the video task: PyAV decoding, random-offset
    sampling of T frames in training, uniform in evaluation) of LoSA (factorised space-time mixing) and the
-   frame-averaging methods (``linear``, ``e3va``, ``lora``; ``full`` with ``--with-full``), on the shared
+   frame-averaging methods (``linear``, ``e3va``, ``lora``; ``full`` with ``--methods ... full``), on the shared
    pretrained ViT-S/14 at ``--img-size``. Reported: test top-1, and the share of test photos whose two clips get
    the same prediction (1.0 = blind to time).
 3. Efficiency at T = 8 (``--eff-frames``): bytes saved for backward by one training forward
    (``sidetune.bench.accounting.saved_tensor_bytes``) and the median time of a training step (forward, backward,
    AdamW) of LoSA, LoRA and full fine-tuning (and linear, E3VA), same clips, same batch, same precision.
+
+Methods (``--methods``, ``--eff-methods``) are written as in ``benchmarks/results.py``: a name with options in
+brackets, ``losa[recompute=false]`` (``results.parse_method``; quote them in a shell). The page's LoSA rows are
+``losa[recompute=false]`` (LoSA keeping its activations for backward, its default when the page was measured) and
+``losa`` (today's default, ``recompute=True``); the defaults run both, so a rerun reproduces the page's rows.
 
 It writes ``docs/benchmarks/video_temporal.{md,json}`` with the command line beside the numbers.
 
@@ -43,6 +48,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/results.py, also when imported from elsewhere
+from results import parse_method, slug
+from sidetune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -91,11 +100,14 @@ def make_data(root: Path, photos: dict[str, int], window: int, frames: int, seed
 
 # -- training ------------------------------------------------------------------------------------------------------
 def train(method: str, args, data: Path, out: Path, epochs: int, lr: float) -> dict:
+    """Train ``method`` (``name[key=value;...]``) on the clips and evaluate it; one training row of the page."""
     from sidetune.train import TrainConfig, fit
 
+    name, options = parse_method(method)
     config = TrainConfig(
         backbone=BACKBONE,
-        method=method,
+        method=name,
+        method_options=options,
         task="video",
         data=str(data),
         weights=str(WEIGHTS),
@@ -108,7 +120,7 @@ def train(method: str, args, data: Path, out: Path, epochs: int, lr: float) -> d
         mixed_precision=args.mixed_precision,
         workers=0,
         seed=args.seed,
-        output=str(out / method),
+        output=str(out / slug(method)),
         task_options={"num_frames": args.frames, "frame_sampling": "random"},
     )
     t0 = time.perf_counter()
@@ -166,11 +178,10 @@ def efficiency(methods: list[str], args) -> list[dict]:
     labels = torch.arange(args.eff_batch) % 2
     rows, steps = [], []
     for name in methods:
-        method, _, option = name.partition(":")  # "losa:recompute": LoSA with recompute=True
+        method, options = parse_method(name)  # "losa[recompute=false]": LoSA keeping its activations
         torch.manual_seed(0)
         model = sidetune.create(BACKBONE, method, task="video", num_frames=args.eff_frames, num_classes=2,
-                                weights=str(WEIGHTS), img_size=size, **({option: True} if option else {})
-                                ).train()  # fmt: skip
+                                weights=str(WEIGHTS), img_size=size, **options).train()  # fmt: skip
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
         report = saved_tensor_bytes(lambda m=model: F.cross_entropy(m(clips), labels), module=model)
 
@@ -222,7 +233,8 @@ def write_report(results: dict, out: Path) -> None:
     ]
     for r in results["training"]:
         lines.append(
-            f"| {r['method']} | {'yes' if r['method'] == 'losa' else 'no (mean over frames)'} | {r['trainable']:,} | "
+            f"| {r['method']} | {'yes' if parse_method(r['method'])[0] == 'losa' else 'no (mean over frames)'} | "
+            f"{r['trainable']:,} | "
             f"{r['epochs']} | {r['lr']:g} | {r['best_val_top1']:.1%} | {r['test_top1']:.1%} "
             f"({r['test_clips']} clips) | {r['same_prediction_both_directions']:.0%} | {r['median_step_s']:.2f} |"
         )
@@ -266,9 +278,17 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=6, help="epochs of the side methods")
     p.add_argument("--inplace-epochs", type=int, default=3, help="epochs of lora / full (each step is ~3x dearer)")
-    p.add_argument("--methods", nargs="+", default=["losa", "linear", "lora", "e3va"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["losa[recompute=false]", "linear", "lora", "e3va"],
+        help="methods to train, name[key=value;...] (default: the page's rows; 'losa' trains LoSA with its default "
+        "recompute=true: the same values, less memory, a slower step)",
+    )
     p.add_argument("--lr", type=json.loads, default={"losa": 3e-3, "linear": 3e-3, "e3va": 3e-3, "lora": 1e-3,
-                                                     "full": 3e-5}, help="JSON method -> lr")  # fmt: skip
+                                                     "full": 3e-5},
+                   help="JSON method -> lr (a method with options takes its name's lr unless listed itself)",
+                   )  # fmt: skip
     p.add_argument("--eff-frames", type=int, default=8)
     p.add_argument("--eff-img-size", type=int, default=112)
     p.add_argument("--eff-batch", type=int, default=2)
@@ -276,8 +296,8 @@ def main() -> int:
     p.add_argument(
         "--eff-methods",
         nargs="+",
-        default=["linear", "losa", "losa:recompute", "e3va", "lora", "full"],
-        help="method[:option] (option set to True, e.g. losa:recompute)",
+        default=["linear", "losa[recompute=false]", "losa", "e3va", "lora", "full"],
+        help="methods to measure, name[key=value;...] (default: the page's rows)",
     )
     p.add_argument("--mixed-precision", default="auto", help="training autocast: auto = bf16 where native, else no")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see efficiency())")
@@ -286,6 +306,16 @@ def main() -> int:
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--report-only", action="store_true", help="rewrite the page from OUT/video_temporal.json")
     args = p.parse_args()
+    for method in {*args.methods, *args.eff_methods}:
+        if ":" in method:
+            p.error(f"{method!r}: write options in brackets, e.g. losa[recompute=true] (method:option is gone)")
+        try:
+            parse_method(method)  # a malformed option fails here, not after minutes of data and training
+        except ConfigError as err:
+            p.error(str(err))
+    for method in args.methods:
+        if method not in args.lr and parse_method(method)[0] not in args.lr:
+            p.error(f"--lr has no learning rate for {method!r}")
     if args.report_only:
         write_report(json.loads((args.out / "video_temporal.json").read_text()), args.out)
         return 0
@@ -333,8 +363,9 @@ def main() -> int:
     write_report(results, args.out)
     if not args.skip_training:
         for method in args.methods:
-            epochs = args.inplace_epochs if method in ("lora", "full") else args.epochs
-            row = train(method, args, args.data, args.runs, epochs, args.lr[method])
+            name = parse_method(method)[0]
+            epochs = args.inplace_epochs if name in ("lora", "full") else args.epochs
+            row = train(method, args, args.data, args.runs, epochs, args.lr.get(method, args.lr.get(name)))
             print(json.dumps(row), flush=True)
             results["training"].append(row)
             write_report(results, args.out)

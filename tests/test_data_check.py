@@ -358,9 +358,11 @@ def test_class_weights_absent_class_and_wrong_kind(tmp_path: Path) -> None:
 # -- registry and command line --------------------------------------------------------------------------------
 def test_layouts_registry_names_every_layout_the_builders_read() -> None:
     from sidetune.data import detection, segmentation
+    from sidetune.data.video import VIDEO_LAYOUTS
 
-    assert set(LAYOUTS) == {"classification", "segmentation", "detection", "instance"}
+    assert set(LAYOUTS) == {"classification", "segmentation", "detection", "instance", "video"}
     assert set(LAYOUTS["classification"]) == {"imagefolder", "vtab", "csv"}
+    assert {"auto", *LAYOUTS["video"]} == set(VIDEO_LAYOUTS)
     assert set(LAYOUTS["segmentation"]) == set(segmentation.LAYOUTS)
     assert set(LAYOUTS["detection"]) == set(detection.LAYOUTS) and set(LAYOUTS["instance"]) == {"coco"}
     assert all(0 < len(line) <= 110 and "\n" not in line for per in LAYOUTS.values() for line in per.values())

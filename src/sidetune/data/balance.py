@@ -1,6 +1,7 @@
 """Class balance of a split: per-class counts in the unit the loss sees, and class-balanced loss weights.
 
-The unit is what one class "weighs" in the task's loss: **images** for classification (one label each),
+The unit is what one class "weighs" in the task's loss: **images** for classification (one label each; **clips** for
+video),
 **pixels** for segmentation (every scored pixel of every mask; pixels at the ignore index, 255, are counted
 apart), **boxes** for detection. :func:`count_classes` reads a split once (for segmentation it decodes every
 mask, which costs about as much as one pass of a data loader without the images), :func:`class_weights` turns
@@ -36,13 +37,20 @@ from .classification import ClassificationDataset
 from .detection import DetectionDataset
 from .files import unwrap
 from .segmentation import IGNORE_INDEX, SegmentationDataset
+from .video import VideoClipDataset
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ClassCounts", "class_weights", "count_classes", "mask_histogram", "task_of", "unwrap"]
 
 Kind = Literal["auto", "labels", "pixels"]
-_UNITS = {"classification": "images", "segmentation": "pixels", "detection": "boxes", "instance": "boxes"}
+_UNITS = {
+    "classification": "images",
+    "segmentation": "pixels",
+    "detection": "boxes",
+    "instance": "boxes",
+    "video": "clips",
+}
 
 
 @dataclass
@@ -50,9 +58,9 @@ class ClassCounts:
     """Per-class counts of one split.
 
     Attributes:
-        task: ``classification``, ``segmentation``, ``detection`` or ``instance``.
+        task: ``classification``, ``segmentation``, ``detection``, ``instance`` or ``video``.
         classes: the K class names.
-        unit: what ``counts`` counts: ``images``, ``pixels`` or ``boxes``.
+        unit: what ``counts`` counts: ``images``, ``pixels``, ``boxes`` or ``clips``.
         counts: per class, in ``unit`` (pixels at the ignore index excluded).
         images_with: per class, the images holding at least one of it (equals ``counts`` for classification).
         images: images in the split.
@@ -130,6 +138,8 @@ def task_of(dataset: Any) -> str:
         return "segmentation"
     if isinstance(base, DetectionDataset):
         return "instance" if base.masks else "detection"
+    if isinstance(base, VideoClipDataset):
+        return "video"
     if isinstance(base, ClassificationDataset) or hasattr(dataset, "targets"):
         return "classification"
     raise ConfigError(
@@ -174,6 +184,10 @@ def count_classes(dataset: Any, *, workers: int | None = None) -> ClassCounts:
     base, indices = unwrap(dataset)
     classes = [str(c) for c in base.classes]
     k = len(classes)
+    if task == "video":
+        labels = [base.clips[i][1] for i in indices]
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)[:k].tolist() if labels else [0] * k
+        return ClassCounts(task, classes, "clips", counts, list(counts), len(indices))
     if task == "classification":
         labels = [int(base.samples[i][1]) if hasattr(base, "samples") else int(base.targets[i]) for i in indices]
         counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)[:k].tolist() if labels else [0] * k
@@ -229,7 +243,7 @@ def class_weights(
     if not 0.0 <= power <= 4.0 or not np.isfinite(power):
         raise ConfigError(f"class-weight power must be in [0, 4] (1: inverse frequency), got {power!r}.")
     counts = counts if counts is not None else count_classes(dataset)
-    wanted = {"classification": "labels", "segmentation": "pixels"}.get(counts.task)
+    wanted = {"classification": "labels", "video": "labels", "segmentation": "pixels"}.get(counts.task)
     if wanted is None:
         raise ConfigError(
             f"class weights apply to classification (labels) and segmentation (pixels), not {counts.task}: the "

@@ -5,7 +5,8 @@ augmentation recipes.
 description of each layout (folder tree, file formats, split names, ignored values, an example) is in
 ``docs/data.md``. ``auto`` is accepted everywhere besides these and guesses the layout from the folder (the
 rules are in each task's builder: :func:`~sidetune.data.build_classification_dataset`,
-:func:`~sidetune.data.build_segmentation_dataset`, :func:`~sidetune.data.build_detection_dataset`).
+:func:`~sidetune.data.build_segmentation_dataset`, :func:`~sidetune.data.build_detection_dataset`,
+:func:`~sidetune.data.video.build_video_dataset`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 __all__ = ["AUGMENTATIONS", "DATA_DOCS", "LAYOUTS", "TASKS", "layouts_help"]
 
 #: The tasks that read a dataset from disk.
-TASKS: tuple[str, ...] = ("classification", "segmentation", "detection", "instance")
+TASKS: tuple[str, ...] = ("classification", "segmentation", "detection", "instance", "video")
 
 #: task -> {layout: one-line description}; ``auto`` (the default) is not listed, it picks one of these.
 LAYOUTS: dict[str, dict[str, str]] = {
@@ -35,6 +36,11 @@ LAYOUTS: dict[str, dict[str, str]] = {
     },
     "instance": {
         "coco": "COCO JSON with polygon/RLE segmentations: DIR/<split>/ + DIR/annotations/instances_<split>.json",
+    },
+    "video": {
+        "folder": "DIR/<split>/<class>/<clip>, a clip a video file or a folder of numbered frames",
+        "list": "UCF101/mmaction lists: DIR/<split>.txt, 'path label' lines (classInd.txt beside it for UCF101)",
+        "csv": "DIR/<split>.csv with path,label columns, or a Kinetics youtube_id,time_start,time_end,label file",
     },
 }
 

@@ -3,7 +3,11 @@
 :func:`check_dataset` reads every split of a dataset with the builders training uses (no model, no
 transform), decodes every image (and every mask) once, and returns a :class:`DataReport`: the splits found,
 images per split, per-class counts in the unit the loss sees (images, pixels or boxes; :mod:`.balance`), image
-sizes, every file the readers skipped with its reason, every file training would stop at, and warnings.
+sizes, every file the readers skipped with its reason, every file training would stop at, and warnings. Video data
+(``task="video"``) is read the same way with the clip readers and clip policy of training
+(:func:`~sidetune.data.video.build_video_dataset`): clips per class, frames per clip, frame sizes, and every clip
+refused (unreadable, too short for T, a gap in a frame folder, not found) or that training would stop at
+(truncated).
 
 :func:`check_training_data` is the part a training run needs at its start: it refuses a training split on which
 training cannot mean anything (one class, no scored pixel, no box), and returns :class:`DataWarning`\\ s for the
@@ -33,6 +37,7 @@ from .classification import VTAB_SPLITS, build_classification_dataset, skipped_f
 from .detection import BoxFixWarning, build_detection_dataset, detect_detection_layout
 from .files import _DECODE_ERRORS, DataError, _reason, load_rgb
 from .segmentation import IGNORE_INDEX, build_segmentation_dataset, detect_segmentation_layout
+from .video import FRAME_EXTENSIONS, VIDEO_EXTENSIONS, ClipSource, build_video_dataset, check_clip_options
 
 __all__ = [
     "IMBALANCE_RATIO",
@@ -65,6 +70,19 @@ _TRAIN_SPLITS = ("train", "training", "train800val200", "train800", "trainval")
 _SPLIT_ORDER = ("train", "training", "train800val200", "train800", "trainval", "val", "valid", "validation", "val200")
 _CLASSIFICATION_SPLIT_DIRS = ("train", "val", "valid", "validation", "test", "trainval")
 _MAX_SHOWN = 20
+#: Tasks with one label per sample (an image, a clip): counted in samples, refused with fewer than two classes.
+_LABELLED = ("classification", "video")
+#: The first words of a video reader's refusal -> the reason's category in a report (grouped in the warning).
+_CLIP_REASONS: tuple[tuple[str, str], ...] = (
+    ("fewer than the", "too short"),
+    ("has a gap", "gap in frame folder"),
+    ("are both frame", "duplicate frame number"),
+    ("has no frame number", "frame without a number"),
+    ("is truncated", "truncated"),
+    ("video not found", "not found"),
+    ("does not exist", "not found"),
+    ("holds no frame", "no frame"),
+)
 
 
 @dataclass(frozen=True)
@@ -94,7 +112,7 @@ def _names(classes: Sequence[str], indices: Sequence[int]) -> str:
 def training_refusal(counts: ClassCounts) -> str | None:
     """Why training on a split with these counts cannot mean anything, or None when it can."""
     present = counts.present
-    if counts.task == "classification":
+    if counts.task in _LABELLED:
         if len(counts.classes) < 2:
             return (
                 f"the data has {len(counts.classes)} class ({_names(counts.classes, range(len(counts.classes)))}): a "
@@ -103,9 +121,10 @@ def training_refusal(counts: ClassCounts) -> str | None:
             )
         if len(present) < 2:
             return (
-                f"every training image is of class {_names(counts.classes, present)} ({counts.images} images, none of "
-                f"the other {len(counts.classes) - len(present)} classes): the loss reaches 0 by predicting that "
-                "class, whatever the images show. Add images of the other classes to the training split."
+                f"every training {counts.unit[:-1]} is of class {_names(counts.classes, present)} ({counts.images} "
+                f"{counts.unit}, none of the other {len(counts.classes) - len(present)} classes): the loss reaches 0 "
+                f"by predicting that class, whatever the {counts.unit} show. Add {counts.unit} of the other classes to "
+                "the training split."
             )
     elif counts.task == "segmentation":
         if counts.total == 0:
@@ -138,7 +157,7 @@ def split_warnings(
     where = f"split {split!r}" if split is not None else "the data"
     if counts.task in ("detection", "instance") and counts.total == 0:
         out.append(DataWarning("no_boxes", f"{where} holds no box in its {counts.images} images.", split))
-    elif counts.task in ("classification", "segmentation") and len(present) == 1 and len(classes) > 1:
+    elif counts.task in (*_LABELLED, "segmentation") and len(present) == 1 and len(classes) > 1:
         out.append(
             DataWarning(
                 "single_class",
@@ -162,7 +181,7 @@ def split_warnings(
         least = min(present, key=lambda k: counts.counts[k])
         remedy = (
             "; class-balanced loss weights (--class-weights auto) counter it"
-            if counts.task in ("classification", "segmentation")
+            if counts.task in (*_LABELLED, "segmentation")
             else ""
         )
         out.append(
@@ -252,7 +271,9 @@ class SplitReport:
         skipped: ``(path, reason)`` of every file the reader left out.
         problems: ``(path, reason)`` of every file training would stop at (unreadable image, bad mask).
         warnings: the split's warnings.
-        facts: layout-specific facts (detection: ``box_fixes``; lists: ``repeated_files``).
+        facts: layout-specific facts (detection: ``box_fixes``; lists: ``repeated_files``; video: ``clips``,
+            ``frames_per_clip`` ``{"min", "median", "max"}`` over the readable clips, ``clip_options`` (T, stride,
+            clip policy, verify) and ``short_clips_used`` (clips shorter than T that ``loop``/``pad`` use)).
     """
 
     split: str | None
@@ -356,26 +377,35 @@ def _relative(path: str, root: Path) -> str:
 def _format_split(s: SplitReport, root: Path, max_listed: int) -> list[str]:
     c = s.counts
     name = s.split if s.split is not None else "(all)"
-    head = f"split {name}: {c.images} images"
-    if c.unit != "images":
+    per_sample = c.unit in ("images", "clips")  # one label per sample: the count is the sample count
+    head = f"split {name}: {c.images} {'clips' if c.unit == 'clips' else 'images'}"
+    if not per_sample:
         head += f", {c.total} {c.unit}"
     if s.sizes:
         w, h = s.sizes["width"], s.sizes["height"]
         head += (
-            f"; sizes (W x H) min {w['min']:g}x{h['min']:g}, median {w['median']:g}x{h['median']:g}, "
-            f"max {w['max']:g}x{h['max']:g}"
+            f"; {'frame sizes' if c.unit == 'clips' else 'sizes'} (W x H) min {w['min']:g}x{h['min']:g}, "
+            f"median {w['median']:g}x{h['median']:g}, max {w['max']:g}x{h['max']:g}"
         )
     lines = [head]
     width = max([5, *(len(n) for n in c.classes)])
-    unit_col = c.unit if c.unit != "images" else "images"
-    lines.append(f"  {'class'.ljust(width)}  {unit_col:>12}  {'share':>6}" + ("" if c.unit == "images" else "  images"))
+    lines.append(f"  {'class'.ljust(width)}  {c.unit:>12}  {'share':>6}" + ("" if per_sample else "  images"))
     total = max(c.total, 1)
     for name_k, n, m in zip(c.classes, c.counts, c.images_with, strict=True):
         row = f"  {name_k.ljust(width)}  {n:>12}  {100 * n / total:>5.1f}%"
-        lines.append(row + ("" if c.unit == "images" else f"  {m:>6}"))
+        lines.append(row + ("" if per_sample else f"  {m:>6}"))
     ratio = c.imbalance()
     if ratio is not None:
         lines.append(f"  imbalance (most / least frequent class present): {ratio:.1f}x")
+    frames, options = s.facts.get("frames_per_clip"), s.facts.get("clip_options")
+    if options is not None:
+        stride = f", stride {options['frame_stride']}" if options["frame_stride"] else ""
+        span = f"min {frames['min']:g}, median {frames['median']:g}, max {frames['max']:g}" if frames else "none read"
+        lines.append(
+            f"  frames per clip: {span} (T = {options['num_frames']}{stride}, clip policy {options['clip_policy']})"
+        )
+        if s.facts.get("short_clips_used"):
+            lines.append(f"  clips shorter than T used ({options['clip_policy']}): {s.facts['short_clips_used']}")
     if c.unit == "pixels":
         lines.append(f"  ignored pixels ({IGNORE_INDEX}/void): {c.ignored}; masks all void: {len(c.all_void)}")
     if c.unit == "boxes":
@@ -407,7 +437,7 @@ def find_splits(root: str | os.PathLike[str], task: str, layout: str = "auto") -
 
     Training splits first (``train``, ...), then validation, then the rest, ``test`` last. ``None`` stands for a
     dataset without split names (an ImageFolder of class folders, one CSV or list file, a VOC folder without
-    split lists).
+    split lists, video class folders holding their clips directly).
 
     Raises:
         DataError: no known layout, or no split found.
@@ -422,6 +452,8 @@ def find_splits(root: str | os.PathLike[str], task: str, layout: str = "auto") -
         raise DataError(f"{root} does not exist; check the path.")
     if task == "classification":
         return _classification_splits(root, layout)
+    if task == "video":
+        return _video_splits(root, layout)
     if task == "segmentation":
         if layout == "auto":
             annot = [p.name[: -len("annot")] for p in root.iterdir() if p.is_dir() and p.name.endswith("annot")]
@@ -469,13 +501,62 @@ def _classification_splits(root: Path, layout: str) -> tuple[str, list[str | Non
     return layout, _order(dirs) if dirs else [None]
 
 
+def _holds_clips(folder: Path) -> bool:
+    """Whether ``folder`` is a class folder (it holds video files or frame folders), not a split folder."""
+    for p in folder.iterdir():
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS:
+            return True
+        if p.is_dir() and any(f.suffix.lower() in FRAME_EXTENSIONS for f in p.iterdir()):
+            return True
+    return False
+
+
+def _is_clip_list(path: Path) -> bool:
+    """Whether a .txt file is a clip list (its first line names a clip), not classInd.txt or a README."""
+    if path.name == "classInd.txt":
+        return False
+    with path.open(errors="replace") as f:
+        first = next((line.split() for line in f if line.strip()), None)
+    if not first:
+        return False
+    clip = first[0]
+    return "/" in clip or Path(clip).suffix.lower() in VIDEO_EXTENSIONS or (path.parent / clip).exists()
+
+
+def _video_splits(root: Path, layout: str) -> tuple[str, list[str | None]]:
+    """Video layouts: ``<split>.csv`` files, else ``<split>.txt`` clip lists, else ``<split>/<class>/<clip>``
+    folders (or ``<class>/<clip>`` directly, a dataset without split names); the order
+    :func:`~sidetune.data.video.build_video_dataset` tries for ``auto``."""
+    if root.is_file():
+        kind = {".csv": "csv", ".txt": "list"}.get(root.suffix.lower())
+        if kind is None or layout not in ("auto", kind):
+            raise DataError(f"{root}: a video list must be a .txt (layout list) or .csv (layout csv) file.")
+        return kind, [None]
+    csvs = sorted(p.stem for p in root.glob("*.csv"))
+    lists = sorted(p.stem for p in root.glob("*.txt") if _is_clip_list(p))
+    if layout == "auto":
+        layout = "csv" if csvs else "list" if lists else "folder"
+    if layout == "csv":
+        return _found(root, layout, csvs)
+    if layout == "list":
+        return _found(root, layout, lists)
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if any(_holds_clips(d) for d in dirs):
+        return layout, [None]  # root/<class>/<clip>
+    return _found(root, layout, [d.name for d in dirs])
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    """``{"min", "median", "max"}`` of ``values`` (empty when there are none)."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else {}
+
+
 def _size_stats(sizes: Sequence[tuple[int, int]]) -> dict[str, dict[str, float]]:
     if not sizes:
         return {}
-    out = {}
-    for axis, values in (("width", [w for w, _ in sizes]), ("height", [h for _, h in sizes])):
-        out[axis] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
-    return out
+    return {"width": _stats([w for w, _ in sizes]), "height": _stats([h for _, h in sizes])}
 
 
 def _read_image(path: Path, decode: bool) -> tuple[int, int]:
@@ -488,7 +569,23 @@ def _read_image(path: Path, decode: bool) -> tuple[int, int]:
         raise DataError(f"cannot read image {path}: {exc}") from exc
 
 
-def _build(root: Path, task: str, layout: str, split: str | None, classes: list[str] | None) -> Any:
+def _build(
+    root: Path, task: str, layout: str, split: str | None, classes: list[str] | None, clip_options: dict[str, Any]
+) -> Any:
+    if task == "video":
+        # evaluation's sampling (uniform): the clip policy refuses the same clips whatever the sampling
+        return build_video_dataset(
+            root,
+            split,
+            None,
+            layout,
+            num_frames=clip_options["num_frames"],
+            sampling="uniform",
+            frame_stride=clip_options["frame_stride"],
+            short_clips=clip_options["clip_policy"],
+            verify=clip_options["verify"],
+            classes=classes,
+        )
     if task == "classification":
         return build_classification_dataset(root, split, None, layout, classes=classes)  # type: ignore[arg-type]
     if task == "segmentation":
@@ -548,6 +645,80 @@ def _read_split(dataset: Any, task: str, decode: bool, workers: int) -> tuple[An
     return counts, sizes, problems
 
 
+def _clip_reason(path: str, message: str) -> str:
+    """A video reader's refusal as ``category (detail)``: grouped by category in the ``skipped_files`` warning."""
+    category = next((name for key, name in _CLIP_REASONS if key in message), "unreadable")
+    detail = message.replace(f" {path}", "").rstrip(".")
+    return f"{category} ({detail})"
+
+
+def _clip_facts(source: ClipSource, decode: bool) -> tuple[tuple[int, int], int]:
+    """``((width, height), frames)`` of a clip, decoding every frame when ``decode`` (a frame folder's frames, a
+    video's frames to its end).
+
+    Raises:
+        DataError: ``category (detail)``: a frame that does not decode, frames of different sizes, a video that
+            decodes fewer frames than it was probed with (truncated: training stops when it needs a later frame).
+    """
+    if source.frames is not None:
+        sizes = set()
+        for f in source.frames:
+            try:
+                sizes.add(_read_image(f, decode))
+            except DataError as exc:
+                raise DataError(f"{_reason(exc)} in frame {f.name}") from None
+        if len(sizes) > 1:
+            raise DataError(f"frames of different sizes ({', '.join(f'{w}x{h}' for w, h in sorted(sizes))})")
+        return sizes.pop(), len(source.frames)
+    import av
+
+    from .video import _open  # the reader's own open: the same errors as training for a file that changed
+
+    try:
+        container = _open(source.path)
+    except DataError as exc:  # opened once when the data was built: changed since, or opens only sometimes
+        raise DataError(_clip_reason(str(source.path), str(exc))) from None
+    count = 0
+    try:
+        stream = container.streams.video[0]
+        size = (stream.codec_context.width, stream.codec_context.height)
+        if not decode:
+            return size, source.num_frames
+        for frame in container.decode(stream):
+            count += 1
+            size = (frame.width, frame.height)
+    except av.FFmpegError as err:
+        raise DataError(
+            f"damaged (decoding failed after {count} of {source.num_frames} frames: {err}; training stops at it, "
+            "--verify (verify=true) refuses it when the data is built)"
+        ) from None
+    finally:
+        container.close()
+    if count < source.num_frames:
+        raise DataError(
+            f"truncated ({count} of the {source.num_frames} frames its header announces decode; training stops when "
+            "it needs a later frame, --verify (verify=true) refuses it when the data is built)"
+        )
+    return size, count
+
+
+def _read_video_split(dataset: Any, decode: bool, workers: int) -> tuple[ClassCounts, list, list, list[int]]:
+    """Read every clip once; returns (counts over the readable clips, frame sizes, problems, frames per clip)."""
+
+    def safe(i: int) -> tuple[Any, str | None]:
+        try:
+            return _clip_facts(dataset.clips[i][0], decode), None
+        except DataError as exc:
+            return None, str(exc).rstrip(".")
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(safe, range(len(dataset.clips))))
+    good = [i for i, (value, _) in enumerate(results) if value is not None]
+    problems = [(str(dataset.clips[i][0].path), err) for i, (_, err) in enumerate(results) if err is not None]
+    counts = count_classes(Subset(dataset, good))
+    return counts, [results[i][0][0] for i in good], problems, [results[i][0][1] for i in good]
+
+
 def _repeated(dataset: Any) -> int:
     samples = getattr(unwrap(dataset)[0], "samples", None)
     if not samples or not isinstance(samples[0][1], int):
@@ -565,23 +736,38 @@ def check_dataset(
     decode: bool = True,
     workers: int | None = None,
     imbalance_ratio: float = IMBALANCE_RATIO,
+    num_frames: int = 8,
+    frame_stride: int | None = None,
+    clip_policy: str = "refuse",
+    verify: bool = False,
 ) -> DataReport:
     """Read a dataset as training would and report what was found (``sidetune data check``).
 
     Every split is built with the builder training uses (:func:`~sidetune.data.build_classification_dataset`,
-    :func:`~sidetune.data.build_segmentation_dataset`, :func:`~sidetune.data.build_detection_dataset`; for
-    classification every split takes the training split's classes, as evaluation does), then every image is
-    decoded once (and every mask, to count pixels per class). A split that cannot be built is reported as an
+    :func:`~sidetune.data.build_segmentation_dataset`, :func:`~sidetune.data.build_detection_dataset`,
+    :func:`~sidetune.data.video.build_video_dataset`; for classification and video every split takes the training
+    split's classes, as evaluation does), then every image is decoded once (and every mask, to count pixels per
+    class; every frame of every clip, to find truncated videos). A split that cannot be built is reported as an
     error and the others are still read.
 
+    Video clips are refused as training refuses them, under the same clip options (a clip too short for
+    ``num_frames`` at ``frame_stride`` under ``clip_policy`` ``refuse``, a video that cannot be opened or holds no
+    frame, a frame folder with a gap or a repeated frame number, a listed clip not found); each refused clip is in
+    the split's ``skipped`` as ``category (detail)``. A video that opens but decodes fewer frames than its header
+    announces is a file training would stop at (``problems``), or is refused with ``verify=True``, as in training.
+
     Args:
-        root: the dataset folder (classification: or one CSV / VTAB list file).
-        task: ``classification``, ``segmentation``, ``detection`` or ``instance``.
+        root: the dataset folder (classification: or one CSV / VTAB list file; video: or one list / CSV file).
+        task: ``classification``, ``segmentation``, ``detection``, ``instance`` or ``video``.
         layout: ``auto`` or one of :data:`~sidetune.data.LAYOUTS` ``[task]``.
         splits: the splits to read (default: every split found, :func:`find_splits`).
-        decode: decode every image (finds truncated files); False reads image headers only (faster).
+        decode: decode every image / frame (finds truncated files); False reads headers only (faster).
         workers: decoding threads; default ``min(8, CPUs)``.
         imbalance_ratio: the ``imbalance`` warning's threshold (:data:`IMBALANCE_RATIO`).
+        num_frames: video: T, frames sampled per clip (training's ``--num-frames``).
+        frame_stride: video: frames between sampled frames, or None (training's ``--frame-stride``).
+        clip_policy: video: clips shorter than T: ``refuse``, ``loop`` or ``pad`` (training's ``--clip-policy``).
+        verify: video: decode every clip when the data is built and refuse truncated ones (``verify=true``).
 
     Returns:
         The report; ``report.ok`` is False when a split cannot be read, training would be refused, or a file
@@ -592,6 +778,14 @@ def check_dataset(
         ConfigError: an unknown task or layout.
     """
     root = Path(root).expanduser()
+    clip_options = {
+        "num_frames": num_frames,
+        "frame_stride": frame_stride,
+        "clip_policy": clip_policy,
+        "verify": verify,
+    }
+    if task == "video":
+        check_clip_options(num_frames, "uniform", frame_stride, clip_policy)
     layout, found = find_splits(root, task, layout)
     if splits is not None:
         missing = [s for s in splits if s not in found]
@@ -606,14 +800,28 @@ def check_dataset(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                dataset = _build(root, task, layout, split, classes)
+                dataset = _build(root, task, layout, split, classes, clip_options)
             except (DataError, ConfigError) as exc:
                 report.errors.append(f"split {split!r}: {exc}")
                 continue
-            counts, sizes, problems = _read_split(dataset, task, decode, workers)
-        if task == "classification" and classes is None:
+            if task == "video":
+                # verify decoded every clip while building (and refused the truncated ones): headers suffice now
+                counts, sizes, problems, frames = _read_video_split(dataset, decode and not verify, workers)
+                skipped = [(p, _clip_reason(p, r)) for p, r in dataset.skipped]
+            else:
+                counts, sizes, problems = _read_split(dataset, task, decode, workers)
+                skipped = list(dataset.skipped)
+        if task in _LABELLED and classes is None:
             classes = list(dataset.classes)  # later splits are read with the training split's classes
-        split_report = SplitReport(split, counts, _size_stats(sizes), list(dataset.skipped), problems)
+        split_report = SplitReport(split, counts, _size_stats(sizes), skipped, problems)
+        if task == "video":
+            needed = num_frames if frame_stride is None else (num_frames - 1) * frame_stride + 1
+            split_report.facts.update(
+                clips=counts.images,
+                frames_per_clip=_stats(frames),
+                clip_options=dict(clip_options),
+                short_clips_used=sum(f < needed for f in frames),
+            )
         split_report.warnings = split_warnings(counts, split, imbalance_ratio=imbalance_ratio)
         if split_report.skipped:
             split_report.warnings.append(_skipped_warning(split_report.skipped, split))
@@ -637,13 +845,14 @@ def check_dataset(
         for w in caught:
             if not issubclass(w.category, BoxFixWarning):
                 split_report.warnings.append(DataWarning("reader_warning", f"split {split!r}: {w.message}", split))
-        repeated = _repeated(dataset) if layout in ("csv", "vtab") else 0
+        repeated = _repeated(dataset) if layout in ("csv", "vtab", "list") else 0
         if repeated:
             split_report.facts["repeated_files"] = repeated
             split_report.warnings.append(
                 DataWarning("repeated_files", f"split {split!r}: {repeated} file(s) are listed more than once.", split)
             )
-        if split is None or split in _TRAIN_SPLITS or len(found) == 1:  # a training split: would training refuse it?
+        if split is None or split in _TRAIN_SPLITS or split.startswith("trainlist") or len(found) == 1:
+            # a training split (UCF101's are trainlist01..03): would training refuse it?
             refusal = training_refusal(counts)
             if refusal is not None:
                 report.errors.append(f"training on split {split!r} would be refused: {refusal}")

@@ -14,10 +14,14 @@ from pathlib import Path
 
 from .catalog import DATA_DOCS, LAYOUTS, TASKS, layouts_help
 
+# sidetune.data.video.CLIP_POLICIES, spelled out here: that module imports torch (tests check they agree)
+_CLIP_POLICIES = ("refuse", "loop", "pad")
+
 EXAMPLES = """examples:
   sidetune data check data/flowers --task classification
   sidetune data check data/camvid --task segmentation --layout camvid --split train --split val
   sidetune data check data/cells --task detection --json > report.json
+  sidetune data check data/ucf101 --task video --layout list --num-frames 16 --split trainlist01
 """
 
 
@@ -37,8 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and mask once, and print: the splits found, images per split and class, class balance (images per "
             "class; pixels per class for masks; boxes per class for detection), image sizes, every file skipped "
             "with its reason, every file training would stop at, and warnings (a class absent from a split, a "
-            "split with one class, extreme imbalance, masks that are all void). Exit status 0 when training can "
-            "read the data, 1 when it cannot."
+            "split with one class, extreme imbalance, masks that are all void). Video (--task video): clips per "
+            "split and class, frames per clip (min/median/max), frame sizes, and every clip refused with its reason "
+            "(unreadable, too short for --num-frames under --clip-policy, a gap in a frame folder, not found) or "
+            "that training would stop at (truncated), under the clip options training takes. Exit status 0 when "
+            "training can read the data, 1 when it cannot."
         ),
         epilog=EXAMPLES + "\n" + layouts_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,6 +75,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="R",
         help="warn when a class has more than R times the examples of another (default: 10)",
     )
+    video = p.add_argument_group("video (--task video): the clip options of the training run to check for")
+    video.add_argument(
+        "--num-frames", type=int, default=8, metavar="T", help="frames sampled per clip (default: 8, as training)"
+    )
+    video.add_argument(
+        "--frame-stride",
+        type=int,
+        default=None,
+        metavar="S",
+        help="frames between sampled frames (default: spread over the clip); a clip needs (T - 1) * S + 1 frames",
+    )
+    video.add_argument(
+        "--clip-policy",
+        default="refuse",
+        choices=_CLIP_POLICIES,
+        help="clips shorter than T: refuse (default: listed, not used), loop or pad (used, and counted)",
+    )
+    video.add_argument(
+        "--verify",
+        action="store_true",
+        help="refuse truncated videos as training with --task-opt verify=true does (default: list them as files "
+        "training would stop at)",
+    )
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding threads (default: min(8, CPUs))")
     p.add_argument("--all", action="store_true", help="list every skipped file (default: the first 20 per split)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
@@ -84,6 +114,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
         raise ConfigError(f"--layout {args.layout} is not a {args.task} layout; choose from {choices} ({DATA_DOCS}).")
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}.")
+    video_flags = [
+        flag
+        for flag, value, default in (
+            ("--num-frames", args.num_frames, 8),
+            ("--frame-stride", args.frame_stride, None),
+            ("--clip-policy", args.clip_policy, "refuse"),
+            ("--verify", args.verify, False),
+        )
+        if value != default
+    ]
+    if video_flags and args.task != "video":
+        raise ConfigError(f"{', '.join(video_flags)}: clip options apply to --task video only.")
+    if args.num_frames < 1 or (args.frame_stride is not None and args.frame_stride < 1):
+        raise ConfigError("--num-frames and --frame-stride must be at least 1.")
     if not args.imbalance_ratio > 1.0:
         raise ConfigError(f"--imbalance-ratio must be a number above 1, got {args.imbalance_ratio}.")
     output = Path(args.output) if args.output else None
@@ -97,6 +141,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         decode=not args.quick,
         workers=args.workers,
         imbalance_ratio=args.imbalance_ratio,
+        num_frames=args.num_frames,
+        frame_stride=args.frame_stride,
+        clip_policy=args.clip_policy,
+        verify=args.verify,
     )
     data = report.to_dict()
     if output is not None:

@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import ClassificationSubset, DataError, split_train_val
+from ..data import ClassificationSubset, DataError, check_training_data, count_classes, split_train_val
+from ..data.catalog import LAYOUTS
 from ..data.video import (
     CLIP_POLICIES,
     SAMPLINGS,
@@ -104,9 +105,7 @@ class VideoTask(ClassificationTask):
     options_cls = VideoOptions
     layouts: ClassVar[dict[str, str]] = {
         "auto": "guess from the folder: <split>.csv, <split>.txt, or <split>/<class>/<clip>",
-        "folder": "root/<split>/<class>/<clip>, a clip a video file or a folder of numbered frames",
-        "list": "UCF101/mmaction lists: root/<split>.txt, 'path label' lines (classInd.txt beside it for UCF101)",
-        "csv": "root/<split>.csv with path,label columns, or a Kinetics youtube_id,time_start,time_end,label file",
+        **LAYOUTS["video"],
     }
     augmentations = VIDEO_AUGMENTATIONS
     headline = "top1"
@@ -178,6 +177,14 @@ class VideoTask(ClassificationTask):
             "test": test_split,
         }
         data = TaskData(train, val, test, classes, source=str(root), splits=splits, skipped=refused)
+        # as the image tasks (inspect_data): refuse a training split of one class, warn about absent classes and
+        # imbalance; clip counts for --class-weights auto. Refused clips are reported below, for every split.
+        data.counts = count_classes(train)
+        data.warnings = [
+            w.to_dict()
+            for w in check_training_data(train, counts=data.counts, split=train_split)
+            if w.code != "skipped_files"
+        ]
         if refused:
             path, reason = refused[0]
             message = (
