@@ -166,10 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report["build"], indent=1), flush=True)
     for method in methods:
-        timed = work / f"{method}-epoch.json"  # each finished part is kept, so a stopped benchmark goes on
-        if not timed.is_file():
-            timed.write_text(json.dumps(time_epochs(args, method, cache, args.timing_rounds), indent=1) + "\n")
-        row: dict[str, Any] = {"epoch": json.loads(timed.read_text())}
+        # each finished part is kept, so a stopped benchmark goes on; a timing made with other settings is redone
+        timed = work / f"{method}-epoch.json"
+        setting = {k: getattr(args, k) for k in ("img_size", "batch_size", "mixed_precision", "threads",
+                                                 "train_limit", "timing_rounds")}  # fmt: skip
+        kept = json.loads(timed.read_text()) if timed.is_file() else {}
+        if kept.get("setting") != setting:
+            kept = {**time_epochs(args, method, cache, args.timing_rounds), "setting": setting}
+            tmp = timed.with_suffix(".tmp")
+            tmp.write_text(json.dumps(kept, indent=1) + "\n")
+            tmp.replace(timed)
+        row: dict[str, Any] = {"epoch": {k: v for k, v in kept.items() if k != "setting"}}
         print(method, "epoch", row["epoch"], flush=True)
         for name, extra in (("uncached", {}), ("cached", {"cache": str(cache)})):
             out = work / f"{method}-{name}"

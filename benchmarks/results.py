@@ -260,7 +260,7 @@ def _loss_trend(summary: dict[str, Any]) -> dict[str, float] | None:
     per_epoch: dict[int, list[float]] = {}
     for line in log.read_text().splitlines():
         r = json.loads(line)
-        if r.get("type") == "step":
+        if r.get("type") == "step" and r.get("loss") is not None:  # a skipped non-finite step is logged as null
             per_epoch.setdefault(r["epoch"], []).append(r["loss"])
     means = [statistics.fmean(v) for _, v in sorted(per_epoch.items())]
     if len(means) < 2:

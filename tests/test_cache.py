@@ -304,6 +304,13 @@ def test_training_video_from_the_cache_reproduces_uncached_training_without_the_
     key = "out.5" if method == "losa" else "final"
     with safe_open(str(tmp_path / "cache" / "train-v0-00000.safetensors"), "pt") as f:
         assert f.get_slice(f"tap.{key}").get_shape() == [4, 3, 5, 64]  # 4 clips of 3 frames: per clip, per frame
+        whole = f.get_tensor(f"tap.{key}")
+    # frame_chunk bounds the build's backbone forward (2 frames at a time here) and stores the same taps
+    chunked = video_config(clips, tmp_path / "y", method=method)
+    chunked.task_options = {**chunked.task_options, "frame_chunk": 2}
+    build(chunked, [method], tmp_path / "chunked", batch_size=4, shard_size=4)
+    with safe_open(str(tmp_path / "chunked" / "train-v0-00000.safetensors"), "pt") as f:
+        torch.testing.assert_close(f.get_tensor(f"tap.{key}"), whole, rtol=1e-3, atol=1e-3)
     no_backbone(monkeypatch)
     cached = fit(video_config(clips, tmp_path / "cached", method=method, cache=str(tmp_path / "cache")))
     a, b = step_losses(tmp_path / "plain"), step_losses(tmp_path / "cached")
@@ -327,6 +334,11 @@ def test_random_frame_offsets_are_cached_as_views_of_the_epochs(clips, tmp_path,
     no_backbone(monkeypatch)
     cached = fit(video_config(clips, tmp_path / "cached", cache=str(tmp_path / "c"), **opts))
     assert step_losses(tmp_path / "cached") == pytest.approx(step_losses(tmp_path / "plain"), rel=5e-3, abs=5e-3)
+    assert not any("view(s) of its random draws" in w for w in cached.summary["data"]["warnings"])
+    # fewer views than epochs: later epochs reuse earlier draws, which the run says
+    short = fit(video_config(clips, tmp_path / "short", cache=str(tmp_path / "c"), epochs=3, **opts))
+    warned = [w for w in short.summary["data"]["warnings"] if "holds 2 view(s) of its random draws" in w]
+    assert len(warned) == 1 and "--views 3" in warned[0]
     assert cached.summary["metrics"]["final_val"]["top1"] == pytest.approx(
         plain.summary["metrics"]["final_val"]["top1"], abs=0.02
     )

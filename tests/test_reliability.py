@@ -344,3 +344,14 @@ def test_each_epoch_line_names_the_worst_classes_of_its_validation(data, tmp_pat
     assert len(lines) == 1 and ", val top-1 " in lines[0], lines
     worst = lines[0].split("; worst recall: ")[1].split(", ")
     assert len(worst) == 3 and all(item.split(" ")[0] in ("cat", "dog", "fox") for item in worst), lines[0]
+
+
+def test_the_epoch_line_shows_only_the_worst_three_classes_worst_first():
+    from sidetune.tasks import make_task
+    from sidetune.train.commands import _epoch_line
+
+    task = make_task("classification")
+    record = {"epoch": 2, "train_loss": 0.5, "val_top1": 0.6, "val_mean_class_acc": 0.6, "val_count": 40,
+              "val_per_class": [0.9, 0.2, 0.7, 0.6], "val_support": [10] * 4, "val_predicted": [12, 6, 11, 11]}  # fmt: skip
+    line = _epoch_line(record, task, ["a", "b", "c", "d"])
+    assert line.endswith("; worst recall: b 0.20, d 0.60, c 0.70") and "\n" not in line

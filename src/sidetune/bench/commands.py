@@ -19,6 +19,17 @@ DEFAULT_OUT = "runs/bench"
 _PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 
+def _positive_bytes(text: str) -> int:
+    """``--mmap-threshold``: a whole number of bytes, at least 1 (0 would read as glibc's dynamic policy)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {value} (leave it out for glibc's policy)")
+    return value
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces ``args``: ``sidetune COMMAND`` and every option that differs from its
     default (rebuilt from the parsed arguments, so it is exact however ``main`` was called)."""
@@ -166,7 +177,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-check-batch", type=int, default=512, help="CPU: largest batch a check may run (default: 512)")
     p.add_argument(
         "--mmap-threshold",
-        type=int,
+        type=_positive_bytes,
         default=None,
         metavar="BYTES",
         help="CPU: glibc MALLOC_MMAP_THRESHOLD_ of the measured processes (default: glibc's dynamic policy, which "

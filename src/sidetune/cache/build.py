@@ -380,23 +380,31 @@ def _plain(value: Any) -> Any:
 
 @torch.no_grad()
 def _run_backbone(model, x: torch.Tensor, request: TapRequest, spec: dict[str, int | None], precision: str):
-    """The taps of ``spec`` for a batch of backbone inputs, cut to the tokens kept."""
+    """The taps of ``spec`` for a batch of backbone inputs, cut to the tokens kept.
+
+    Video clips ``(B, T, 3, H, W)`` run as ``B*T`` frames, as uncached, ``model.frame_chunk`` frames per backbone
+    forward when it is set (the ``frame_chunk`` task option: it bounds the forward's memory), and each clip's taps
+    are stored together, ``(B, T, ...)``.
+    """
     from ..train.inference import autocast_for
 
-    clip_frames = x.shape[1] if x.ndim == 5 else None  # video: (B, T, 3, H, W) clips -> B*T frames, as uncached
-    with autocast_for(precision, x.device):
-        taps = model.backbone(x.flatten(0, 1) if clip_frames else x, request)
-    out: dict[str, torch.Tensor] = {}
-    for key, tokens in spec.items():
-        if key == "final":
-            value = taps.final  # in the backbone's own layout (a CNN's map stays a map)
-        else:
-            kind, block = key.split(".")
-            value = getattr(taps, kind)[int(block)]
-        value = value[:, :tokens] if tokens is not None and value.ndim == 3 else value
-        # a clip's frames are consecutive (clip-major): its taps are stored together, (B*T, ...) -> (B, T, ...)
-        out[key] = value.unflatten(0, (-1, clip_frames)) if clip_frames else value
-    return out
+    clip_frames = x.shape[1] if x.ndim == 5 else None
+    frames = x.flatten(0, 1) if clip_frames else x
+    chunk = (getattr(model, "frame_chunk", None) if clip_frames else None) or len(frames)
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in spec}
+    for start in range(0, len(frames), chunk):
+        with autocast_for(precision, x.device):
+            taps = model.backbone(frames[start : start + chunk], request)
+        for key, tokens in spec.items():
+            if key == "final":
+                value = taps.final  # in the backbone's own layout (a CNN's map stays a map)
+            else:
+                kind, block = key.split(".")
+                value = getattr(taps, kind)[int(block)]
+            parts[key].append(value[:, :tokens] if tokens is not None and value.ndim == 3 else value)
+    out = {key: values[0] if len(values) == 1 else torch.cat(values) for key, values in parts.items()}
+    # a clip's frames are consecutive (clip-major): (B*T, ...) -> (B, T, ...)
+    return {key: value.unflatten(0, (-1, clip_frames)) for key, value in out.items()} if clip_frames else out
 
 
 def _bytes_per_sample(task, model, dataset, collate, spec, dtype, device, precision) -> int:

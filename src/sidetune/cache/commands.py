@@ -68,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=TASK_FLAGS["--frame-sampling"][1] + "; random: cache --views K, one per epoch")  # fmt: skip
     b.add_argument("--frame-stride", type=_int_at_least(1), default=s, help=TASK_FLAGS["--frame-stride"][1])
     b.add_argument("--clip-policy", default=s, help=TASK_FLAGS["--clip-policy"][1])
+    b.add_argument("--task-opt", metavar="KEY=VALUE", action="append", default=s,
+                   help="any task option by name, as the runs will give it (e.g. verify=true for video)")  # fmt: skip
     b.add_argument("--seed", type=_int_at_least(0), default=s, help="the runs' seed (splits, augmentation views)")
     b.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=s,
                    help="precision of the backbone's forward, as the runs will use (default: auto)")  # fmt: skip
@@ -147,7 +149,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     args.output_cache = args.output
     del args.output, args.opt  # the cache's folder is not a run's; --opt here is per method (above)
     if "eval_mode" in vars(args):
-        args.task_opt = [f"eval_mode={args.eval_mode}"]
+        args.task_opt = [*getattr(args, "task_opt", []), f"eval_mode={args.eval_mode}"]
         del args.eval_mode
     config = config_from_args(args)
     bar: list[Any] = []

@@ -122,6 +122,15 @@ def open_cache(config, model, task, precision: str):
             raise CacheError(f"the cache's {split} split has {len(splits[split])} samples, the data {len(dataset)}.")
     if list(manifest.classes) != list(data.classes):
         raise CacheError(f"the cache's classes {manifest.classes[:5]}... differ from the data's {data.classes[:5]}...")
+    warnings = list(data.warnings)
+    views = manifest.splits.get("train", {}).get("views", 1)
+    if splits["train"] is not None and manifest.transform.get("seed") is not None and views < config.epochs:
+        message = (
+            f"the cache holds {views} view(s) of its random draws (augmentation, frame offsets) for {config.epochs} "
+            f"epochs: epochs after the {views}th reuse earlier views where an uncached run draws new ones; build "
+            f"with --views {config.epochs} to match it."
+        )
+        warnings.append({"code": "cache_views", "split": "train", "message": message})
     return TaskData(
         splits["train"],
         splits["val"],
@@ -131,7 +140,7 @@ def open_cache(config, model, task, precision: str):
         splits=data.splits,
         skipped=data.skipped,
         counts=data.counts,
-        warnings=data.warnings,
+        warnings=warnings,
         collate=cached_collate(task.collate),
         eval_collate=cached_collate(task.eval_collate),
     )

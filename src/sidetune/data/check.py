@@ -65,6 +65,7 @@ WARNING_CODES: dict[str, str] = {
     "unreadable": "files that cannot be read: training stops at the first one",
     "repeated_files": "files listed more than once in a list or CSV (each copy is read)",
     "reader_warning": "a warning the dataset reader raised while reading the split",
+    "cache_views": "a tap cache holds fewer views of its random draws than the run has epochs (later epochs reuse)",
 }
 _TRAIN_SPLITS = ("train", "training", "train800val200", "train800", "trainval")
 _SPLIT_ORDER = ("train", "training", "train800val200", "train800", "trainval", "val", "valid", "validation", "val200")
