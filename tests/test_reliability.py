@@ -352,6 +352,7 @@ def test_the_epoch_line_shows_only_the_worst_three_classes_worst_first():
 
     task = make_task("classification")
     record = {"epoch": 2, "train_loss": 0.5, "val_top1": 0.6, "val_mean_class_acc": 0.6, "val_count": 40,
-              "val_per_class": [0.9, 0.2, 0.7, 0.6], "val_support": [10] * 4, "val_predicted": [12, 6, 11, 11]}  # fmt: skip
+              "val_per_class": [0.9, 0.2, 0.7, 0.6], "val_support": [10] * 4,
+              "val_predicted": [12, 6, 11, 11]}  # fmt: skip
     line = _epoch_line(record, task, ["a", "b", "c", "d"])
     assert line.endswith("; worst recall: b 0.20, d 0.60, c 0.70") and "\n" not in line
