@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "chosen": swept["chosen"],
             "test_top1": swept["test"]["top1"] if swept["test"] else None,
             "x_one_cached_run": swept["timing"]["wall_time_s"] / row["cached"]["wall_time_s"],
+            "train_time_s_per_config": swept["timing"]["train_time_s_per_config"],
         }
         report["methods"][method] = row
         print(method, json.dumps(row, indent=1, default=str), flush=True)
@@ -289,13 +290,24 @@ def render(report: dict[str, Any]) -> str:
         "Where a target is missed, why: a cached epoch is the side network's own step (forward, backward and AdamW "
         "on the taps) plus reading the taps, so it can never cost less than `T_side / (T_backbone + T_side)` of an "
         "uncached epoch; the cache removes the backbone, not the side network. E3VA's side network on a "
-        "class-token ViT reads one token per block and costs almost nothing, so its cached epoch is a few percent "
-        "of an uncached one. LoSA mixes every token of every block: on ViT-S/14 at 224 px its side step is about "
-        "a fifth of the whole uncached step (the cached epoch above, in ms per image, is that step plus the read), "
+        "class-token ViT reads one token per block and costs a few ms per image, so its cached epoch is a few "
+        "percent of an uncached one. LoSA mixes every token of every block: on ViT-S/14 at 224 px its side step "
+        "is about a fifth of the whole uncached step (the cached epoch above, in ms per image, is that step plus the read), "
         "and [side_profile.md](side_profile.md) shows where that time goes (token and channel mixing, and the "
         "recompute that keeps its memory at the floor). For the same reason a sweep shares the cache read and "
-        "never runs the backbone, but each configuration still trains its own side network: 9 LoSA "
-        "configurations cost about 9 side-network runs. Against what a user would otherwise do, 9 uncached runs, "
+        "never runs the backbone, but each configuration still trains its own side network, and without the "
+        "backbone that network is nearly all of a cached step: each configuration's share of the sweep's "
+        "training took "
+        + ", ".join(
+            f"{m} {statistics.median(r['sweep']['train_time_s_per_config']):.1f} s against "
+            f"{r['cached']['train_time_s']:.1f} s for a whole cached run"
+            for m, r in report["methods"].items()
+            if "train_time_s_per_config" in r["sweep"]
+        )
+        + ", so 9 configurations cost about 9 side-network runs on a CPU (the rest of the sweep's time is "
+        "validating 9 models every epoch). Where a configuration's share exceeds a whole cached run, the sweep ran "
+        "while other jobs loaded this shared machine (the two were not timed side by side: their ratio carries "
+        "that load; the epoch rows above were). Against what a user would otherwise do, 9 uncached runs, "
         "the sweeps cost "
         + ", ".join(
             f"{m}: {r['sweep']['wall_time_s'] / (9 * r['uncached']['wall_time_s']):.2f}x"
