@@ -287,17 +287,16 @@ def render(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Where a target is missed, why: a cached epoch is the side network's own step (forward, backward and AdamW "
-        "on the taps) plus reading the taps, so it can never cost less than `T_side / (T_backbone + T_side)` of an "
-        "uncached epoch; the cache removes the backbone, not the side network. E3VA's side network on a "
-        "class-token ViT reads one token per block and costs a few ms per image, so its cached epoch is a few "
-        "percent of an uncached one. LoSA mixes every token of every block: on ViT-S/14 at 224 px its side step "
-        "is about a fifth of the whole uncached step (the cached epoch above, in ms per image, is that step plus the read), "
-        "and [side_profile.md](side_profile.md) shows where that time goes (token and channel mixing, and the "
-        "recompute that keeps its memory at the floor). For the same reason a sweep shares the cache read and "
-        "never runs the backbone, but each configuration still trains its own side network, and without the "
-        "backbone that network is nearly all of a cached step: each configuration's share of the sweep's "
-        "training took "
+        "Where a target is missed, why: a cached epoch is the side network's own step (forward, backward and AdamW on"
+        " the taps) plus reading the taps, so it can never cost less than `T_side / (T_backbone + T_side)` of an "
+        "uncached epoch; the cache removes the backbone, not the side network. E3VA's side network on a class-token "
+        "ViT reads one token per block and costs a few ms per image, so its cached epoch is a few percent of an "
+        "uncached one. LoSA mixes every token of every block: on ViT-S/14 at 224 px its side step is about a fifth of"
+        " the whole uncached step (the cached epoch above, in ms per image, is that step plus the read), and "
+        "[side_profile.md](side_profile.md) shows where that time goes (token and channel mixing, and the recompute "
+        "that keeps its memory at the floor). For the same reason a sweep shares the cache read and never runs the "
+        "backbone, but each configuration still trains its own side network, and without the backbone that network is"
+        " nearly all of a cached step: each configuration's share of the sweep's training took "
         + ", ".join(
             f"{m} {statistics.median(r['sweep']['train_time_s_per_config']):.1f} s against "
             f"{r['cached']['train_time_s']:.1f} s for a whole cached run"
