@@ -304,7 +304,7 @@ def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:
 def render(report: dict[str, Any]) -> str:
     s = report["setting"]
     lines = [
-        "# Results: every method on four real tasks, chosen fairly",
+        f"# Results: {len(report['datasets'])} of the four real tasks, every method chosen the same way",
         "",
         f"Made by `{report['command']}` (commit {str(s['commit'])[:10]}, {s['date']}); every number below comes "
         "from `docs/results/results.json`, written by that command from the runs under "
