@@ -252,17 +252,25 @@ def costs(page: Page, dataset: str, method: str, result: dict[str, Any], cache: 
     return json.loads(out.read_text())
 
 
+def _step_records(summary: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """A run's step records by epoch, from its ``log.jsonl`` (empty when the run has none)."""
+    from sidetune.train.metrics import read_log
+
+    log = Path(summary["config"]["output"]) / "log.jsonl"
+    per_epoch: dict[int, list[dict[str, Any]]] = {}
+    for r in read_log(log) if log.is_file() else []:
+        if r.get("type") == "step":
+            per_epoch.setdefault(r["epoch"], []).append(r)
+    return per_epoch
+
+
 def _loss_trend(summary: dict[str, Any]) -> dict[str, float] | None:
     """The mean training loss of the last epoch and its change from the epoch before (has the loss flattened?)."""
-    log = Path(summary["config"]["output"]) / "log.jsonl"
-    if not log.is_file():
-        return None
-    per_epoch: dict[int, list[float]] = {}
-    for line in log.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("type") == "step" and r.get("loss") is not None:  # a skipped non-finite step is logged as null
-            per_epoch.setdefault(r["epoch"], []).append(r["loss"])
-    means = [statistics.fmean(v) for _, v in sorted(per_epoch.items())]
+    means = [
+        statistics.fmean(losses)
+        for _, steps in sorted(_step_records(summary).items())
+        if (losses := [r["loss"] for r in steps if r.get("loss") is not None])  # a skipped step is logged as null
+    ]
     if len(means) < 2:
         return None
     return {"last": means[-1], "change": (means[-1] - means[-2]) / max(abs(means[-2]), 1e-12)}
@@ -270,15 +278,8 @@ def _loss_trend(summary: dict[str, Any]) -> dict[str, float] | None:
 
 def _epoch_seconds(summary: dict[str, Any]) -> float | None:
     """Median training time of an epoch (steps' compute and data time) from a run's log."""
-    log = Path(summary["config"]["output"]) / "log.jsonl"
-    if not log.is_file():
-        return None
-    per_epoch: dict[int, float] = {}
-    for line in log.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("type") == "step":
-            per_epoch[r["epoch"]] = per_epoch.get(r["epoch"], 0.0) + r["step_time_s"] + r["data_time_s"]
-    return statistics.median(per_epoch.values()) if per_epoch else None
+    per_epoch = [sum(r["step_time_s"] + r["data_time_s"] for r in steps) for steps in _step_records(summary).values()]
+    return statistics.median(per_epoch) if per_epoch else None
 
 
 def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:

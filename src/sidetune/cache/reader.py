@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..data.check import DataWarning
 from .build import DATA_FIELDS, file_facts, sample_files, tap_spec, transform_spec
 from .store import CachedSplit, CacheError, Manifest, cached_collate
 
@@ -130,7 +131,7 @@ def open_cache(config, model, task, precision: str):
             f"epochs: epochs after the {views}th reuse earlier views where an uncached run draws new ones; build "
             f"with --views {config.epochs} to match it."
         )
-        warnings.append({"code": "cache_views", "split": "train", "message": message})
+        warnings.append(DataWarning("cache_views", message, "train").to_dict())
     return TaskData(
         splits["train"],
         splits["val"],

@@ -717,14 +717,14 @@ def _shared_precision(
 ) -> str:
     """The one precision of the shared pass: ``requested``, else the one every adapter recorded.
 
-    Chosen as single-adapter ``predict`` chooses it (:func:`sidetune.train.inference._precision`: the recorded
+    Chosen as single-adapter ``predict`` chooses it (:func:`sidetune.train.inference.inference_precision`: the recorded
     precision, float32 when this device cannot run it) once the adapters agree.
 
     Raises:
         ConfigError: the adapters recorded different precisions and none was requested (naming each); an unknown
             precision or one ``device`` cannot run.
     """
-    from ..train.inference import _precision, autocast_for
+    from ..train.inference import autocast_for, inference_precision
 
     recorded = {name: info.get("mixed_precision", "no") for name, info in infos.items()}
     if requested is None and len(set(recorded.values())) > 1:
@@ -734,7 +734,7 @@ def _shared_precision(
             "one precision. Pass one explicitly: mixed_precision='no' (float32), 'bf16' or 'fp16' "
             "(on the command line --mixed-precision no)."
         )
-    precision = _precision(requested, next(iter(infos.values())), device)
+    precision = inference_precision(requested, next(iter(infos.values())), device)
     autocast_for(precision, device)  # an unknown precision, or one this device cannot run: refused now
     return precision
 

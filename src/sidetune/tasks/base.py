@@ -225,12 +225,16 @@ class Task:
         """Signs that a model learnt nothing useful: a class never predicted, no better than the majority class."""
         return []
 
+    def worst_first(self, metrics: dict[str, Any], classes: Sequence[str]) -> list[tuple[str, float]]:
+        """``(class, value)`` of the per-class metric, worst first; classes absent from the split left out."""
+        per = {k: v for k, v in self.per_class(metrics, classes).items() if v is not None and v == v}
+        return sorted(per.items(), key=lambda kv: kv[1])
+
     def format_metrics(self, metrics: dict[str, Any], classes: Sequence[str], limit: int = 12) -> str:
         """The headline line, the per-class metric (worst first, compact) and any collapse warning."""
         lines = [self.summary_line(metrics)]
-        per = {k: v for k, v in self.per_class(metrics, classes).items() if v is not None and v == v}
-        if per:
-            ranked = sorted(per.items(), key=lambda kv: kv[1])
+        ranked = self.worst_first(metrics, classes)
+        if ranked:
             shown = ", ".join(f"{name} {value:.3f}" for name, value in ranked[:limit])
             more = f" (+{len(ranked) - limit} more)" if len(ranked) > limit else ""
             lines.append(f"  per class, worst first ({self.per_class_name}): {shown}{more}")

@@ -534,10 +534,9 @@ def _epoch_line(record: dict[str, Any], task, classes: list[str], worst: int = 3
     if task.score(val) is None:
         return line
     line += f", val {task.summary_line(val)}"
-    per = {k: v for k, v in task.per_class(val, classes).items() if v is not None and v == v} if classes else {}
-    if len(per) > 1:
-        ranked = sorted(per.items(), key=lambda kv: kv[1])[:worst]
-        line += f"; worst {task.per_class_name}: " + ", ".join(f"{name} {value:.2f}" for name, value in ranked)
+    ranked = task.worst_first(val, classes) if classes else []
+    if len(ranked) > 1:
+        line += f"; worst {task.per_class_name}: " + ", ".join(f"{name} {value:.2f}" for name, value in ranked[:worst])
     warnings = task.collapse_warnings(val, classes) if classes else []
     return "\n".join([line] + [f"  warning: {w}" for w in warnings])
 

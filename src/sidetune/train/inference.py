@@ -121,7 +121,7 @@ def autocast_for(mixed_precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _precision(requested: str | None, info: dict[str, Any], device: torch.device) -> str:
+def inference_precision(requested: str | None, info: dict[str, Any], device: torch.device) -> str:
     """The precision to evaluate in: the one asked for, else the run's when this device can run it."""
     if requested is not None:
         return requested
@@ -191,7 +191,7 @@ def evaluate_adapter(
         info["augmentation"] = augmentation
     task = make_task(task_name, {**_eval_options(task_name, info), **overrides})
     dev = next(model.parameters()).device
-    precision = _precision(mixed_precision, info, dev)
+    precision = inference_precision(mixed_precision, info, dev)
     dataset = task.eval_dataset(model, info, data, split, layout)
     bs = batch_size or (64 if task_name == "classification" else 4)
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
@@ -292,7 +292,7 @@ def predict(
     check_output(output, is_file=writes_csv)
     paths = task.list_inputs(images)
     dev = next(model.parameters()).device
-    precision = _precision(mixed_precision, info, dev)
+    precision = inference_precision(mixed_precision, info, dev)
     result = task.predict(model, info, paths, output, autocast=autocast_for(precision, dev), **options)
     return {**result, "task": task.name, "mixed_precision": precision}
 
@@ -402,7 +402,7 @@ def predict_images(
         )
     task = make_task("classification")
     dev = next(model.parameters()).device
-    precision = _precision(mixed_precision, info, dev)
+    precision = inference_precision(mixed_precision, info, dev)
     return task.predict_rows(
         model, info, list_images(images), top_k=top_k, batch_size=batch_size, workers=workers,
         augmentation=augmentation, autocast=autocast_for(precision, dev),
