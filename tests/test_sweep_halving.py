@@ -200,3 +200,40 @@ def test_sweep_command_with_halving_prints_each_cut(cache, tmp_path, capsys):
     assert "side-network steps: 16 against 32 for the exhaustive grid" in out
     for name in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png", "best/adapter_model.safetensors"):
         assert (tmp_path / "sweep" / name).is_file(), name
+
+
+def load_benchmark():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("cache_benchmark", REPO / "benchmarks" / "cache.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_times_a_halving_sweep_beside_one_cached_run_and_reports_it(cache, tmp_path):
+    bench = load_benchmark()
+    data = Path(json.loads((cache / "manifest.json").read_text())["data"]["data"])
+    alone = task_config("classification", data, tmp_path / "losa-cached-retimed", method="losa", val_fraction=0.34,
+                        cache=str(cache), **SETTINGS)  # fmt: skip
+    record = bench.halving_sweep(cache, "losa", GRID, tmp_path, alone, eta=2, **SETTINGS)
+    assert record["eta"] == 2 and record["configs"] == 4
+    assert record["side_network_steps"] == 16 and record["exhaustive_side_network_steps"] == 32
+    assert record["x_one_cached_run"] == record["wall_time_s"] / record["cached_run_wall_time_s"]
+    assert [c["step"] for c in record["cuts"]] == [2, 4] and record["test_top1"] is not None
+    made = (tmp_path / "losa-sweep-halving" / "sweep.json").stat().st_mtime_ns
+    assert bench.halving_sweep(cache, "losa", GRID, tmp_path, alone, eta=2, **SETTINGS) == record  # kept, reused
+    assert (tmp_path / "losa-sweep-halving" / "sweep.json").stat().st_mtime_ns == made
+    # the page: a report made before halving was measured still renders (--report-only); with it, a table and a target
+    from conftest import REPO
+
+    report = json.loads((REPO / "docs" / "benchmarks" / "cache.json").read_text())
+    before = bench.render(report)
+    assert "not measured in this report" in before and "## Sweep of 9 with successive halving" not in before
+    for row in report["methods"].values():
+        row["sweep_halving"] = {**record, "x_one_cached_run": 2.5}
+    page = bench.render(report)
+    assert "## Sweep of 9 with successive halving" in page and "| 16 (32, 0.50x) | 2 (2 of 4), 4 (1 of 2) |" in page
+    assert page.count("met (2.5x, eta 2) |") == len(report["methods"])
