@@ -329,7 +329,7 @@ def sweep(
                     save_adapter(model, run["folder"] / "best", _info(t, config, classes, model, precision))
             return run["val"][1]
 
-        def cut(number: int, totals: list[EpochTotals], epoch: int) -> None:
+        def cut(number: int, totals: list[EpochTotals]) -> None:
             """Successive halving's cut: score the active configurations on validation, keep the best 1/eta."""
             contenders = [k for k, run in enumerate(runs) if run["active"]]
             scores: dict[int, float | None] = {}
@@ -395,7 +395,7 @@ def sweep(
                     if halving is not None and "diverged" in run:
                         run["active"], run["stopped_at_step"] = False, step  # never kept, so stopped at once
                 if len(cut_log) < len(cuts) and step == cuts[len(cut_log)]:
-                    cut(len(cut_log) + 1, totals, epoch)
+                    cut(len(cut_log) + 1, totals)
                 if not any(run["active"] for run in runs):
                     break
             last = epoch + 1 == base.epochs
