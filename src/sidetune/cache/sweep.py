@@ -6,6 +6,11 @@ its own ``fit(..., cache=)`` run would: its model is initialised from the run's 
 schedule and random stream (dropout), and it sees the same batches in the same order. The best configuration on
 the validation split (the task's headline) is scored once on the test split.
 
+With ``halving=ETA`` the grid is searched by synchronous successive halving (Jamieson & Talwalkar, AISTATS 2016)
+on the rung schedule of Hyperband (Li et al., JMLR 2018): every configuration trains on a small share of the
+budget, the best 1/ETA on validation go on, the rest stop (:func:`rung_steps`). A configuration that goes on trains
+exactly as in the exhaustive sweep, so the survivor's steps are those of its own run.
+
 ```
 OUTPUT/
   sweep.json, sweep.csv, sweep.md, sweep.png     every configuration: settings, best validation score, epoch...
@@ -21,6 +26,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +54,52 @@ class SweepResult:
     best: int
     test: dict[str, Any] | None
     summary: dict[str, Any]
+
+
+def rung_steps(n: int, eta: int, total: int) -> list[int]:
+    """The steps after which successive halving cuts ``n`` configurations that each have ``total`` steps.
+
+    With ``R = ceil(log_eta(n))`` cuts (computed in integers: the smallest R with ``eta**R >= n``), cut ``i``
+    (``i = 1..R``) comes after step ``round(total * eta**(i - R - 1))`` (rounded to nearest, halves up): each rung
+    trains ``eta`` times longer than the one before and the last survivors train all ``total`` steps, as in
+    Hyperband's bracket of ``n`` configurations (Li et al., JMLR 2018). ``n=9, eta=3``: cuts after T/9 and T/3; at a
+    cut the best ``ceil(active / eta)`` go on (9 -> 3 -> 1).
+
+    Each step is clamped to at least 1; a cut at or past ``total`` saves nothing and is dropped, and so is a cut at
+    the step of the one before it (the schedule is strictly increasing): a short budget makes fewer cuts and leaves
+    more configurations to train it whole.
+
+    Args:
+        n: configurations (>= 1).
+        eta: the halving rate (>= 2).
+        total: steps of the whole budget (epochs x steps per epoch, >= 1).
+
+    Returns:
+        The cut steps, strictly increasing, each in ``[1, total)``; empty for ``n = 1``.
+    """
+    if n < 1 or eta < 2 or total < 1:
+        raise ValueError(f"rung_steps needs n >= 1, eta >= 2, total >= 1; got n={n}, eta={eta}, total={total}.")
+    cuts = 0
+    while eta**cuts < n:
+        cuts += 1
+    steps: list[int] = []
+    for i in range(1, cuts + 1):
+        d = eta ** (cuts + 1 - i)
+        step = max(1, (2 * total + d) // (2 * d))  # round(total / d), halves up, in integers
+        if step < total and (not steps or step > steps[-1]):
+            steps.append(step)
+    return steps
+
+
+def halving_budget(n: int, eta: int, cuts: Sequence[int], total: int) -> int:
+    """Side-network steps of a halving sweep when no configuration diverges: ``n`` train to the first cut, then
+    ``ceil(n / eta)`` to the next, ..., and the last survivors to ``total`` (``n=9, eta=3``: 2.33 ``total``
+    against the exhaustive grid's ``9 total``)."""
+    active, spent, previous = n, 0, 0
+    for step in cuts:
+        spent += active * (step - previous)
+        previous, active = step, math.ceil(active / eta)
+    return spent + active * (total - previous)
 
 
 def parse_grid(text: str) -> list[Any]:
@@ -100,9 +152,19 @@ def sweep(
     output: str | Path,
     *,
     callback: Callable[[str, dict[str, Any]], None] | None = None,
+    halving: int | None = None,
     **settings: Any,
 ) -> SweepResult:
     """Train every configuration of ``grid`` on ``cache`` in one pass per epoch; choose on validation, test once.
+
+    With ``halving=eta`` (successive halving; Jamieson & Talwalkar, AISTATS 2016) the configurations are cut after
+    the steps of :func:`rung_steps`: at a cut every configuration still training is scored on the validation split
+    (the task's headline, as at an epoch's end; its adapter is saved when the score is its best), the best
+    ``ceil(active / eta)`` go on (ties: the lower index) and the rest stop: they take no more steps and no more
+    evaluations, and keep their best adapter so far. A configuration whose loss turns non-finite stops at once and
+    is never kept. Those that go on train exactly as in the exhaustive sweep (same batches, random stream and
+    cosine schedule over the whole budget, which is not shortened). The choice is the best validation score among
+    the configurations that trained the whole budget, never a stopped one's early score.
 
     Args:
         cache: a complete tap cache (``sidetune cache build``) holding the taps ``method`` reads.
@@ -110,14 +172,18 @@ def sweep(
         grid: key -> values: ``lr``, ``weight_decay``, ``min_lr``, ``warmup_epochs``, any option of the method
             (``channel_rank``), or ``task.<option>`` for a task option (``task.label_smoothing``).
         output: the sweep's folder (must not hold a sweep).
-        callback: ``callback(event, record)`` with ``start``, ``epoch`` (per configuration), ``end``.
+        callback: ``callback(event, record)`` with ``start``, ``epoch`` (per configuration), ``cut`` (halving),
+            ``end``.
+        halving: the halving rate ``eta`` (an integer >= 2; 3 is usual), or None for the exhaustive grid. Needs a
+            cache with a validation split.
         **settings: TrainConfig fields shared by every configuration (``epochs``, ``batch_size``, ``seed``...).
 
     Returns:
         A :class:`SweepResult`.
 
     Raises:
-        CacheError, ConfigError: a stale or unfit cache, an unknown grid key, an occupied output.
+        CacheError, ConfigError: a stale or unfit cache, an unknown grid key, an occupied output, a halving rate
+            below 2 or halving on a cache without a validation split.
     """
     from .. import create
     from ..tasks import make_task
@@ -136,6 +202,19 @@ def sweep(
     points = expand(grid)
     if not points:
         raise ConfigError("the grid is empty.")
+    if halving is not None:
+        if isinstance(halving, bool) or not isinstance(halving, int) or halving < 2:
+            raise ConfigError(
+                f"halving={halving!r}: successive halving keeps 1/ETA of the configurations at each cut, so ETA must "
+                "be an integer >= 2 (3 is usual); leave --halving out for the exhaustive grid."
+            )
+        splits = Manifest.load(cache).splits
+        if "val" not in splits:
+            raise ConfigError(
+                f"--halving chooses which configurations go on by their validation score, and the cache {str(cache)!r}"
+                f" has no validation split (it holds {', '.join(splits) or 'no split'}); build it with --val-fraction "
+                "F (or from data with a validation split, --val-split), or sweep without --halving."
+            )
     configs = []
     for point in points:
         fields = {k: v for k, v in point.items() if k in GRID_FIELDS}
@@ -202,6 +281,10 @@ def sweep(
             _seed_everything(config.seed)  # the dropout stream of a run that starts here
             folder = out / "configs" / f"{k:03d}"
             folder.mkdir(parents=True, exist_ok=True)
+            # a sweep interrupted in this folder left logs and adapters: this one starts them afresh
+            (folder / "log.jsonl").unlink(missing_ok=True)
+            if (folder / "best").exists():
+                shutil.rmtree(folder / "best")
             runs.append(
                 {
                     "index": k,
@@ -216,11 +299,68 @@ def sweep(
                     "history": [],
                     "train_seconds": 0.0,
                     "params": model.num_parameters(),
+                    "active": True,  # halving: still training
+                    "steps": 0,
+                    "stopped_at_step": None,
+                    "rung_scores": [],
+                    "val": None,  # (step, metrics) of its last validation: a cut at an epoch's end is not rerun
                 }
             )
-        callback("start", {"configs": len(configs), "steps": total, "epochs": base.epochs})
+        cuts = rung_steps(len(runs), halving, total) if halving is not None else []
+        cut_log: list[dict[str, Any]] = []
+        callback("start", {"configs": len(configs), "steps": total, "epochs": base.epochs, "halving": halving,
+                           "cuts": cuts, "steps_per_epoch": steps_per_epoch})  # fmt: skip
         step = 0
+
+        def at_epoch(at: int) -> float | int:
+            """Where step ``at`` falls in epochs: an int at an epoch's end, else a fraction."""
+            whole, rest = divmod(at, steps_per_epoch)
+            return whole if rest == 0 else round(at / steps_per_epoch, 4)
+
+        def validate(run: dict[str, Any], config, model, t) -> dict[str, Any]:
+            """``run``'s validation metrics at this step (once per step); saves its adapter at a new best score."""
+            if run["val"] is None or run["val"][0] != step:
+                val = evaluate_split(t, model, data.val, classes, accelerator, _eval_batch(config, t),
+                                     config.workers, collate=data.eval_collate)  # fmt: skip
+                run["val"] = (step, val)
+                score = t.score(val)
+                if score is not None and (run["best"] is None or score > run["best"]):
+                    run["best"], run["best_epoch"] = score, at_epoch(step)
+                    save_adapter(model, run["folder"] / "best", _info(t, config, classes, model, precision))
+            return run["val"][1]
+
+        def cut(number: int, totals: list[EpochTotals]) -> None:
+            """Successive halving's cut: score the active configurations on validation, keep the best 1/eta."""
+            contenders = [k for k, run in enumerate(runs) if run["active"]]
+            scores: dict[int, float | None] = {}
+            metrics: dict[int, dict[str, Any]] = {}
+            for k in contenders:
+                metrics[k] = validate(runs[k], configs[k], models[k], tasks[k])
+                scores[k] = tasks[k].score(metrics[k])
+            # the best scores first, a configuration without a score last, ties to the lower index
+            ranked = sorted(contenders, key=lambda k: (scores[k] is None, -(scores[k] or 0.0), k))
+            kept = sorted(ranked[: math.ceil(len(contenders) / halving)])
+            for k in contenders:
+                run = runs[k]
+                run["rung_scores"].append(scores[k])
+                record: dict[str, Any] = {"type": "rung", "cut": number, "step": step, "epoch": at_epoch(step)}
+                # the training part covers this epoch's steps so far: a stopped configuration's last train loss
+                record.update(epoch_record(tasks[k], totals[k].reduced(accelerator)))
+                record.update({f"val_{key}": v for key, v in metrics[k].items()})
+                record["kept"] = k in kept
+                if k not in kept:
+                    run["active"], run["stopped_at_step"] = False, step
+                run["history"].append(record)
+                with run["log"].open("a") as f:
+                    f.write(json.dumps(_finite(record)) + "\n")
+            entry = {"cut": number, "step": step, "epoch": at_epoch(step), "active": len(contenders), "kept": kept,
+                     "configs": contenders, "scores": [scores[k] for k in contenders]}  # fmt: skip
+            cut_log.append(entry)
+            callback("cut", entry)
+
         for epoch in range(base.epochs):
+            if not any(run["active"] for run in runs):
+                break  # halving: every configuration diverged
             train_set.set_epoch(epoch)
             sampler.set_epoch(epoch)
             totals = [EpochTotals(device) for _ in runs]
@@ -228,6 +368,8 @@ def sweep(
                 batch = _to(batch, device)
                 step += 1
                 for run, config, model, t, total_k in zip(runs, configs, models, tasks, totals, strict=True):
+                    if not run["active"]:
+                        continue  # stopped by halving: no forward
                     tick = time.perf_counter()
                     torch.set_rng_state(run["rng"])  # this configuration's own random stream
                     model.train()
@@ -249,18 +391,22 @@ def sweep(
                         f.write(json.dumps({"type": "step", "step": step, "epoch": epoch + 1, "lr": lr,
                                             "loss": _finite(float(output_.loss.detach()))}) + "\n")  # fmt: skip
                     run["train_seconds"] += time.perf_counter() - tick
+                    run["steps"] += 1
+                    if halving is not None and "diverged" in run:
+                        run["active"], run["stopped_at_step"] = False, step  # never kept, so stopped at once
+                if len(cut_log) < len(cuts) and step == cuts[len(cut_log)]:
+                    cut(len(cut_log) + 1, totals)
+                if not any(run["active"] for run in runs):
+                    break
             last = epoch + 1 == base.epochs
             for run, config, model, t, total_k in zip(runs, configs, models, tasks, totals, strict=True):
+                if not run["active"]:
+                    continue  # stopped by halving: no more epoch evaluations
                 record: dict[str, Any] = {"type": "epoch", "epoch": epoch + 1, "step": step}
                 record.update(epoch_record(t, total_k.reduced(accelerator)))
                 if data.val is not None and ((epoch + 1) % base.eval_every == 0 or last) and "diverged" not in run:
-                    val = evaluate_split(t, model, data.val, classes, accelerator, _eval_batch(config, t),
-                                         config.workers, collate=data.eval_collate)  # fmt: skip
+                    val = validate(run, config, model, t)
                     record.update({f"val_{key}": v for key, v in val.items()})
-                    score = t.score(val)
-                    if score is not None and (run["best"] is None or score > run["best"]):
-                        run["best"], run["best_epoch"] = score, epoch + 1
-                        save_adapter(model, run["folder"] / "best", _info(t, config, classes, model, precision))
                 run["history"].append(record)
                 with run["log"].open("a") as f:
                     f.write(json.dumps(_finite(record)) + "\n")
@@ -268,9 +414,12 @@ def sweep(
         for run, config, model, t in zip(runs, configs, models, tasks, strict=True):
             if run["best"] is None and "diverged" not in run:  # no validation: the last epoch is the run's result
                 save_adapter(model, run["folder"] / "best", _info(t, config, classes, model, precision))
-        scored = [r for r in runs if r["best"] is not None]
+        # halving: only a configuration that trained the whole budget can be chosen (a stopped one's score is early)
+        finished = [r for r in runs if r["active"]]
+        scored = [r for r in finished if r["best"] is not None]
         if data.val is not None and not scored:
-            raise ConfigError("no configuration produced a validation score (all diverged?); see configs/*/log.jsonl.")
+            which = "configuration that trained the whole budget" if halving is not None else "configuration"
+            raise ConfigError(f"no {which} produced a validation score (all diverged?); see configs/*/log.jsonl.")
         chosen = max(scored, key=lambda r: r["best"]) if scored else runs[0]
         best_dir = out / "best"
         if best_dir.exists():
@@ -285,13 +434,14 @@ def sweep(
             t = tasks[chosen["index"]]
             test = evaluate_split(t, model, data.test, classes, accelerator, _eval_batch(configs[0], t),
                                   configs[0].workers, collate=data.eval_collate)  # fmt: skip
-        rows = [_row(r, task) for r in runs]
+        rows = [_row(r, task, steps_per_epoch if halving is not None else None) for r in runs]
         summary = {
             "cache": str(cache),
             "method": method,
             "task": task.name,
             "grid": {k: list(v) for k, v in grid.items()},
             "settings": {k: v for k, v in dataclasses.asdict(base).items() if k not in grid and k != "output"},
+            "halving": {"eta": halving, "cuts": cut_log} if halving is not None else None,
             "headline": task.headline,
             "chosen": rows[chosen["index"]],
             "test": test,
@@ -301,6 +451,9 @@ def sweep(
                 "train_time_s_per_config": [round(r["train_seconds"], 3) for r in runs],
                 "steps": step,
                 "epochs": base.epochs,
+                "steps_per_epoch": steps_per_epoch,
+                "side_network_steps": sum(r["steps"] for r in runs),
+                "exhaustive_side_network_steps": len(runs) * total,
             },
         }
         _write_outputs(out, summary, task)
@@ -345,18 +498,26 @@ def _finite(value: Any) -> Any:
     return finite(value)
 
 
-def _row(run: dict[str, Any], task) -> dict[str, Any]:
+def _row(run: dict[str, Any], task, steps_per_epoch: int | None) -> dict[str, Any]:
+    """One configuration's record; ``steps_per_epoch`` (halving only) adds where it stopped and its rung scores."""
     last = run["history"][-1] if run["history"] else {}
-    return {
+    row = {
         "config": run["index"],
         **run["point"],
         f"best_val_{task.headline}": run["best"],
         "best_epoch": run["best_epoch"],
+        "steps": run["steps"],
         "final_train_loss": last.get("train_loss"),
         "trainable_parameters": run["params"],
         "train_time_s": round(run["train_seconds"], 3),
         "diverged": run.get("diverged"),
     }
+    if steps_per_epoch is not None:
+        stopped = run["stopped_at_step"]
+        row["stopped_at_step"] = stopped
+        row["stopped_at_epoch"] = None if stopped is None else round(stopped / steps_per_epoch, 4)
+        row["rung_scores"] = list(run["rung_scores"])
+    return row
 
 
 def _write_outputs(out: Path, summary: dict[str, Any], task) -> None:
@@ -368,19 +529,38 @@ def _write_outputs(out: Path, summary: dict[str, Any], task) -> None:
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(rows)
+        # a list (rung_scores) is one cell: its values separated by ';'
+        writer.writerows(
+            {k: ";".join("" if x is None else str(x) for x in v) if isinstance(v, list) else v for k, v in row.items()}
+            for row in rows
+        )
     headline = f"best_val_{task.headline}"
+    timing, halving = summary["timing"], summary.get("halving")
     lines = [
         f"# Sweep: {summary['method']} on {summary['cache']}",
         "",
-        f"{len(rows)} configurations, {summary['timing']['epochs']} epochs each, one pass over the cache per epoch; "
-        f"wall time {summary['timing']['wall_time_s']:.1f} s. Chosen on validation {task.headline}: configuration "
+        f"{len(rows)} configurations, {'up to ' if halving else ''}{timing['epochs']} epochs "
+        f"({timing['steps_per_epoch'] * timing['epochs']} steps) each, one pass over the cache per epoch; "
+        f"wall time {timing['wall_time_s']:.1f} s. Chosen on validation {task.headline}: configuration "
         f"{summary['chosen']['config']}"
         + (f"; test: {task.summary_line(summary['test'])}." if summary["test"] else "."),
         "",
-        "| " + " | ".join(keys) + " |",
-        "|" + "---|" * len(keys),
     ]
+    if halving:
+        cuts = "; ".join(
+            f"after step {c['step']} (epoch {c['epoch']:g}) kept {len(c['kept'])} of {c['active']} "
+            f"({', '.join(map(str, c['kept']))})"
+            for c in halving["cuts"]
+        )
+        lines += [
+            f"Successive halving, eta {halving['eta']}: {cuts or 'no cut (too few configurations or steps)'}. "
+            f"Side-network steps: {timing['side_network_steps']} against {timing['exhaustive_side_network_steps']} "
+            f"for the exhaustive grid ({timing['side_network_steps'] / timing['exhaustive_side_network_steps']:.2f}x)."
+            f" The choice is among the configurations that trained all {timing['steps_per_epoch'] * timing['epochs']}"
+            " steps; a stopped configuration's score is that of a shorter budget (`steps`), not comparable.",
+            "",
+        ]
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
         mark = " **(chosen)**" if row["config"] == summary["chosen"]["config"] else ""
         cells = [_cell(row[k]) + (mark if k == headline else "") for k in keys]
@@ -390,13 +570,19 @@ def _write_outputs(out: Path, summary: dict[str, Any], task) -> None:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
 
 
 def _plot(path: Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any], headline: str) -> None:
-    """Validation headline against the learning rate (log scale), one line per setting of the other grid keys."""
+    """Validation headline against the learning rate (log scale), one line per setting of the other grid keys.
+
+    With halving, a line joins the configurations that trained the whole budget; a stopped configuration is a
+    hollow marker at its best score before it stopped (a shorter budget's score).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -408,16 +594,28 @@ def _plot(path: Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any], h
         groups.setdefault(tuple(row[k] for k in others), []).append(row)
     fig, ax = plt.subplots(figsize=(6, 4))
     x_key = "lr" if "lr" in summary["grid"] else "config"
-    for key, members in groups.items():
-        pts = [(m[x_key], m[headline]) for m in members if m[headline] is not None]
-        if pts:
-            label = ", ".join(f"{k}={v}" for k, v in zip(others, key, strict=True)) or summary["method"]
-            ax.plot(*zip(*sorted(pts), strict=True), "o-", label=label)
+    any_stopped = False
+    for i, (key, members) in enumerate(groups.items()):
+        label = ", ".join(f"{k}={v}" for k, v in zip(others, key, strict=True)) or summary["method"]
+        scored = [m for m in members if m[headline] is not None]
+        done = sorted((m[x_key], m[headline]) for m in scored if m.get("stopped_at_step") is None)
+        stopped = [(m[x_key], m[headline]) for m in scored if m.get("stopped_at_step") is not None]
+        color = f"C{i % 10}"
+        if done:
+            ax.plot(*zip(*done, strict=True), "o-", color=color, label=label)
+        if stopped:
+            any_stopped = True
+            ax.plot(*zip(*stopped, strict=True), "o", mfc="none", color=color, label=None if done else label)
+    if any_stopped:
+        ax.plot([], [], "o", mfc="none", color="gray", label="stopped by halving (shorter budget)")
     if x_key == "lr":
         ax.set_xscale("log")
     ax.set_xlabel(x_key)
     ax.set_ylabel(headline.replace("_", " "))
-    ax.set_title(f"sweep of {summary['method']}")
+    title = f"sweep of {summary['method']}"
+    if summary.get("halving"):
+        title += f", successive halving (eta {summary['halving']['eta']})"
+    ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
