@@ -124,6 +124,21 @@ def test_an_interrupted_build_resumes_at_its_first_missing_shard(datasets, tmp_p
     assert all((tmp_path / "c" / name).stat().st_mtime_ns == ns for name, ns in stamps.items())  # not rewritten
 
 
+def test_resuming_a_build_accepts_files_copied_again_and_refuses_edited_ones(datasets, tmp_path):
+    import shutil as sh
+
+    data = tmp_path / "data"
+    sh.copytree(datasets["classification"], data)
+    config = task_config("classification", data, tmp_path / "x", method="losa")
+    build(config, ["losa"], tmp_path / "c")
+    image = next((data / "train" / "cat").iterdir())
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert build(config, ["losa"], tmp_path / "c").complete  # same bytes: the same cache
+    image.write_bytes(image.read_bytes()[::-1])  # same size, other bytes
+    with pytest.raises(CacheError, match=rf"files differ: '.*{image.name}' was modified since the build"):
+        build(config, ["losa"], tmp_path / "c")
+
+
 def test_stale_or_broken_caches_are_refused_naming_what_differs(datasets, tmp_path):
     data = datasets["classification"]
     opts = dict(method="losa", test_split="none")
@@ -143,13 +158,18 @@ def test_stale_or_broken_caches_are_refused_naming_what_differs(datasets, tmp_pa
     with pytest.raises(CacheError, match=r"transform augmentation 'vtab' .*'standard'"):
         run("d", augmentation="standard")
     image = next((data / "train" / "cat").iterdir())
+    original = image.read_bytes()
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    run("copied")  # copied again: a new modification time, the same bytes (the manifest's digest): accepted
+    edited = bytearray(original)
+    edited[len(edited) // 2] ^= 0xFF  # the same size, other content
+    image.write_bytes(bytes(edited))
     try:
-        with pytest.raises(CacheError, match=rf"{image.name} changed since the cache"):
+        with pytest.raises(CacheError, match=rf"stale: .*{image.name}' was modified since the build"):
             run("e")
     finally:
-        os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns - 10**9))
-    run("ok")  # unchanged again: accepted
+        image.write_bytes(original)
+    run("ok")  # the bytes of the build again: accepted
     shard = next((tmp_path / "c").glob("train-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:200])
     with pytest.raises(CacheError, match="truncated or corrupt"):
@@ -357,8 +377,8 @@ def test_a_frame_edited_after_the_build_is_refused(clips, tmp_path):
     sh.copytree(clips, data)
     build(video_config(data, tmp_path / "x", val_split="none"), ["linear"], tmp_path / "c")
     frame = next((data / "train").rglob("img_00003.png"))
-    os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
-    with pytest.raises(CacheError, match=r"img_00003\.png changed since the cache"):
+    frame.write_bytes(frame.read_bytes() + b"\0")  # one byte more
+    with pytest.raises(CacheError, match=r"img_00003\.png' changed size"):
         fit(video_config(data, tmp_path / "r", method="linear", cache=str(tmp_path / "c"), val_split="none"))
 
 

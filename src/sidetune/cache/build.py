@@ -107,12 +107,41 @@ def _is_path(value: Any) -> bool:
 
 
 def file_facts(paths: Sequence[str]) -> list[list[Any]]:
-    """``[path, size, mtime_ns]`` of each file (what changes when a file is edited or replaced)."""
+    """``[path, size, mtime_ns, blake2b]`` of each file: what changes when a file is edited or replaced, and its
+    content's digest, so that a dataset copied again (new modification times, same bytes) keeps its cache."""
     facts = []
     for path in paths:
         st = os.stat(path)
-        facts.append([path, st.st_size, st.st_mtime_ns])
+        facts.append([path, st.st_size, st.st_mtime_ns, file_digest(path)])
     return facts
+
+
+def file_digest(path: str) -> str:
+    """The BLAKE2b-128 digest of a file's bytes (hex)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def file_change(saved: Sequence[Any], path: str) -> str | None:
+    """How the file ``path`` differs from its ``saved`` facts (``[path, size, mtime_ns(, digest)]``), or None.
+
+    The same size and modification time: unchanged (no read). Another modification time with the same size is
+    settled by the digest when the manifest holds one (a copy or a checkout rewrites the time, not the bytes);
+    manifests written before digests were recorded cannot tell, and count it as a change.
+    """
+    st = os.stat(path)
+    size, mtime = saved[1], saved[2]
+    if st.st_size != size:
+        return f"{path!r} changed size ({size} -> {st.st_size} bytes)"
+    if st.st_mtime_ns == mtime:
+        return None
+    if len(saved) > 3 and file_digest(path) == saved[3]:
+        return None
+    return f"{path!r} was modified since the build (another modification time" + (
+        " and other content)" if len(saved) > 3 else "; this cache holds no content digests to compare)"
+    )
 
 
 def transform_spec(config, model, precision: str, views: int, task=None) -> dict[str, Any]:
@@ -343,10 +372,12 @@ def _check_resumable(out: Path, manifest: Manifest) -> None:
         return
     old = Manifest.load(out)
     fields = ("backbone", "fingerprint", "img_size", "backbone_kwargs", "task", "taps", "dtype", "transform", "data",
-              "files", "shard_size")  # fmt: skip
+              "shard_size")  # fmt: skip
     differ = [f for f in fields if _plain(getattr(old, f)) != _plain(getattr(manifest, f))]
+    detail = _first_file_change(old.files, manifest.files)
+    if detail:
+        differ.append("files")
     if differ:
-        detail = _first_file_change(old.files, manifest.files) if "files" in differ else ""
         raise CacheError(
             f"{str(out)!r} already holds a cache built with other settings ({', '.join(differ)} differ{detail}); "
             "build into another folder, or delete this one."
@@ -357,18 +388,18 @@ def _check_resumable(out: Path, manifest: Manifest) -> None:
 
 
 def _first_file_change(old: dict[str, list], new: dict[str, list]) -> str:
-    """``': train/a.jpg was modified'``: the first data file whose path, size or modification time changed."""
+    """``': train/a.jpg changed size'``: the first data file that is not the one the build started from ('' if
+    none; a file copied again with the same bytes is the same file, see :func:`file_change`)."""
     for split in sorted(set(old) | set(new)):
         before, after = old.get(split, []), new.get(split, [])
         if len(before) != len(after):
             return f": {split} had {len(before)} files, now {len(after)}"
-        for (path, size, mtime), (path2, size2, mtime2) in zip(before, after, strict=True):
-            if path != path2:
-                return f": {split} file {path!r} is now {path2!r}"
-            if size != size2:
-                return f": {path!r} changed size"
-            if mtime != mtime2:
-                return f": {path!r} was modified or copied again since the build"
+        for saved, now in zip(before, after, strict=True):
+            if saved[0] != now[0]:
+                return f": {split} file {saved[0]!r} is now {now[0]!r}"
+            change = file_change(saved, now[0])
+            if change:
+                return f": {change}"
     return ""
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.check import DataWarning
-from .build import DATA_FIELDS, file_facts, sample_files, tap_spec, transform_spec
+from .build import DATA_FIELDS, file_change, sample_files, tap_spec, transform_spec
 from .store import CachedSplit, CacheError, Manifest, cached_collate
 
 
@@ -86,11 +86,10 @@ def _check_files(manifest: Manifest, root: Path, split: str, dataset) -> None:
             f"the {split} files of {manifest.data.get('data')!r} changed since the cache at {str(root)!r} was built "
             f"({len(added)} added, {len(removed)} removed; e.g. {(added or removed or ['order'])[0]}); rebuild it."
         )
-    for (path, size, mtime), (_, size_now, mtime_now) in zip(saved, file_facts(now), strict=True):
-        if (size, mtime) != (size_now, mtime_now):
-            raise CacheError(
-                f"{path} changed since the cache at {str(root)!r} was built (size or modification time); rebuild it."
-            )
+    for facts in saved:
+        change = file_change(facts, facts[0])
+        if change:
+            raise CacheError(f"the cache at {str(root)!r} is stale: {change}; rebuild it.")
 
 
 def open_cache(config, model, task, precision: str):
