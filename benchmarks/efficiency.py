@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -133,12 +134,29 @@ def _plan_lines(out: Path) -> list[str]:
             b = batches.get(name)
             ratio = None if b is None else b / lora
             cells.append("-" if ratio is None else (f"{b} ({ratio:.1f}x)" if ratio >= 2 else f"**{b} ({ratio:.1f}x)**"))
-        lines.append(f"| {path.stem} | {lora} | " + " | ".join(cells) + f" | `{data['command']}` |")
+        head = f"| {path.stem} | {_memory_measure(data)} | {lora} | "
+        lines.append(head + " | ".join(cells) + f" | `{data['command']}` |")
     if not lines:
         return []
     head = ["## Fit planner: largest batch within the budget, at least 2x LoRA's", ""]
-    head += ["| plan | LoRA | LoSA | E3VA | command |", "|---|---:|---:|---:|---|"]
+    head += [
+        "On CPU the measure is a process's peak resident set, which depends on the C allocator as much as on the",
+        "tensors: glibc's default policy raises its mmap threshold after large frees, so freed activations stay in",
+        "the heap; a fixed threshold (`--mmap-threshold 131072`, i.e. `MALLOC_MMAP_THRESHOLD_=131072`) returns them.",
+        "Both are rows; every method of a row ran under the same policy.",
+        "",
+    ]
+    head += ["| plan | memory measured | LoRA | LoSA | E3VA | command |", "|---|---|---:|---:|---:|---|"]
     return [*head, *lines, ""]
+
+
+def _memory_measure(plan: dict[str, Any]) -> str:
+    """What a plan measured: CUDA reserved memory, or the peak RSS under glibc's default or a fixed threshold."""
+    measure = plan.get("measure", "")
+    if "CUDA" in measure:
+        return "CUDA reserved"
+    threshold = re.search(r"mmap threshold fixed at (\d+) bytes", measure)
+    return f"RSS, glibc mmap threshold {threshold.group(1)} B" if threshold else "RSS, glibc default policy"
 
 
 def write_summary(out: Path) -> Path:

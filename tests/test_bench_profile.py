@@ -514,6 +514,9 @@ def test_plan_predicts_checks_and_refits(monkeypatch) -> None:
     unchecked = plan(config, budget_bytes=2 * 10**9, batches=(4, 16), check=False, mmap_threshold=131072)
     assert (unchecked.rows[0].max_batch, unchecked.rows[0].verdict) == (100, "predicted")
     assert thresholds == {None, 131072} and "mmap threshold fixed at 131072 bytes" in unchecked.measure
+    # the recorded settings are what the probes ran with, not BenchConfig's default
+    assert result.as_dict()["settings"]["probe_mmap_threshold"] is None
+    assert unchecked.as_dict()["settings"]["probe_mmap_threshold"] == 131072
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -582,6 +585,12 @@ def test_efficiency_benchmark_targets_judge_the_defaults_against_lora_gc(report,
     assert "| efficiency_test_vit | fp32 | losa |" in summary
     assert "| efficiency_test_vit | fp32 | losa[recompute=false] |" in summary
     assert "| efficiency_test_vit | fp32 | full |" not in summary
+    plan_json = {"command": "sidetune plan", "measure": "peak resident set (...; glibc's mmap threshold fixed at 131072 "
+                 "bytes (MALLOC_MMAP_THRESHOLD_))", "rows": [{"name": n, "status": "ok", "max_batch": b}
+                 for n, b in (("lora", 10), ("losa", 30), ("e3va", 15))]}  # fmt: skip
+    (tmp_path / "plan_x.json").write_text(json.dumps(plan_json))
+    summary = efficiency.write_summary(tmp_path).read_text()
+    assert "| plan_x | RSS, glibc mmap threshold 131072 B | 10 | 30 (3.0x) | **15 (1.5x)** |" in summary
     rows = {r["name"]: r for r in json.loads((tmp_path / "efficiency_test_vit.json").read_text())["rows"]}
     lora_gc = dict(rows["losa"], name="lora+gc", saved_activation_bytes=2 * rows["losa"]["saved_activation_bytes"])
     assert efficiency._lora_gc_saved(rows["losa"], {**rows, "lora+gc": lora_gc}) == 0.5

@@ -332,7 +332,7 @@ def plan(
     if device.type == "cuda":
         notes.append("The CUDA context (typically 0.3-1 GiB) is not counted: leave room for it in the budget.")
     return PlanReport(
-        config=config,
+        config=dataclasses.replace(config, probe_mmap_threshold=mmap_threshold),  # what the probes ran with
         budget_bytes=budget_bytes,
         batches=(b1, b2),
         rows=rows,
