@@ -416,7 +416,11 @@ def _halving_lines(report: dict[str, Any]) -> list[str]:
     for method, h in rows.items():
         cuts = ", ".join(f"{c['step']} ({len(c['kept'])} of {c['active']})" for c in h["cuts"]) or "none"
         chosen = h["chosen"]
-        point = ", ".join(f"{k}={chosen[k]}" for k in chosen if k in _GRID_KEYS)
+        point = ", ".join(
+            f"{k}={chosen[k]:.3g}" if isinstance(chosen[k], float) else f"{k}={chosen[k]}"
+            for k in chosen
+            if k in _GRID_KEYS
+        )
         exhaustive = report["methods"][method]["sweep"]["test_top1"]
         lines.append(
             f"| {method} | {h['wall_time_s']:.0f} | {h['cached_run_wall_time_s']:.0f} | {h['x_one_cached_run']:.2f}x |"
