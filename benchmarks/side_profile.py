@@ -226,6 +226,12 @@ def markdown(results: list[dict], command: str, env: dict[str, Any]) -> str:
                 f"| {r['method']} | {r['variant']} | {1000 * r['median_s']:.1f} ({1000 * r['min_s']:.1f}) | "
                 f"{r['median_s'] / inf:.3f}x | {saved} |"
             )
+        compiled = [f"{r['method']} {r['compile_s']:.0f} s" for r in res["side"] if r.get("compile_s") is not None]
+        if compiled:
+            lines += ["", "Compilation (the first call, excluded from the step): " + ", ".join(compiled) + "."]
+        if not res["parts"]:  # --no-parts
+            lines.append("")
+            continue
         lines += ["", "Parts, each timed alone (forward and backward), and their share of a step (time x count):", ""]
         lines += ["| method | stage | part | input | ms (min) | count | ms per step |"]
         lines += ["|---|---:|---|---|---:|---:|---:|"]

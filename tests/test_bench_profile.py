@@ -585,9 +585,10 @@ def test_efficiency_benchmark_targets_judge_the_defaults_against_lora_gc(report,
     assert "| efficiency_test_vit | fp32 | losa |" in summary
     assert "| efficiency_test_vit | fp32 | losa[recompute=false] |" in summary
     assert "| efficiency_test_vit | fp32 | full |" not in summary
-    plan_json = {"command": "sidetune plan", "measure": "peak resident set (...; glibc's mmap threshold fixed at 131072 "
-                 "bytes (MALLOC_MMAP_THRESHOLD_))", "rows": [{"name": n, "status": "ok", "max_batch": b}
-                 for n, b in (("lora", 10), ("losa", 30), ("e3va", 15))]}  # fmt: skip
+    measure = "peak resident set (...; glibc's mmap threshold fixed at 131072 bytes (MALLOC_MMAP_THRESHOLD_))"
+    batches = (("lora", 10), ("losa", 30), ("e3va", 15))
+    rows = [{"name": n, "status": "ok", "max_batch": b} for n, b in batches]
+    plan_json = {"command": "sidetune plan", "measure": measure, "rows": rows}
     (tmp_path / "plan_x.json").write_text(json.dumps(plan_json))
     summary = efficiency.write_summary(tmp_path).read_text()
     assert "| plan_x | RSS, glibc mmap threshold 131072 B | 10 | 30 (3.0x) | **15 (1.5x)** |" in summary

@@ -300,6 +300,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "transforms and backbone must be those of the cache (checked)",
     )
     g.add_argument(
+        "--compile",
+        action="store_true",
+        default=s,
+        help="torch.compile the side network (side methods): the same computation, fused; the first step compiles",
+    )
+    g.add_argument(
         "--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)"
     )
     g.add_argument(

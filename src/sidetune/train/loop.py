@@ -63,6 +63,7 @@ from .rundir import (
 )
 from .setup import (
     check_schedule,
+    compile_side_network,
     make_accelerator,
     make_schedule,
     param_groups,
@@ -201,6 +202,8 @@ def _fit(
     )
     if checkpoint is not None:  # before anything is written: a wrong checkpoint must not touch the output
         check_compatible(read_trainer_state(checkpoint).model, model, checkpoint)
+    if config.compile:
+        compile_side_network(model)
     if given:
         if config.cache is not None:
             raise ConfigError("give a tap cache (cache=) or datasets to fit(), not both.")

@@ -81,6 +81,33 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, **kwargs)
 
 
+def compile_side_network(model: SidetuneModel) -> None:
+    """``--compile``: ``torch.compile`` the side network of a side method, in place.
+
+    Only the side network's ``forward_taps`` is compiled (an instance attribute over the method's own), so the
+    frozen backbone, the head, the state dict, checkpoints and saved adapters are those of the uncompiled model.
+    The first training step compiles (and the first evaluation, without autograd, once more).
+
+    Raises:
+        ConfigError: an in-place method (its backbone is the trained network: nothing side-only to compile).
+    """
+    from ..methods import get_method
+
+    name = model.config.method
+    method = model.method
+    if get_method(name).kind != "side" or not hasattr(method, "forward_taps"):
+        raise ConfigError(
+            f"--compile compiles a side method's side network; {name!r} changes the backbone in place, so there is no "
+            "side network to compile: leave --compile out."
+        )
+    method.forward_taps = torch.compile(method.forward_taps, **COMPILE_OPTIONS)
+
+
+#: keyword arguments of ``torch.compile`` for ``--compile`` (the default backend, inductor; tests may pick a
+#: quicker one)
+COMPILE_OPTIONS: dict[str, Any] = {}
+
+
 def param_groups(model: SidetuneModel, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices and convolutions; not biases, norms, 1-D tensors, embeddings and tokens."""
     skip_names = ("pos_embed", "cls_token", "reg_token", "dist_token", "relative_position_bias_table")
