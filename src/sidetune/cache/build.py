@@ -124,20 +124,23 @@ def file_digest(path: str) -> str:
         return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
-def file_change(saved: Sequence[Any], path: str) -> str | None:
+def file_change(saved: Sequence[Any], path: str, now: Sequence[Any] | None = None) -> str | None:
     """How the file ``path`` differs from its ``saved`` facts (``[path, size, mtime_ns(, digest)]``), or None.
 
     The same size and modification time: unchanged (no read). Another modification time with the same size is
     settled by the digest when the manifest holds one (a copy or a checkout rewrites the time, not the bytes);
-    manifests written before digests were recorded cannot tell, and count it as a change.
+    manifests written before digests were recorded cannot tell, and count it as a change. ``now``: the file's
+    facts when already taken (:func:`file_facts`), so that nothing is stat-ed or read twice.
     """
-    st = os.stat(path)
+    if now is None:
+        st = os.stat(path)
+        now = [path, st.st_size, st.st_mtime_ns]
     size, mtime = saved[1], saved[2]
-    if st.st_size != size:
-        return f"{path!r} changed size ({size} -> {st.st_size} bytes)"
-    if st.st_mtime_ns == mtime:
+    if now[1] != size:
+        return f"{path!r} changed size ({size} -> {now[1]} bytes)"
+    if now[2] == mtime:
         return None
-    if len(saved) > 3 and file_digest(path) == saved[3]:
+    if len(saved) > 3 and (now[3] if len(now) > 3 else file_digest(path)) == saved[3]:
         return None
     return f"{path!r} was modified since the build (another modification time" + (
         " and other content)" if len(saved) > 3 else "; this cache holds no content digests to compare)"
@@ -397,7 +400,7 @@ def _first_file_change(old: dict[str, list], new: dict[str, list]) -> str:
         for saved, now in zip(before, after, strict=True):
             if saved[0] != now[0]:
                 return f": {split} file {saved[0]!r} is now {now[0]!r}"
-            change = file_change(saved, now[0])
+            change = file_change(saved, now[0], now)  # the new manifest's facts: digests already taken
             if change:
                 return f": {change}"
     return ""
