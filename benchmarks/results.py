@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -93,7 +94,16 @@ class Page:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.runs = Path(args.runs)
+        self.label = getattr(args, "label", "") or ""
         self.log: list[str] = []
+
+    def section(self, dataset: str) -> str:
+        """The page's section for ``dataset`` (``cifar10-1k`` or, with ``--label``, ``cifar10-1k (30 epochs)``)."""
+        return f"{dataset} ({self.label})" if self.label else dataset
+
+    def folder(self, dataset: str) -> Path:
+        """Where the runs of ``dataset`` live: a labelled section keeps its own, so no run is taken for another's."""
+        return self.runs / file_slug(self.section(dataset))
 
     def dataset_path(self, name: str) -> Path:
         return ASSETS / "data" / DATASETS[name].get("folder", name)
@@ -132,7 +142,9 @@ class Page:
 
     def fit(self, config: dict[str, Any]) -> dict[str, Any]:
         out = Path(config["output"])
-        if not (out / "summary.json").is_file():
+        if (out / "summary.json").is_file():
+            refuse_stale(out, config, json.loads((out / "summary.json").read_text())["config"])
+        else:
             if out.exists():
                 import shutil
 
@@ -142,33 +154,74 @@ class Page:
         return json.loads((out / "summary.json").read_text())
 
     def sweep(self, dataset: str, method: str, lrs: list[float], cache: Path, out: Path) -> dict[str, Any]:
-        if not (out / "sweep.json").is_file():
+        name, options = parse_method(method)
+        info = DATASETS[dataset]
+        grid = {"lr": lrs, **{k: [v] for k, v in options.items()}}
+        settings = {"epochs": self.args.epochs, "batch_size": info["batch"], "warmup_epochs": 1.0, "split_seed": 0,
+                    "workers": 0}  # fmt: skip
+        if (out / "sweep.json").is_file():
+            saved = json.loads((out / "sweep.json").read_text())
+            refuse_stale(out, {"grid": grid, **settings}, {"grid": saved["grid"], **saved["settings"]})
+        else:
             if out.exists():
                 import shutil
 
                 shutil.rmtree(out)
-            name, options = parse_method(method)
-            info = DATASETS[dataset]
-            grid = {"lr": lrs, **{k: [v] for k, v in options.items()}}
-            payload = {"cache": str(cache), "method": name, "grid": grid, "output": str(out),
-                       "settings": {"epochs": self.args.epochs, "batch_size": info["batch"], "warmup_epochs": 1.0,
-                                    "split_seed": 0, "workers": 0}}  # fmt: skip
+            payload = {"cache": str(cache), "method": name, "grid": grid, "output": str(out), "settings": settings}
             wall = self.subprocess("sweep", payload, out.parent / f"{out.name}.log")
             print(f"  swept {method} over {lrs} in {wall:.0f} s", flush=True)
         return json.loads((out / "sweep.json").read_text())
 
     def cache(self, dataset: str, methods: list[str]) -> tuple[Path, float]:
         """One cache of the dataset for every side method (the union of their taps); returns it and its build time."""
-        root = self.runs / dataset / "cache"
+        root = self.folder(dataset) / "cache"
         stamp = root / "build_seconds.txt"
+        side = [parse_method(m)[0] for m in methods]
+        if stamp.is_file():  # a method added since the build (say lst): build again for the old and new together
+            built = json.loads((root / "manifest.json").read_text())["methods"]
+            if not set(side) <= set(built):
+                import shutil
+
+                print(f"  the cache at {root} was built for {', '.join(built)}; building it again for "
+                      f"{', '.join(sorted(set(side) | set(built)))}", flush=True)  # fmt: skip
+                methods = list(methods) + [m for m in built if m not in side]
+                shutil.rmtree(root)
         if not stamp.is_file():
             side = [parse_method(m)[0] for m in methods]
             options = {parse_method(m)[0]: parse_method(m)[1] for m in methods if parse_method(m)[1]}
             config = self.config(dataset, side[0], root / "unused")
             payload = {"config": config, "methods": sorted(set(side)), "output": str(root), "options": options,
                        "stamp": str(stamp)}  # fmt: skip
-            self.subprocess("build", payload, self.runs / dataset / "cache.log")
+            self.subprocess("build", payload, self.folder(dataset) / "cache.log")
         return root, float(stamp.read_text())
+
+
+# settings that do not change what a run learns (where files are, how many threads compute it)
+UNCOMPARED = frozenset({"data", "weights", "output", "cache", "threads", "workers"})
+
+
+def refuse_stale(out: Path, asked: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Refuse to reuse a finished run (or sweep) that was made with other settings than this invocation asks for.
+
+    Reusing it would put a 10-epoch number in a 30-epoch table without a word; the fix is another ``--runs`` folder
+    (or ``--label``), or deleting the run to train it again.
+    """
+
+    def plain(value: Any) -> Any:
+        return json.loads(json.dumps(value))
+
+    differ = [f"{key} {saved.get(key)!r} (asked: {value!r})" for key, value in asked.items()
+              if key not in UNCOMPARED and plain(saved.get(key)) != plain(value)]  # fmt: skip
+    if differ:
+        raise RuntimeError(
+            f"{out} was made with other settings than this invocation asks for: {'; '.join(differ)}. Use another "
+            f"--runs folder or a --label, or delete {out} to train it again."
+        )
+
+
+def file_slug(text: str) -> str:
+    """A section's name as a file or folder name: ``cifar10-1k (30 epochs)`` -> ``cifar10-1k-30-epochs``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
 def choose(points: dict[float, float | None]) -> float:
@@ -191,7 +244,7 @@ def extend(lrs: list[float], best: float) -> list[float]:
 
 def run_method(page: Page, dataset: str, method: str, cache: Path | None) -> dict[str, Any]:
     """Choose the lr on validation (seed 0, extending the grid past an edge), then train seeds 1 and 2 there."""
-    base = page.runs / dataset / slug(method)
+    base = page.folder(dataset) / slug(method)
     side = cache is not None
     lrs = list(GRIDS[kind(method)])
     scores: dict[float, float | None] = {}
@@ -228,7 +281,7 @@ def costs(page: Page, dataset: str, method: str, result: dict[str, Any], cache: 
     """What the method costs: parameters, bytes for backward, memory, time per epoch (uncached and cached)."""
     first = result["seeds"][0]
     info = DATASETS[dataset]
-    out = page.runs / dataset / slug(method) / "costs.json"
+    out = page.folder(dataset) / slug(method) / "costs.json"
     if out.is_file():
         return json.loads(out.read_text())
     name, options = parse_method(method)
@@ -243,7 +296,7 @@ def costs(page: Page, dataset: str, method: str, result: dict[str, Any], cache: 
     cached_epoch = _epoch_seconds(first) if cache is not None else None
     uncached_epoch = None
     if cache is not None:  # one uncached epoch of the side method, for its time
-        summary = page.fit(page.config(dataset, method, page.runs / dataset / slug(method) / "uncached-epoch",
+        summary = page.fit(page.config(dataset, method, page.folder(dataset) / slug(method) / "uncached-epoch",
                                        lr=result["best_lr"], epochs=1, test_split="none"))  # fmt: skip
         uncached_epoch = _epoch_seconds(summary)
     else:
@@ -295,6 +348,8 @@ def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:
         scale = ((page.args.img_size or DATASETS[dataset]["img_size"]) / 112) ** 2
         total += 3000 * 0.02 * scale  # the cache build: every image of every split once
         for method in methods:
+            if (page.folder(dataset) / slug(method) / "costs.json").is_file():
+                continue  # finished: reused as it is
             k = kind(method)
             runs = (len(GRIDS[k]) if k in ("inplace", "full") else 1) + 2
             grid_factor = len(GRIDS[k]) if k in ("side", "head") else 1
@@ -317,12 +372,13 @@ def render(report: dict[str, Any]) -> str:
         "sweep` for the grid), in-place methods uncached.",
         "",
     ]
-    for dataset, block in report["datasets"].items():
+    for section, block in report["datasets"].items():
+        dataset = block.get("dataset", section)
         info = DATASETS[dataset]
         metric = info["metric"]
         s = block["setting"]
         lines += [
-            f"## {dataset} ({info['task']}, test {metric})",
+            f"## {section} ({info['task']}, test {metric})",
             "",
             f"Made by `{block['command']}` (commit {str(s['commit'])[:10]}, {s['date']}): {s['epochs']} epochs, "
             f"precision {s['precision']}, {s['threads']} torch thread(s) per run on {s['device']}, validation "
@@ -348,8 +404,8 @@ def render(report: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            f"![{dataset}: {metric} against time](results/results_{dataset}_time.png) "
-            f"![{dataset}: {metric} against memory](results/results_{dataset}_memory.png)",
+            f"![{section}: {metric} against time](results/results_{file_slug(section)}_time.png) "
+            f"![{section}: {metric} against memory](results/results_{file_slug(section)}_memory.png)",
             "",
         ]
     lines += [report.get("reading", ""), ""]
@@ -368,13 +424,13 @@ def _trend(trend: dict[str, float] | None) -> str:
     return "-" if trend is None else f"{trend['last']:.3f} ({trend['change']:+.0%})"
 
 
-def plot(dataset: str, block: dict[str, Any], out: Path) -> None:
+def plot(section: str, block: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    metric = DATASETS[dataset]["metric"]
+    metric = DATASETS[block.get("dataset", section)]["metric"]
     for axis, key, label in (("time", "time_to_result_s", "time to result (min)"),
                              ("memory", "saved_bytes", "saved for backward (MiB)")):  # fmt: skip
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -386,9 +442,9 @@ def plot(dataset: str, block: dict[str, Any], out: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{dataset}: {metric} against {axis}")
+        ax.set_title(f"{section}: {metric} against {axis}")
         fig.tight_layout()
-        fig.savefig(out / f"results_{dataset}_{axis}.png", dpi=100)
+        fig.savefig(out / f"results_{file_slug(section)}_{axis}.png", dpi=100)
         plt.close(fig)
 
 
@@ -468,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=str(REPO / "runs" / "results"))
     p.add_argument("--out", default=str(REPO / "docs"))
     p.add_argument("--cut", default="", help="a sentence for the page: what this setting cuts, and why")
+    p.add_argument("--label", default="", help="a section of its own, e.g. '30 epochs': 'cifar10-1k (30 epochs)', "
+                   "its runs under RUNS/cifar10-1k-30-epochs (default: the dataset's own section)")  # fmt: skip
     args = p.parse_args(argv)
     invocation = "python benchmarks/results.py " + shlex.join(argv)
     if not WEIGHTS.is_file():
@@ -486,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in datasets:
         default = CLASSIFICATION_METHODS if DATASETS[dataset]["task"] == "classification" else DENSE_METHODS
         plan[dataset] = [m for m in (args.methods.split(",") if args.methods else default) if m]
-    print(f"expected time: about {expected_seconds(page, plan) / 3600:.1f} h on this CPU (finished runs are reused)")
+    hours = expected_seconds(page, plan) / 3600
+    print(f"expected time: about {hours:.1f} h on this CPU (finished methods not counted)")
     results_dir = Path(args.out) / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     setting = {
@@ -505,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = plan[dataset]
         side = [m for m in methods if kind(m) in ("head", "side")]
         cache, cache_seconds = page.cache(dataset, side) if side else (None, 0.0)
-        block = {"cache_seconds": cache_seconds, "methods": {}, "command": invocation, "setting": setting}
+        block = {"dataset": dataset, "cache_seconds": cache_seconds, "methods": {}, "command": invocation,
+                 "setting": setting}  # fmt: skip
         for method in methods:
             print(f"{dataset} / {method}", flush=True)
             is_side = kind(method) in ("head", "side")
@@ -528,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
                 "time_to_result_s": sum(result["walls"]),
                 "train_loss": _loss_trend(first),
             }
-            report["datasets"][dataset] = block
-        plot(dataset, block, results_dir)
+            report["datasets"][page.section(dataset)] = block
+        plot(page.section(dataset), block, results_dir)
     existing = results_dir / "results.json"
     if existing.is_file():  # a page of several invocations (one dataset each): keep the other datasets
         old = json.loads(existing.read_text())

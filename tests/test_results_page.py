@@ -1,0 +1,160 @@
+"""benchmarks/results.py: how it chooses, what it reuses, and that the committed page is its own rendering.
+
+The runs themselves need the shared weights and hours of CPU; these tests check the logic around them with files
+written by hand, and that ``docs/RESULTS.md`` is what ``render`` makes of ``docs/results/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def results():
+    spec = importlib.util.spec_from_file_location("results_page", REPO / "benchmarks" / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _page(results, tmp_path: Path, **overrides):
+    args = dict(runs=str(tmp_path / "runs"), epochs=10, img_size=None, val_fraction=0.2, mixed_precision="bf16",
+                threads=1, train_limit=None, label="")  # fmt: skip
+    args.update(overrides)
+    return results.Page(argparse.Namespace(**args))
+
+
+def test_choose_takes_the_best_validation_score_and_the_smaller_rate_on_a_tie(results) -> None:
+    assert results.choose({1e-3: 0.5, 3e-3: 0.7, 1e-2: 0.6}) == 3e-3
+    assert results.choose({1e-3: 0.7, 3e-3: 0.7, 1e-2: None, 3e-2: float("nan")}) == 1e-3
+    with pytest.raises(RuntimeError, match="no learning rate"):
+        results.choose({1e-3: None})
+
+
+def test_a_best_point_at_an_edge_extends_the_grid_past_it(results) -> None:
+    grid = [1e-3, 3e-3, 1e-2]
+    assert results.extend(grid, 1e-2) == pytest.approx([3e-2, 9e-2])
+    assert results.extend(grid, 1e-3) == pytest.approx([1e-3 / 3, 1e-3 / 9])
+    assert results.extend(grid, 3e-3) == []
+
+
+def _finished_run(out: Path, config: dict) -> None:
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"config": config, "metrics": {"best_val": 0.5}}))
+
+
+def test_a_finished_run_is_reused_only_with_the_settings_it_was_made_with(results, tmp_path, monkeypatch) -> None:
+    page = _page(results, tmp_path)
+    config = page.config("cifar10-1k", "losa", page.folder("cifar10-1k") / "losa" / "lr0.01-seed0", lr=0.01)
+    # paths and threads do not change what a run learns: a run made elsewhere with 2 threads is the same run
+    _finished_run(Path(config["output"]), {**config, "data": "/elsewhere", "threads": 2})
+    monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert page.fit(config)["metrics"]["best_val"] == 0.5
+    with pytest.raises(RuntimeError, match=r"epochs 10 \(asked: 30\).*--runs folder or a --label"):
+        page.fit({**config, "epochs": 30})
+    with pytest.raises(RuntimeError, match="method_options"):
+        page.fit({**config, "method_options": {"read": "norm"}})
+
+
+def test_a_finished_sweep_is_reused_only_for_its_grid_and_schedule(results, tmp_path, monkeypatch) -> None:
+    page = _page(results, tmp_path)
+    out = tmp_path / "sweep-0"
+    out.mkdir()
+    settings = {"epochs": 10, "batch_size": 32, "warmup_epochs": 1.0, "split_seed": 0, "workers": 0}
+    saved = {"grid": {"lr": [1e-3, 1e-2]}, "settings": settings, "configs": []}
+    (out / "sweep.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("a finished sweep was run again"))
+    assert page.sweep("cifar10-1k", "losa", [1e-3, 1e-2], tmp_path / "cache", out) == saved
+    with pytest.raises(RuntimeError, match="grid"):
+        page.sweep("cifar10-1k", "losa", [1e-3, 3e-3], tmp_path / "cache", out)
+    with pytest.raises(RuntimeError, match="grid"):  # the variant's option is part of the grid
+        page.sweep("cifar10-1k", "losa[read=norm]", [1e-3, 1e-2], tmp_path / "cache", out)
+    page.args.epochs = 30
+    with pytest.raises(RuntimeError, match="epochs"):
+        page.sweep("cifar10-1k", "losa", [1e-3, 1e-2], tmp_path / "cache", out)
+
+
+def test_a_label_gives_a_section_and_runs_of_its_own(results, tmp_path) -> None:
+    plain, labelled = _page(results, tmp_path), _page(results, tmp_path, label="30 epochs")
+    assert plain.section("cifar10-1k") == "cifar10-1k"
+    assert labelled.section("cifar10-1k") == "cifar10-1k (30 epochs)"
+    assert plain.folder("cifar10-1k") == tmp_path / "runs" / "cifar10-1k"
+    assert labelled.folder("cifar10-1k") == tmp_path / "runs" / "cifar10-1k-30-epochs"
+
+
+def test_a_cache_missing_a_new_method_is_built_again_for_all_of_them(results, tmp_path, monkeypatch) -> None:
+    page = _page(results, tmp_path)
+    root = page.folder("cifar10-1k") / "cache"
+    root.mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps({"methods": ["e3va", "losa"]}))
+    (root / "build_seconds.txt").write_text("80")
+    monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("a cache that covers them was built again"))
+    assert page.cache("cifar10-1k", ["losa", "e3va[input_norm=true]"]) == (root, 80.0)
+
+    built = {}
+
+    def build(job, payload, log):
+        built.update(payload)
+        Path(payload["stamp"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(payload["stamp"]).write_text("90")
+        return 90.0
+
+    monkeypatch.setattr(page, "subprocess", build)
+    assert page.cache("cifar10-1k", ["losa", "lst"]) == (root, 90.0)
+    assert built["methods"] == ["e3va", "losa", "lst"]
+
+
+def test_expected_time_leaves_out_finished_methods(results, tmp_path) -> None:
+    page = _page(results, tmp_path)
+    both = results.expected_seconds(page, {"cifar10-1k": ["losa", "lora"]})
+    (page.folder("cifar10-1k") / "lora").mkdir(parents=True)
+    (page.folder("cifar10-1k") / "lora" / "costs.json").write_text("{}")
+    only_losa = results.expected_seconds(page, {"cifar10-1k": ["losa"]})
+    assert results.expected_seconds(page, {"cifar10-1k": ["losa", "lora"]}) == pytest.approx(only_losa)
+    assert only_losa < both
+
+
+def test_the_training_loss_trend_is_the_last_epochs_mean_and_its_change(results, tmp_path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    steps = [(0, 1.0), (0, 0.8), (1, 0.5), (1, None), (1, 0.3)]  # a skipped step is logged with a null loss
+    lines = [{"type": "step", "epoch": e, "loss": loss, "step_time_s": 0.1, "data_time_s": 0.0} for e, loss in steps]
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    trend = results._loss_trend({"config": {"output": str(out)}})
+    assert trend == pytest.approx({"last": 0.4, "change": (0.4 - 0.9) / 0.9})
+
+
+def _row(test, lr=0.01):
+    return {"test": test, "val_by_lr": {}, "lr": lr, "lr_at_edge": False, "params": 10, "adapter_bytes": 2**20,
+            "saved_bytes": 2**21, "peak_rss": 2**30, "uncached_epoch_s": 20.0, "cached_epoch_s": 0.5,
+            "time_to_result_s": 120.0, "train_loss": {"last": 0.1, "change": -0.05}}  # fmt: skip
+
+
+def test_render_writes_a_labelled_section_with_its_datasets_metric_and_its_own_plots(results) -> None:
+    setting = {"commit": "abcdef0123456", "date": "2026-12-02", "epochs": 30, "precision": "bf16", "threads": 1,
+               "device": "cpu", "val_fraction": 0.2, "cut": "A cut."}  # fmt: skip
+    block = {"dataset": "camvid", "cache_seconds": 100.0, "command": "python benchmarks/results.py ...",
+             "setting": setting, "methods": {"e3va": _row([0.30, 0.32, 0.31])}}  # fmt: skip
+    page = results.render({"datasets": {"camvid (30 epochs)": block}})
+    assert "## camvid (30 epochs) (segmentation, test mIoU)" in page
+    assert "| e3va | **0.310** (0.300-0.320) | 0.01 |" in page
+    assert "results/results_camvid-30-epochs_time.png" in page
+
+
+def test_the_committed_page_is_the_rendering_of_its_result_file(results) -> None:
+    report = json.loads((REPO / "docs" / "results" / "results.json").read_text())
+    page = (REPO / "docs" / "RESULTS.md").read_text()
+    marker = "<!-- everything below this line is written by hand; benchmarks/results.py keeps it -->"
+    assert marker in page
+    assert page.split(marker)[0] == results.render(report) + "\n", "docs/RESULTS.md is stale: run the commands on it"
+    for section, block in report["datasets"].items():
+        for method, row in block["methods"].items():
+            assert len(row["test"]) == 3, f"{section} / {method}: three seeds"
+            assert not row["lr_at_edge"], f"{section} / {method}: its best learning rate is at the grid's edge"
