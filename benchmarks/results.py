@@ -61,6 +61,12 @@ GRIDS = {
     "full": (1e-5, 3e-5, 1e-4),
 }
 SEEDS = (0, 1, 2)
+# the dense heads (the same for every method of a task, sweeps included): UPerNet at its default 128 channels; a
+# Faster R-CNN narrower than torchvision's 256-channel pyramid, for the CPU
+HEAD_OPTIONS = {
+    "segmentation": {},
+    "detection": {"fpn_channels": 128, "box_head_dim": 256, "box_batch_size_per_image": 128},
+}
 
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
@@ -120,8 +126,7 @@ class Page:
         )  # fmt: skip
         if info["task"] != "classification":
             config["augmentation"] = "none"  # deterministic: the side methods' cache holds these samples
-            config["head_options"] = {"channels": 128} if info["task"] == "segmentation" else {
-                "fpn_channels": 128, "box_head_dim": 256, "box_batch_size_per_image": 128}  # fmt: skip
+            config["head_options"] = HEAD_OPTIONS[info["task"]]
         if self.args.train_limit:
             config["train_limit"] = self.args.train_limit
         config.update(extra)
@@ -143,7 +148,8 @@ class Page:
     def fit(self, config: dict[str, Any]) -> dict[str, Any]:
         out = Path(config["output"])
         if (out / "summary.json").is_file():
-            refuse_stale(out, config, json.loads((out / "summary.json").read_text())["config"])
+            saved = json.loads((out / "summary.json").read_text())["config"]
+            refuse_stale(out, normalised(config), normalised(saved))
         else:
             if out.exists():
                 import shutil
@@ -159,9 +165,14 @@ class Page:
         grid = {"lr": lrs, **{k: [v] for k, v in options.items()}}
         settings = {"epochs": self.args.epochs, "batch_size": info["batch"], "warmup_epochs": 1.0, "split_seed": 0,
                     "workers": 0}  # fmt: skip
+        if info["task"] in HEAD_OPTIONS:  # the head the seeds train, so the rate is chosen for it
+            settings["head_options"] = HEAD_OPTIONS[info["task"]]
         if (out / "sweep.json").is_file():
             saved = json.loads((out / "sweep.json").read_text())
-            refuse_stale(out, {"grid": grid, **settings}, {"grid": saved["grid"], **saved["settings"]})
+            # the grid (the variant's options included), then every other setting of its runs against a seed run's
+            asked = normalised(self.config(dataset, name, out, **settings))
+            refuse_stale(out, {"grid": grid}, {"grid": saved["grid"]})
+            refuse_stale(out, asked, normalised(saved["settings"]), skip=("lr", "seed", "method_options"))
         else:
             if out.exists():
                 import shutil
@@ -177,7 +188,7 @@ class Page:
         root = self.folder(dataset) / "cache"
         stamp = root / "build_seconds.txt"
         side = [parse_method(m)[0] for m in methods]
-        if stamp.is_file():  # a method added since the build (say lst): build again for the old and new together
+        if (root / "manifest.json").is_file():  # a method added since the build (say lst): build for old and new
             built = json.loads((root / "manifest.json").read_text())["methods"]
             if not set(side) <= set(built):
                 import shutil
@@ -186,7 +197,7 @@ class Page:
                       f"{', '.join(sorted(set(side) | set(built)))}", flush=True)  # fmt: skip
                 methods = list(methods) + [m for m in built if m not in side]
                 shutil.rmtree(root)
-        if not stamp.is_file():
+        if not stamp.is_file():  # never built, or interrupted (the build resumes it)
             side = [parse_method(m)[0] for m in methods]
             options = {parse_method(m)[0]: parse_method(m)[1] for m in methods if parse_method(m)[1]}
             config = self.config(dataset, side[0], root / "unused")
@@ -196,27 +207,47 @@ class Page:
         return root, float(stamp.read_text())
 
 
-# settings that do not change what a run learns (where files are, how many threads compute it)
-UNCOMPARED = frozenset({"data", "weights", "output", "cache", "threads", "workers"})
+# settings that do not change what a run learns (where it writes, where the cache is, how many threads compute it)
+UNCOMPARED = frozenset({"output", "cache", "threads", "workers", "resume"})
 
 
-def refuse_stale(out: Path, asked: dict[str, Any], saved: dict[str, Any]) -> None:
+def normalised(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's every setting as ``TrainConfig`` resolves it (defaults filled in, ``"none"`` -> ``None``), with the
+    data folder and weights file by name, so a run is compared whole and wherever the assets live."""
+    from sidetune.train import TrainConfig
+
+    known = set(TrainConfig.field_names())  # a field a later version added takes its default for older runs
+    resolved = TrainConfig(**{k: v for k, v in config.items() if k in known}).to_dict()
+    for key in ("data", "weights"):
+        resolved[key] = Path(resolved[key]).name if resolved[key] else resolved[key]
+    return resolved
+
+
+def refuse_stale(out: Path, asked: dict[str, Any], saved: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
     """Refuse to reuse a finished run (or sweep) that was made with other settings than this invocation asks for.
 
-    Reusing it would put a 10-epoch number in a 30-epoch table without a word; the fix is another ``--runs`` folder
-    (or ``--label``), or deleting the run to train it again.
+    Reusing it would put a 10-epoch (or 200-image) number in a 30-epoch table without a word; the fix is a
+    ``--label`` (a section and runs of its own), another ``--runs`` folder, or deleting the run to train it again.
     """
 
     def plain(value: Any) -> Any:
         return json.loads(json.dumps(value))
 
-    differ = [f"{key} {saved.get(key)!r} (asked: {value!r})" for key, value in asked.items()
-              if key not in UNCOMPARED and plain(saved.get(key)) != plain(value)]  # fmt: skip
+    keys = (set(asked) | set(saved)) - UNCOMPARED - set(skip)
+    differ = [f"{key} {saved.get(key)!r} (asked: {asked.get(key)!r})" for key in sorted(keys)
+              if plain(saved.get(key)) != plain(asked.get(key))]  # fmt: skip
     if differ:
         raise RuntimeError(
-            f"{out} was made with other settings than this invocation asks for: {'; '.join(differ)}. Use another "
-            f"--runs folder or a --label, or delete {out} to train it again."
+            f"{out} was made with other settings than this invocation asks for: {'; '.join(differ)}. Give a --label "
+            f"(a section and runs of its own) or another --runs folder, or delete {out} to train it again."
         )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: an interrupted write leaves the old file, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def file_slug(text: str) -> str:
@@ -249,6 +280,7 @@ def run_method(page: Page, dataset: str, method: str, cache: Path | None) -> dic
     lrs = list(GRIDS[kind(method)])
     scores: dict[float, float | None] = {}
     walls: list[float] = []
+    runs: list[dict[str, Any]] = []  # every run's summary behind the row (its threads and commit)
     for _round in range(3):  # the first grid and at most two extensions
         if side:
             swept = page.sweep(dataset, method, lrs, cache, base / f"sweep-{len(scores)}")
@@ -259,6 +291,7 @@ def run_method(page: Page, dataset: str, method: str, cache: Path | None) -> dic
             for lr in lrs:
                 summary = page.fit(page.config(dataset, method, base / f"lr{lr:g}-seed0", lr=lr))
                 walls.append(summary["timing"]["wall_time_s"])
+                runs.append(summary)
                 scores[lr] = summary["metrics"]["best_val"]
         best = choose(scores)
         more = [lr for lr in extend(sorted(scores), best) if lr not in scores]
@@ -274,7 +307,8 @@ def run_method(page: Page, dataset: str, method: str, cache: Path | None) -> dic
         if seed > 0:  # seed 0 at the chosen rate was trained by the grid (the sweep, or the same uncached run)
             walls.append(summary["timing"]["wall_time_s"])
         seeds.append(summary)
-    return {"scores": scores, "best_lr": best, "lr_at_edge": at_edge, "seeds": seeds, "walls": walls}
+        runs.append(summary)
+    return {"scores": scores, "best_lr": best, "lr_at_edge": at_edge, "seeds": seeds, "walls": walls, "runs": runs}
 
 
 def costs(page: Page, dataset: str, method: str, result: dict[str, Any], cache: Path | None) -> dict[str, Any]:
@@ -359,7 +393,8 @@ def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:
 
 def render(report: dict[str, Any]) -> str:
     lines = [
-        f"# Results: {len(report['datasets'])} of the four real tasks, every method chosen the same way",
+        f"# Results: {len({b.get('dataset', s) for s, b in report['datasets'].items()})} of the four real tasks, "
+        "every method chosen the same way",
         "",
         "Every number below comes from `docs/results/results.json`, written by `benchmarks/results.py` from the runs "
         "under `runs/results/`; each dataset's section names the command (and commit) that made it, since the page "
@@ -381,14 +416,15 @@ def render(report: dict[str, Any]) -> str:
             f"## {section} ({info['task']}, test {metric})",
             "",
             f"Made by `{block['command']}` (commit {str(s['commit'])[:10]}, {s['date']}): {s['epochs']} epochs, "
-            f"precision {s['precision']}, {s['threads']} torch thread(s) per run on {s['device']}, validation "
-            f"{s['val_fraction']:.0%} of train. {s['cut']}",
+            f"precision {s['precision']}, on {s['device']} (each row's torch threads per run in its last column; "
+            f"the commits of its runs in results.json), validation {s['val_fraction']:.0%} of train. {s['cut']}",
             "",
             f"Cache build: {block['cache_seconds']:.0f} s (once for all side methods).",
             "",
             f"| method | test {metric} mean (min-max) | lr | train loss (last epoch, change) | trainable params | "
-            "adapter | saved for backward | peak RSS | epoch uncached | epoch cached | time to result |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "adapter | saved for backward | peak RSS uncached / cached | epoch uncached | epoch cached | "
+            "time to result | threads |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method, row in block["methods"].items():
             values = row["test"]
@@ -398,9 +434,9 @@ def render(report: dict[str, Any]) -> str:
                 f"| {method} | **{_fmt(mean, metric)}** ({_fmt(min(values), metric)}-{_fmt(max(values), metric)}) | "
                 f"{row['lr']:g}{edge} | {_trend(row.get('train_loss'))} | {row['params']:,} | "
                 f"{row['adapter_bytes'] / 2**20:.2f} MiB | "
-                f"{row['saved_bytes'] / 2**20:.1f} MiB | {row['peak_rss'] / 2**20:,.0f} MiB | "
+                f"{row['saved_bytes'] / 2**20:.1f} MiB | {_rss(row)} | "
                 f"{_secs(row['uncached_epoch_s'])} | {_secs(row['cached_epoch_s'])} | "
-                f"{row['time_to_result_s'] / 60:.1f} min |"
+                f"{row['time_to_result_s'] / 60:.1f} min | {', '.join(map(str, row.get('threads', []))) or '-'} |"
             )
         lines += [
             "",
@@ -414,6 +450,14 @@ def render(report: dict[str, Any]) -> str:
 
 def _fmt(value: float, metric: str) -> str:
     return f"{value:.1%}" if metric == "top1" else f"{value:.3f}"
+
+
+def _rss(row: dict[str, Any]) -> str:
+    """Peak RSS of the method's uncached run and, for a side method, of its cached seed-0 run."""
+    if "peak_rss_uncached" not in row:  # a row written before both were kept: the seed-0 run's only
+        return f"{row['peak_rss'] / 2**20:,.0f} MiB (seed 0)"
+    cached = row["peak_rss"] if row["cached_epoch_s"] is not None else None
+    return f"{row['peak_rss_uncached'] / 2**20:,.0f} / " + ("-" if cached is None else f"{cached / 2**20:,.0f} MiB")
 
 
 def _secs(value: float | None) -> str:
@@ -560,6 +604,17 @@ def main(argv: list[str] | None = None) -> int:
         "runs": os.path.relpath(args.runs, REPO) if Path(args.runs).is_absolute() else args.runs,
     }
     report: dict[str, Any] = {"command": invocation, "setting": setting, "datasets": {}}
+    existing = results_dir / "results.json"
+    old = json.loads(existing.read_text()) if existing.is_file() else {}
+    for dataset in datasets:  # before any run: an invocation rewrites whole sections, so it must keep their rows
+        dropped = [m for m in old.get("datasets", {}).get(page.section(dataset), {}).get("methods", {})
+                   if m not in plan[dataset]]  # fmt: skip
+        if dropped:
+            raise SystemExit(
+                f"the page's section {page.section(dataset)!r} has rows for {', '.join(dropped)}, which --methods "
+                "leaves out; this invocation rewrites the whole section, so list them too (their finished runs are "
+                "reused), or give a --label for a section of its own."
+            )
     for dataset in datasets:
         methods = plan[dataset]
         side = [m for m in methods if kind(m) in ("head", "side")]
@@ -574,15 +629,25 @@ def main(argv: list[str] | None = None) -> int:
             metric = DATASETS[dataset]["metric"]
             first = result["seeds"][0]
             adapter = Path(first["config"]["output"]) / "best" / "adapter_model.safetensors"
+            test = [s["metrics"]["test"].get(metric) for s in result["seeds"]]
+            for summary, value in zip(result["seeds"], test, strict=True):
+                if value is None or math.isnan(value):
+                    raise RuntimeError(f"{summary['config']['output']} has no test {metric} (NaN or missing); see its "
+                                       "log.jsonl, delete the run and run again")  # fmt: skip
+            uncached = page.folder(dataset) / slug(method) / "uncached-epoch" / "summary.json"
+            behind = result["runs"] + ([json.loads(uncached.read_text())] if is_side else [])
             block["methods"][method] = {
-                "test": [s["metrics"]["test"][metric] for s in result["seeds"]],
+                "test": test,
                 "val_by_lr": result["scores"],
                 "lr": result["best_lr"],
                 "lr_at_edge": result["lr_at_edge"],
                 "params": first["model"]["trainable_parameters"],
                 "adapter_bytes": adapter.stat().st_size,
                 "saved_bytes": cost["saved_bytes"],
-                "peak_rss": first["memory"]["bytes"],
+                "peak_rss": first["memory"]["bytes"],  # the seed-0 run: cached for side methods
+                "peak_rss_uncached": (behind[-1] if is_side else first)["memory"]["bytes"],
+                "threads": sorted({r["config"]["threads"] for r in behind if r["config"].get("threads")}),
+                "commits": sorted({r["git_commit"] for r in behind if r.get("git_commit")}),
                 "uncached_epoch_s": cost["uncached_epoch_s"],
                 "cached_epoch_s": cost["cached_epoch_s"],
                 "time_to_result_s": sum(result["walls"]),
@@ -590,21 +655,19 @@ def main(argv: list[str] | None = None) -> int:
             }
             report["datasets"][page.section(dataset)] = block
         plot(page.section(dataset), block, results_dir)
-    existing = results_dir / "results.json"
-    if existing.is_file():  # a page of several invocations (one dataset each): keep the other datasets
-        old = json.loads(existing.read_text())
+    if old:  # a page of several invocations (one dataset each): keep the other sections
         for name, block in old.get("datasets", {}).items():
             # a section written before sections carried their own command: the page's command was its command
             block.setdefault("command", old.get("command"))
             block.setdefault("setting", old.get("setting"))
             report["datasets"].setdefault(name, block)
-    existing.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_atomic(existing, json.dumps(report, indent=1, default=str) + "\n")
     page_path = Path(args.out) / "RESULTS.md"
     manual = ""
     marker = "<!-- everything below this line is written by hand; benchmarks/results.py keeps it -->"
     if page_path.is_file() and marker in page_path.read_text():
         manual = page_path.read_text().split(marker, 1)[1]
-    page_path.write_text(render(report) + "\n" + marker + manual)
+    write_atomic(page_path, render(report) + "\n" + marker + manual)
     print(f"wrote {page_path} and {existing}")
     return 0
 

@@ -54,22 +54,28 @@ def test_a_finished_run_is_reused_only_with_the_settings_it_was_made_with(result
     page = _page(results, tmp_path)
     config = page.config("cifar10-1k", "losa", page.folder("cifar10-1k") / "losa" / "lr0.01-seed0", lr=0.01)
     # paths and threads do not change what a run learns: a run made elsewhere with 2 threads is the same run
-    _finished_run(Path(config["output"]), {**config, "data": "/elsewhere", "threads": 2})
+    _finished_run(Path(config["output"]), {**config, "data": "/mnt/copy/cifar10-1k", "threads": 2})
     monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("a finished run was trained again"))
     assert page.fit(config)["metrics"]["best_val"] == 0.5
-    with pytest.raises(RuntimeError, match=r"epochs 10 \(asked: 30\).*--runs folder or a --label"):
+    with pytest.raises(RuntimeError, match=r"epochs 10 \(asked: 30\).*Give a --label"):
         page.fit({**config, "epochs": 30})
     with pytest.raises(RuntimeError, match="method_options"):
         page.fit({**config, "method_options": {"read": "norm"}})
 
 
-def test_a_finished_sweep_is_reused_only_for_its_grid_and_schedule(results, tmp_path, monkeypatch) -> None:
+def _finished_sweep(page, out: Path, lrs: list[float], **options) -> dict:
+    settings = page.config("cifar10-1k", "losa", out, epochs=page.args.epochs, batch_size=32, workers=0)
+    settings = {k: v for k, v in settings.items() if k != "lr"}  # a sweep's settings: its runs' config, lr aside
+    saved = {"grid": {"lr": lrs, **{k: [v] for k, v in options.items()}}, "settings": settings, "configs": []}
+    out.mkdir(parents=True)
+    (out / "sweep.json").write_text(json.dumps(saved))
+    return saved
+
+
+def test_a_finished_sweep_is_reused_only_for_its_grid_and_settings(results, tmp_path, monkeypatch) -> None:
     page = _page(results, tmp_path)
     out = tmp_path / "sweep-0"
-    out.mkdir()
-    settings = {"epochs": 10, "batch_size": 32, "warmup_epochs": 1.0, "split_seed": 0, "workers": 0}
-    saved = {"grid": {"lr": [1e-3, 1e-2]}, "settings": settings, "configs": []}
-    (out / "sweep.json").write_text(json.dumps(saved))
+    saved = _finished_sweep(page, out, [1e-3, 1e-2])
     monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("a finished sweep was run again"))
     assert page.sweep("cifar10-1k", "losa", [1e-3, 1e-2], tmp_path / "cache", out) == saved
     with pytest.raises(RuntimeError, match="grid"):
@@ -79,6 +85,29 @@ def test_a_finished_sweep_is_reused_only_for_its_grid_and_schedule(results, tmp_
     page.args.epochs = 30
     with pytest.raises(RuntimeError, match="epochs"):
         page.sweep("cifar10-1k", "losa", [1e-3, 1e-2], tmp_path / "cache", out)
+    page.args.epochs, page.args.train_limit = 10, 200  # a quick look's sweep is not the full one
+    with pytest.raises(RuntimeError, match="train_limit"):
+        page.sweep("cifar10-1k", "losa", [1e-3, 1e-2], tmp_path / "cache", out)
+
+
+def test_runs_on_fewer_images_or_other_data_are_not_reused(results, tmp_path) -> None:
+    page = _page(results, tmp_path)
+    config = page.config("cifar10-1k", "linear", tmp_path / "run", lr=0.01)
+    _finished_run(tmp_path / "run", {**config, "train_limit": 200})
+    with pytest.raises(RuntimeError, match=r"train_limit 200 \(asked: None\)"):
+        page.fit(config)
+    _finished_run(tmp_path / "other", {**config, "data": "/work/shared/assets/data/sign-digits"})
+    with pytest.raises(RuntimeError, match="data 'sign-digits'"):
+        page.fit({**config, "output": str(tmp_path / "other")})
+
+
+def test_settings_are_compared_as_a_run_resolves_them(results, tmp_path) -> None:
+    page = _page(results, tmp_path)
+    config = page.config("cifar10-1k", "losa", tmp_path / "run", lr=0.01, epochs=1, test_split="none")
+    # the run saved test_split None, the page asks "none"; a field added since (compile) takes its default
+    saved = {k: v for k, v in results.normalised(config).items() if k != "compile"}
+    _finished_run(tmp_path / "run", {**saved, "data": "/mnt/elsewhere/cifar10-1k"})
+    assert page.fit(config)["metrics"]["best_val"] == 0.5
 
 
 def test_a_label_gives_a_section_and_runs_of_its_own(results, tmp_path) -> None:
@@ -135,6 +164,18 @@ def _row(test, lr=0.01):
     return {"test": test, "val_by_lr": {}, "lr": lr, "lr_at_edge": False, "params": 10, "adapter_bytes": 2**20,
             "saved_bytes": 2**21, "peak_rss": 2**30, "uncached_epoch_s": 20.0, "cached_epoch_s": 0.5,
             "time_to_result_s": 120.0, "train_loss": {"last": 0.1, "change": -0.05}}  # fmt: skip
+
+
+def test_an_invocation_that_would_drop_a_sections_rows_is_refused_before_any_run(results, tmp_path) -> None:
+    if not results.WEIGHTS.is_file():
+        pytest.skip(f"{results.WEIGHTS} is absent (../shared/assets is not here)")
+    (tmp_path / "results").mkdir()
+    page = {"datasets": {"cifar10-1k": {"methods": {"losa": {}, "e3va": {}}}}}
+    (tmp_path / "results" / "results.json").write_text(json.dumps(page))
+    argv = ["--datasets", "cifar10-1k", "--methods", "losa", "--out", str(tmp_path), "--runs", str(tmp_path / "r")]
+    with pytest.raises(SystemExit, match="rows for e3va, which --methods leaves out"):
+        results.main(argv)
+    assert not (tmp_path / "r").exists(), "nothing ran"
 
 
 def test_render_writes_a_labelled_section_with_its_datasets_metric_and_its_own_plots(results) -> None:
