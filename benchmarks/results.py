@@ -404,7 +404,8 @@ def render(report: dict[str, Any]) -> str:
         "The validation split is carved from train, the same for every seed; the learning rate is chosen on it with "
         "seed 0 from a grid extended past its edge when the best point sat there; seeds 0, 1, 2 then train at that "
         "rate and the test metric is reported as mean (min-max). Side methods train from a tap cache (`sidetune "
-        "sweep` for the grid), in-place methods uncached.",
+        "sweep` for the grid), in-place methods uncached. (Every run ends by scoring the test split, the in-place "
+        "grid's runs too; no choice reads those scores, and only the three seeds' are reported.)",
         "",
     ]
     for section, block in report["datasets"].items():
