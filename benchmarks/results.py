@@ -21,7 +21,11 @@ Protocol (the same for every method; what the CPU setting cuts is said on the pa
   (the cache build is counted once per dataset, in its own line).
 
 Every run's folder has its summary; a run whose ``summary.json`` (or ``sweep.json``) exists is reused, so an
-interrupted page continues where it stopped. The expected time is printed before anything starts.
+interrupted page continues where it stopped, but only when every setting it was made with is the one asked for
+(epochs, images, data, weights, options...; not threads or paths): otherwise the page stops and says so. One
+invocation writes whole sections (one per dataset, the other sections are kept): ``--label '30 epochs'`` makes a
+section of its own (``cifar10-1k (30 epochs)``, runs under ``runs/results/cifar10-1k-30-epochs``) for a setting
+beside the main one. The expected time (of the methods not finished) is printed before anything starts.
 Skips with a message when ``../shared/assets`` is absent.
 """
 
