@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sidetune
 from sidetune.backbones import TimmBackbone
 from sidetune.cache import CacheError, Manifest, build
 from sidetune.cache.sweep import sweep
@@ -68,6 +69,33 @@ def test_training_from_the_cache_reproduces_uncached_training_without_the_backbo
         key = "top1" if task == "classification" else "mIoU"
         assert cm[key] == pytest.approx(pm[key], abs=0.02)
     assert cached.summary["data"]["source"].startswith("tap cache")
+
+
+def test_a_cached_detection_run_is_scored_against_the_files_it_was_cached_from(datasets, tmp_path, monkeypatch):
+    """Validation and test from a detection cache: COCO ground truth comes from the split's source files (a cached
+    split holds letterboxed images, not the records to_coco reads), sample for sample as the uncached run has it."""
+    from sidetune.cache.reader import open_cache
+    from sidetune.data import to_coco
+    from sidetune.tasks import make_task
+    from sidetune.train.setup import resolve_mixed_precision
+
+    opts = dict(augmentation="none", val_fraction=0.34, test_split="val")  # validation carved from train; VOC val
+    config = task_config("detection", datasets["detection"], tmp_path / "plain", **opts)
+    build(config, ["e3va"], tmp_path / "cache", batch_size=4)
+    no_backbone(monkeypatch)
+    run = task_config("detection", datasets["detection"], tmp_path / "cached", cache=str(tmp_path / "cache"), **opts)
+    result = fit(run)
+    for key in ("final_val", "test"):
+        assert 0.0 <= result.summary["metrics"][key]["bbox_mAP"] <= 1.0
+    task = make_task("detection", run.task_options)
+    torch.manual_seed(run.seed)  # the model fit() built, so its backbone's fingerprint is the cache's
+    model = sidetune.create(run.backbone, run.method, num_classes=len(task.scan_classes(run)), img_size=run.img_size,
+                            backbone_kwargs=run.backbone_kwargs, **task.model_kwargs(run))  # fmt: skip
+    data = open_cache(run, model, task, resolve_mixed_precision(run.mixed_precision, True))
+    for split in (data.val, data.test):
+        cached, files = to_coco(split).dataset, to_coco(split.source).dataset
+        assert cached["images"] == files["images"] and cached["annotations"] == files["annotations"]
+        assert len(cached["images"]) == len(split) > 0
 
 
 def test_cache_holds_only_what_the_methods_read(datasets, tmp_path):

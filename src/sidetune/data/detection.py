@@ -681,8 +681,11 @@ def to_coco(dataset: DetectionDataset | Subset) -> COCO:
 
     Boxes are in original image coordinates, category ids are the labels 1..K (so torchvision predictions
     need no mapping), crowd annotations (COCO) are included with ``iscrowd=1``. Instance masks are included
-    as ``segmentation`` when the dataset loads masks. Reads no image.
+    as ``segmentation`` when the dataset loads masks. Reads no image. A split of a tap cache is scored against
+    the files it was cached from (its ``source``, sample for sample), so a cached run's mAP is an uncached one's.
     """
+    if getattr(dataset, "source", None) is not None:  # a cache's split (CachedSplit): its files' dataset
+        dataset = dataset.source
     indices: Sequence[int] = range(len(dataset))
     base = dataset
     while isinstance(base, Subset):
