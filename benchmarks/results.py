@@ -192,13 +192,18 @@ class Page:
         root = self.folder(dataset) / "cache"
         stamp = root / "build_seconds.txt"
         side = [parse_method(m)[0] for m in methods]
-        if (root / "manifest.json").is_file():  # a method added since the build (say lst): build for old and new
-            built = json.loads((root / "manifest.json").read_text())["methods"]
-            if not set(side) <= set(built):
+        if (root / "manifest.json").is_file():
+            manifest = json.loads((root / "manifest.json").read_text())
+            built, stale = manifest["methods"], stale_file(manifest)
+            why = None
+            if stale and stamp.is_file():  # the dataset changed since (or was copied again, before digests)
+                why = f"it is stale ({stale})"
+            elif not set(side) <= set(built):  # a method added since the build (say lst)
+                why = f"it was built for {', '.join(built)}"
+            if why:  # build it again for the old methods and the new together
                 import shutil
 
-                print(f"  the cache at {root} was built for {', '.join(built)}; building it again for "
-                      f"{', '.join(sorted(set(side) | set(built)))}", flush=True)  # fmt: skip
+                print(f"  building the cache at {root} again: {why}", flush=True)
                 methods = list(methods) + [m for m in built if m not in side]
                 shutil.rmtree(root)
         if not stamp.is_file():  # never built, or interrupted (the build resumes it)
@@ -245,6 +250,18 @@ def refuse_stale(out: Path, asked: dict[str, Any], saved: dict[str, Any], skip: 
             f"{out} was made with other settings than this invocation asks for: {'; '.join(differ)}. Give a --label "
             f"(a section and runs of its own) or another --runs folder, or delete {out} to train it again."
         )
+
+
+def stale_file(manifest: dict[str, Any]) -> str | None:
+    """The first file of a cache's dataset that changed since its build (None: all unchanged), as the cache's own
+    check finds it; a stale cache is refused by every run that reads it, so the page builds it again."""
+    from sidetune.cache.build import file_change
+
+    for facts in (f for split in manifest.get("files", {}).values() for f in split):
+        change = file_change(facts, facts[0])
+        if change:
+            return change
+    return None
 
 
 def write_atomic(path: Path, text: str) -> None:

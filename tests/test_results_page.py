@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,32 @@ def test_a_cache_missing_a_new_method_is_built_again_for_all_of_them(results, tm
     monkeypatch.setattr(page, "subprocess", build)
     assert page.cache("cifar10-1k", ["losa", "lst"]) == (root, 90.0)
     assert built["methods"] == ["e3va", "losa", "lst"]
+
+
+def test_a_cache_whose_images_changed_is_built_again(results, tmp_path, monkeypatch) -> None:
+    from sidetune.cache.build import file_facts
+
+    page = _page(results, tmp_path)
+    root = page.folder("cifar10-1k") / "cache"
+    root.mkdir(parents=True)
+    image = tmp_path / "img.jpg"
+    image.write_bytes(b"first")
+    manifest = {"methods": ["losa"], "files": {"train": file_facts([str(image)])}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "build_seconds.txt").write_text("80")
+    monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("an unchanged cache was built again"))
+    assert page.cache("cifar10-1k", ["losa"]) == (root, 80.0)
+    stat = image.stat()
+    image.write_bytes(b"other")  # same size, new bytes: every run would refuse this cache
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock must not hide the edit
+
+    def build(job, payload, log):
+        Path(payload["stamp"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(payload["stamp"]).write_text("85")
+        return 85.0
+
+    monkeypatch.setattr(page, "subprocess", build)
+    assert page.cache("cifar10-1k", ["losa"]) == (root, 85.0)
 
 
 def test_expected_time_leaves_out_finished_methods(results, tmp_path) -> None:
