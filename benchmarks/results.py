@@ -391,24 +391,30 @@ def _epoch_seconds(summary: dict[str, Any]) -> float | None:
 
 
 def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:
-    """A rough estimate before starting: images per epoch x epochs x runs x a per-image cost by kind of method.
+    """A rough estimate before starting: images x epochs x runs x a per-image cost by kind of method and task.
 
-    The per-image costs are this CPU's figures for ViT-S/14 at 112 px in bf16 (seconds per training image of one
-    epoch): a side method from the cache 0.002, uncached 0.02, LoRA/adapter 0.05, full 0.07; 224 px costs 4x.
+    The costs are this CPU's, one torch thread, ViT-S/14 at 112 px in bf16, in seconds per image of the dataset per
+    epoch (measured on the page's own runs, 2026-12-02): a head from the cache 0.002, LoSA or E3VA from the cache
+    0.008, LST 0.017, LoRA or adapters 0.065, full fine-tuning 0.085; a dense head adds 0.04 (UPerNet) or 0.055
+    (Faster R-CNN) to every kind; 224 px costs 4x; the cache build 0.027 per image of every split.
     """
-    per_image = {"head": 0.002, "side": 0.004, "inplace": 0.05, "full": 0.07}
+    per_image = {"head": 0.002, "side": 0.008, "inplace": 0.065, "full": 0.085}
+    dense_head = {"classification": 0.0, "segmentation": 0.04, "detection": 0.055}
     total = 0.0
     for dataset, methods in plan.items():
         images = {"cifar10-1k": 1000, "sign-digits": 1000, "camvid": 367, "bccd": 205}[dataset]
+        every_split = {"cifar10-1k": 3000, "sign-digits": 3000, "camvid": 701, "bccd": 364}[dataset]
         scale = ((page.args.img_size or DATASETS[dataset]["img_size"]) / 112) ** 2
-        total += 3000 * 0.02 * scale  # the cache build: every image of every split once
-        for method in methods:
-            if (page.folder(dataset) / slug(method) / "costs.json").is_file():
-                continue  # finished: reused as it is
+        todo = [m for m in methods if not (page.folder(dataset) / slug(m) / "costs.json").is_file()]  # finished: reused
+        if any(kind(m) in ("head", "side") for m in todo):
+            total += every_split * 0.027 * scale  # the cache build (at most once)
+        for method in todo:
             k = kind(method)
-            runs = (len(GRIDS[k]) if k in ("inplace", "full") else 1) + 2
-            grid_factor = len(GRIDS[k]) if k in ("side", "head") else 1
-            total += images * page.args.epochs * per_image[k] * scale * (runs + grid_factor)
+            cost = (0.017 if parse_method(method)[0] == "lst" else per_image[k]) + dense_head[DATASETS[dataset]["task"]]
+            # the grid's runs (a sweep's in one pass over the cache, at the same cost per configuration), then
+            # seeds 1 and 2 (and a cached method's seed 0 again, from the cache) at the chosen rate
+            runs = len(GRIDS[k]) + (3 if k in ("head", "side") else 2)
+            total += images * page.args.epochs * cost * scale * runs
     return total
 
 
@@ -611,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
         default = CLASSIFICATION_METHODS if DATASETS[dataset]["task"] == "classification" else DENSE_METHODS
         plan[dataset] = [m for m in (args.methods.split(",") if args.methods else default) if m]
     hours = expected_seconds(page, plan) / 3600
-    print(f"expected time: about {hours:.1f} h on this CPU (finished methods not counted)")
+    print(
+        f"expected time: about {hours:.1f} h at one thread on this CPU (finished methods, grid extensions not counted)"
+    )
     results_dir = Path(args.out) / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     setting = {
