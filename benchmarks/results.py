@@ -685,7 +685,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             report["datasets"][page.section(dataset)] = block
         plot(page.section(dataset), block, results_dir)
-    if old:  # a page of several invocations (one dataset each): keep the other sections
+    # a page of several invocations (one dataset each): keep the other sections, as they are now (another
+    # invocation may have written one since this one started)
+    old = json.loads(existing.read_text()) if existing.is_file() else {}
+    if old:
         for name, block in old.get("datasets", {}).items():
             # a section written before sections carried their own command: the page's command was its command
             block.setdefault("command", old.get("command"))
