@@ -694,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
             block.setdefault("command", old.get("command"))
             block.setdefault("setting", old.get("setting"))
             report["datasets"].setdefault(name, block)
+    order = list(DATASETS)  # the page's order: by dataset, then a dataset's own section before its labelled ones
+    sections = sorted(report["datasets"].items(), key=lambda kv: (order.index(kv[1].get("dataset", kv[0])), kv[0]))
+    report["datasets"] = dict(sections)
     write_atomic(existing, json.dumps(report, indent=1, default=str) + "\n")
     page_path = Path(args.out) / "RESULTS.md"
     manual = ""
