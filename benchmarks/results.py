@@ -37,6 +37,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -156,8 +157,6 @@ class Page:
             refuse_stale(out, normalised(config), normalised(saved))
         else:
             if out.exists():
-                import shutil
-
                 shutil.rmtree(out)  # an interrupted run: start it again
             wall = self.subprocess("fit", {"config": config}, out.parent / f"{out.name}.log")
             print(f"  ran {out} in {wall:.0f} s", flush=True)
@@ -179,8 +178,6 @@ class Page:
             refuse_stale(out, asked, normalised(saved["settings"]), skip=("lr", "seed", "method_options"))
         else:
             if out.exists():
-                import shutil
-
                 shutil.rmtree(out)
             payload = {"cache": str(cache), "method": name, "grid": grid, "output": str(out), "settings": settings}
             wall = self.subprocess("sweep", payload, out.parent / f"{out.name}.log")
@@ -194,21 +191,18 @@ class Page:
         side = [parse_method(m)[0] for m in methods]
         if (root / "manifest.json").is_file():
             manifest = json.loads((root / "manifest.json").read_text())
-            built, stale = manifest["methods"], stale_file(manifest)
-            why = None
-            if stale and stamp.is_file():  # the dataset changed since (or was copied again, before digests)
-                why = f"it is stale ({stale})"
-            elif not set(side) <= set(built):  # a method added since the build (say lst)
+            built, why = manifest["methods"], None
+            if not set(side) <= set(built):  # a method added since the build (say lst)
                 why = f"it was built for {', '.join(built)}"
+            elif stamp.is_file() and (stale := stale_file(manifest)):
+                why = f"it is stale ({stale})"  # the dataset changed since (or was copied again, before digests)
             if why:  # build it again for the old methods and the new together
-                import shutil
-
                 print(f"  building the cache at {root} again: {why}", flush=True)
                 methods = list(methods) + [m for m in built if m not in side]
+                side = [parse_method(m)[0] for m in methods]
                 shutil.rmtree(root)
         if not stamp.is_file():  # never built, or interrupted (the build resumes it)
-            side = [parse_method(m)[0] for m in methods]
-            options = {parse_method(m)[0]: parse_method(m)[1] for m in methods if parse_method(m)[1]}
+            options = {name: opts for name, opts in map(parse_method, methods) if opts}
             config = self.config(dataset, side[0], root / "unused")
             payload = {"config": config, "methods": sorted(set(side)), "output": str(root), "options": options,
                        "stamp": str(stamp)}  # fmt: skip
