@@ -184,30 +184,74 @@ class Page:
             print(f"  swept {method} over {lrs} in {wall:.0f} s", flush=True)
         return json.loads((out / "sweep.json").read_text())
 
+    def taps(self, dataset: str, methods: list[str]) -> dict[str, int | None]:
+        """What ``methods``, each with its options, read from the backbone: tap -> leading tokens kept (None: all),
+        as the cache build counts them (``sidetune.cache.build.tap_spec``)."""
+        import sidetune
+        from sidetune.cache.build import tap_spec
+
+        info = DATASETS[dataset]
+        head = HEAD_OPTIONS.get(info["task"]) or None  # a random backbone: only the tap layout matters here
+        model = sidetune.create(BACKBONE, "linear", task=info["task"], num_classes=2,
+                                img_size=self.args.img_size or info["img_size"], head_options=head)  # fmt: skip
+        need: dict[str, int | None] = {}
+        for method in methods:
+            name, options = parse_method(method)
+            for key, tokens in tap_spec(model, [name], {name: options}).items():
+                have = need.get(key, 0)
+                need[key] = None if tokens is None or have is None else max(have, tokens)
+        return need
+
     def cache(self, dataset: str, methods: list[str]) -> tuple[Path, float]:
-        """One cache of the dataset for every side method (the union of their taps); returns it and its build time."""
+        """One cache of the dataset for every side method (the union of their taps); returns it and its build time.
+
+        A cache is reused when it holds every tap each method reads (its options counted: ``probe[last_blocks=8]``
+        reads more than ``probe``) and its files are unchanged; otherwise it is built again, for the methods it was
+        built for and the new ones together.
+        """
         root = self.folder(dataset) / "cache"
         stamp = root / "build_seconds.txt"
-        side = [parse_method(m)[0] for m in methods]
+        need = self.taps(dataset, methods)
         if (root / "manifest.json").is_file():
             manifest = json.loads((root / "manifest.json").read_text())
             built, why = manifest["methods"], None
-            if not set(side) <= set(built):  # a method added since the build (say lst)
-                why = f"it was built for {', '.join(built)}"
+            if lacks := lacking(manifest.get("taps", {}), need):  # a method added since the build (say lst)
+                why = f"it lacks {lacks}, which {', '.join(methods)} read (it was built for {', '.join(built)})"
             elif stamp.is_file() and (stale := stale_file(manifest)):
                 why = f"it is stale ({stale})"  # the dataset changed since (or was copied again, before digests)
             if why:  # build it again for the old methods and the new together
                 print(f"  building the cache at {root} again: {why}", flush=True)
-                methods = list(methods) + [m for m in built if m not in side]
-                side = [parse_method(m)[0] for m in methods]
+                names = {parse_method(m)[0] for m in methods}
+                methods = list(methods) + [m for m in built if m not in names]
                 shutil.rmtree(root)
         if not stamp.is_file():  # never built, or interrupted (the build resumes it)
+            side = sorted({parse_method(m)[0] for m in methods})
             options = {name: opts for name, opts in map(parse_method, methods) if opts}
             config = self.config(dataset, side[0], root / "unused")
-            payload = {"config": config, "methods": sorted(set(side)), "output": str(root), "options": options,
+            payload = {"config": config, "methods": side, "output": str(root), "options": options,
                        "stamp": str(stamp)}  # fmt: skip
             self.subprocess("build", payload, self.folder(dataset) / "cache.log")
+            # one build takes one set of options per method: two variants of a method reading different taps
+            if lacks := lacking(json.loads((root / "manifest.json").read_text()).get("taps", {}), need):
+                raise RuntimeError(
+                    f"the cache built at {root} for {', '.join(methods)} lacks {lacks}: two variants of one method "
+                    "read different taps, and a cache is built with one set of options per method; run the variants "
+                    "in invocations of their own (--label)."
+                )
         return root, float(stamp.read_text())
+
+
+def lacking(have: dict[str, int | None], need: dict[str, int | None]) -> str:
+    """The taps of ``need`` that a cache holding ``have`` lacks, or holds too few tokens of, in words ('' if none)."""
+    missing = [key for key in need if key not in have]
+    short = [key for key, tokens in need.items()
+             if key in have and have[key] is not None and (tokens is None or have[key] < tokens)]  # fmt: skip
+    parts = []
+    if missing:
+        parts.append(f"taps {', '.join(missing[:6])}{'...' if len(missing) > 6 else ''}")
+    if short:
+        parts.append(f"all the tokens of {', '.join(short[:6])}{'...' if len(short) > 6 else ''}")
+    return " and ".join(parts)
 
 
 # settings that do not change what a run learns (where it writes, where the cache is, how many threads compute it)

@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,26 +120,59 @@ def test_a_label_gives_a_section_and_runs_of_its_own(results, tmp_path) -> None:
     assert labelled.folder("cifar10-1k") == tmp_path / "runs" / "cifar10-1k-30-epochs"
 
 
+def _fake_build(page, built: dict, seconds: str):
+    """A stand-in for the build subprocess: writes the manifest (the taps of what it was asked for) and the stamp."""
+
+    def build(job, payload, log):
+        built.update(payload)
+        root = Path(payload["output"])
+        root.mkdir(parents=True, exist_ok=True)
+        methods = [f"{m}[{';'.join(f'{k}={v}' for k, v in payload['options'][m].items())}]"
+                   if m in payload["options"] else m for m in payload["methods"]]  # fmt: skip
+        taps = page.taps("cifar10-1k", methods)
+        (root / "manifest.json").write_text(json.dumps({"methods": payload["methods"], "taps": taps}))
+        Path(payload["stamp"]).write_text(seconds)
+        return float(seconds)
+
+    return build
+
+
 def test_a_cache_missing_a_new_method_is_built_again_for_all_of_them(results, tmp_path, monkeypatch) -> None:
     page = _page(results, tmp_path)
     root = page.folder("cifar10-1k") / "cache"
     root.mkdir(parents=True)
-    (root / "manifest.json").write_text(json.dumps({"methods": ["e3va", "losa"]}))
+    taps = page.taps("cifar10-1k", ["e3va", "probe"])
+    (root / "manifest.json").write_text(json.dumps({"methods": ["e3va", "probe"], "taps": taps}))
     (root / "build_seconds.txt").write_text("80")
     monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("a cache that covers them was built again"))
-    assert page.cache("cifar10-1k", ["losa", "e3va[input_norm=true]"]) == (root, 80.0)
+    assert page.cache("cifar10-1k", ["probe", "e3va[input_norm=true]"]) == (root, 80.0)
 
     built = {}
+    monkeypatch.setattr(page, "subprocess", _fake_build(page, built, "90"))
+    assert page.cache("cifar10-1k", ["probe", "losa"]) == (root, 90.0)  # LoSA reads every token of every block
+    assert built["methods"] == ["e3va", "losa", "probe"]
+    # LST reads what LoSA does (block outputs, every token): covered by taps, though the cache never named it
+    monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("a cache that covers lst was built again"))
+    assert page.cache("cifar10-1k", ["lst"]) == (root, 90.0)
 
-    def build(job, payload, log):
-        built.update(payload)
-        Path(payload["stamp"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(payload["stamp"]).write_text("90")
-        return 90.0
 
-    monkeypatch.setattr(page, "subprocess", build)
-    assert page.cache("cifar10-1k", ["losa", "lst"]) == (root, 90.0)
-    assert built["methods"] == ["e3va", "losa", "lst"]
+def test_a_cache_is_checked_for_the_taps_a_variant_reads_not_its_name(results, tmp_path, monkeypatch) -> None:
+    page = _page(results, tmp_path)
+    root = page.folder("cifar10-1k") / "cache"
+    root.mkdir(parents=True)
+    # built for the probe's default (the last four blocks); probe[last_blocks=8] has the same name and reads more
+    (root / "manifest.json").write_text(json.dumps({"methods": ["probe"], "taps": page.taps("cifar10-1k", ["probe"])}))
+    (root / "build_seconds.txt").write_text("80")
+    built = {}
+    monkeypatch.setattr(page, "subprocess", _fake_build(page, built, "95"))
+    assert page.cache("cifar10-1k", ["probe[last_blocks=8]"]) == (root, 95.0)
+    assert built["options"] == {"probe": {"last_blocks": 8}}
+    assert page.cache("cifar10-1k", ["probe", "probe[last_blocks=8]"]) == (root, 95.0)  # covers both now
+
+    # two variants whose taps differ cannot share one build (one set of options per method): said, not hidden
+    shutil.rmtree(root)
+    with pytest.raises(RuntimeError, match="two variants of one method read different taps"):
+        page.cache("cifar10-1k", ["probe[last_blocks=8]", "probe[blocks=(0,)]"])
 
 
 def test_a_cache_whose_images_changed_is_built_again(results, tmp_path, monkeypatch) -> None:
@@ -149,7 +183,8 @@ def test_a_cache_whose_images_changed_is_built_again(results, tmp_path, monkeypa
     root.mkdir(parents=True)
     image = tmp_path / "img.jpg"
     image.write_bytes(b"first")
-    manifest = {"methods": ["losa"], "files": {"train": file_facts([str(image)])}}
+    taps = page.taps("cifar10-1k", ["losa"])
+    manifest = {"methods": ["losa"], "taps": taps, "files": {"train": file_facts([str(image)])}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     (root / "build_seconds.txt").write_text("80")
     monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("an unchanged cache was built again"))
@@ -157,13 +192,7 @@ def test_a_cache_whose_images_changed_is_built_again(results, tmp_path, monkeypa
     stat = image.stat()
     image.write_bytes(b"other")  # same size, new bytes: every run would refuse this cache
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock must not hide the edit
-
-    def build(job, payload, log):
-        Path(payload["stamp"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(payload["stamp"]).write_text("85")
-        return 85.0
-
-    monkeypatch.setattr(page, "subprocess", build)
+    monkeypatch.setattr(page, "subprocess", _fake_build(page, {}, "85"))
     assert page.cache("cifar10-1k", ["losa"]) == (root, 85.0)
 
 
