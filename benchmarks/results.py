@@ -215,7 +215,7 @@ class Page:
         if (root / "manifest.json").is_file():
             manifest = json.loads((root / "manifest.json").read_text())
             built, why = manifest["methods"], None
-            if lacks := lacking(manifest.get("taps", {}), need):  # a method added since the build (say lst)
+            if lacks := lacking(manifest.get("taps", {}), need):  # a method (or a variant) added since the build
                 why = f"it lacks {lacks}, which {', '.join(methods)} read (it was built for {', '.join(built)})"
             elif stamp.is_file() and (stale := stale_file(manifest)):
                 why = f"it is stale ({stale})"  # the dataset changed since (or was copied again, before digests)
@@ -243,15 +243,14 @@ class Page:
 
 def lacking(have: dict[str, int | None], need: dict[str, int | None]) -> str:
     """The taps of ``need`` that a cache holding ``have`` lacks, or holds too few tokens of, in words ('' if none)."""
-    missing = [key for key in need if key not in have]
-    short = [key for key, tokens in need.items()
-             if key in have and have[key] is not None and (tokens is None or have[key] < tokens)]  # fmt: skip
-    parts = []
-    if missing:
-        parts.append(f"taps {', '.join(missing[:6])}{'...' if len(missing) > 6 else ''}")
-    if short:
-        parts.append(f"all the tokens of {', '.join(short[:6])}{'...' if len(short) > 6 else ''}")
-    return " and ".join(parts)
+    from sidetune.cache.reader import uncovered_taps
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:6]) + ("..." if len(keys) > 6 else "")
+
+    missing, short = uncovered_taps(have, need)
+    return " and ".join(([f"taps {listed(missing)}"] if missing else [])
+                        + ([f"all the tokens of {listed(short)}"] if short else []))  # fmt: skip
 
 
 # settings that do not change what a run learns (where it writes, where the cache is, how many threads compute it)

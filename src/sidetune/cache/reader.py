@@ -52,8 +52,7 @@ def check_cache(manifest: Manifest, root: Path, config, model, task, precision: 
     if problems:
         raise CacheError(f"the cache at {str(root)!r} does not fit this run: " + "; ".join(problems) + ".")
     need = tap_spec(model, [mc.method], {mc.method: dict(mc.method_config)})
-    missing = [k for k in need if k not in manifest.taps]
-    short = [k for k, tokens in need.items() if k in manifest.taps and _fewer(manifest.taps[k], tokens)]
+    missing, short = uncovered_taps(manifest.taps, need)
     if missing or short:
         what = []
         if missing:
@@ -66,10 +65,14 @@ def check_cache(manifest: Manifest, root: Path, config, model, task, precision: 
         )
 
 
-def _fewer(have: int | None, need: int | None) -> bool:
-    if have is None:
-        return False
-    return need is None or have < need
+def uncovered_taps(have: dict[str, int | None], need: dict[str, int | None]) -> tuple[list[str], list[str]]:
+    """What a cache holding ``have`` lacks of ``need`` (both tap -> leading tokens kept, None: all): the taps it does
+    not hold, and those it holds too few tokens of."""
+    missing = [k for k in need if k not in have]
+    short = [
+        k for k, tokens in need.items() if k in have and have[k] is not None and (tokens is None or have[k] < tokens)
+    ]
+    return missing, short
 
 
 def _check_files(manifest: Manifest, root: Path, split: str, dataset) -> None:
