@@ -26,6 +26,9 @@ interrupted page continues where it stopped, but only when every setting it was 
 invocation writes whole sections (one per dataset, the other sections are kept): ``--label '30 epochs'`` makes a
 section of its own (``cifar10-1k (30 epochs)``, runs under ``runs/results/cifar10-1k-30-epochs``) for a setting
 beside the main one. The expected time (of the methods not finished) is printed before anything starts.
+Run files are not committed, so a fresh clone has the page's rows but not their runs: ``--reuse-page`` keeps the rows
+of the methods that have no runs here (when their section was made with the settings asked for; the page names the
+command that made them) and runs the rest, so a method can be added to a section without running it all again.
 Skips with a message when ``../shared/assets`` is absent.
 """
 
@@ -427,6 +430,35 @@ def _epoch_seconds(summary: dict[str, Any]) -> float | None:
     return statistics.median(per_epoch) if per_epoch else None
 
 
+def rows_from_page(page: Page, dataset: str, methods: list[str], block: dict[str, Any] | None) -> dict[str, Any]:
+    """``--reuse-page``: the rows of the page's section for the methods that have no runs under ``--runs``.
+
+    Run files stay on the machine that made them (``runs/`` is not committed), so a fresh clone has the page's
+    rows and nothing behind them. Such a row is kept as it is, with the command, commit and date that made it (the
+    page names them), but only when the section was made with the settings asked for now; a method with any runs
+    here (finished or not) runs or is reused as usual. Deleting a method's row from results.json reruns it.
+    """
+    if not block:
+        return {}
+    rows = {m: block["methods"][m] for m in methods
+            if m in block["methods"] and not (page.folder(dataset) / slug(m)).exists()}  # fmt: skip
+    if not rows:
+        return {}
+    s = block["setting"]
+    asked = {"epochs": page.args.epochs, "precision": page.args.mixed_precision,
+             "val_fraction": page.args.val_fraction, "img_size": page.args.img_size,
+             "train_limit": page.args.train_limit}  # fmt: skip
+    differ = [f"{k} {s.get(k)} (asked {v})" for k, v in asked.items() if s.get(k) != v]  # absent: the default, None
+    if differ:
+        raise SystemExit(
+            f"--reuse-page: the page's section {page.section(dataset)!r} was made with other settings than this "
+            f"invocation asks for ({'; '.join(differ)}), so its rows for {', '.join(rows)} cannot stand beside new "
+            "runs; ask for its settings, or give a --label for a section of its own."
+        )
+    made_by = {"command": block["command"], "commit": s["commit"], "date": s["date"]}
+    return {m: {**row, "made_by": row.get("made_by", made_by)} for m, row in rows.items()}
+
+
 def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:
     """A rough estimate before starting: images x epochs x runs x a per-image cost by kind of method and task.
 
@@ -484,6 +516,7 @@ def render(report: dict[str, Any]) -> str:
             f"precision {s['precision']}, on {s['device']} (each row's torch threads per run in its last column; "
             f"the commits of its runs in results.json), validation {s['val_fraction']:.0%} of train. {s['cut']}",
             "",
+            *_kept_note(block),
             f"Cache build: {block['cache_seconds']:.0f} s (once for all side methods).",
             "",
             f"| method | test {metric} mean (min-max) | lr | train loss (last epoch, change) | trainable params | "
@@ -511,6 +544,25 @@ def render(report: dict[str, Any]) -> str:
         ]
     lines += [report.get("reading", ""), ""]
     return "\n".join(lines)
+
+
+def _kept_note(block: dict[str, Any]) -> list[str]:
+    """A paragraph naming the rows kept from the page (``--reuse-page``) and the command each came from."""
+    by_command: dict[tuple[str, str, str], list[str]] = {}
+    for method, row in block["methods"].items():
+        if "made_by" in row:
+            m = row["made_by"]
+            by_command.setdefault((m["command"], str(m["commit"])[:10], m["date"]), []).append(method)
+    if not by_command:
+        return []
+    parts = [f"{', '.join(methods)} by `{command}` (commit {commit}, {date})"
+             for (command, commit, date), methods in by_command.items()]  # fmt: skip
+    return [
+        "Rows kept from the page with `--reuse-page` (their runs were made on another machine, and run files are "
+        "not committed; this section's command without `--reuse-page` runs every row again): "
+        f"{'; '.join(parts)}.",
+        "",
+    ]
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -546,7 +598,11 @@ def plot(section: str, block: dict[str, Any], out: Path) -> None:
         for method, row in block["methods"].items():
             x = row[key] / (60 if axis == "time" else 2**20)
             y = statistics.fmean(row["test"])
-            ax.errorbar([x], [y], yerr=[[y - min(row["test"])], [max(row["test"]) - y]], fmt="o", capsize=3)
+            spread = [
+                [max(0.0, y - min(row["test"]))],
+                [max(0.0, max(row["test"]) - y)],
+            ]  # equal seeds: fmean's rounding
+            ax.errorbar([x], [y], yerr=spread, fmt="o", capsize=3)
             ax.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -635,6 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cut", default="", help="a sentence for the page: what this setting cuts, and why")
     p.add_argument("--label", default="", help="a section of its own, e.g. '30 epochs': 'cifar10-1k (30 epochs)', "
                    "its runs under RUNS/cifar10-1k-30-epochs (default: the dataset's own section)")  # fmt: skip
+    p.add_argument("--reuse-page", action="store_true",
+                   help="keep a section's rows from docs/results/results.json for the methods with no runs under "
+                   "RUNS (a fresh clone: run files are not committed), when the section was made with the settings "
+                   "asked for; the others run (or are reused) as usual")  # fmt: skip
     args = p.parse_args(argv)
     invocation = "python benchmarks/results.py " + shlex.join(argv)
     if not WEIGHTS.is_file():
@@ -653,24 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in datasets:
         default = CLASSIFICATION_METHODS if DATASETS[dataset]["task"] == "classification" else DENSE_METHODS
         plan[dataset] = [m for m in (args.methods.split(",") if args.methods else default) if m]
-    hours = expected_seconds(page, plan) / 3600
-    print(
-        f"expected time: about {hours:.1f} h at one thread on this CPU (finished methods, grid extensions not counted)"
-    )
     results_dir = Path(args.out) / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    setting = {
-        "epochs": args.epochs,
-        "precision": args.mixed_precision,
-        "threads": args.threads,
-        "val_fraction": args.val_fraction,
-        "device": device_name(torch.device("cpu")),
-        "commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "cut": args.cut,
-        "runs": os.path.relpath(args.runs, REPO) if Path(args.runs).is_absolute() else args.runs,
-    }
-    report: dict[str, Any] = {"command": invocation, "setting": setting, "datasets": {}}
     existing = results_dir / "results.json"
     old = json.loads(existing.read_text()) if existing.is_file() else {}
     for dataset in datasets:  # before any run: an invocation rewrites whole sections, so it must keep their rows
@@ -682,13 +725,42 @@ def main(argv: list[str] | None = None) -> int:
                 "leaves out; this invocation rewrites the whole section, so list them too (their finished runs are "
                 "reused), or give a --label for a section of its own."
             )
+    kept = {d: rows_from_page(page, d, plan[d], old.get("datasets", {}).get(page.section(d))) if args.reuse_page
+            else {} for d in datasets}  # fmt: skip
+    for dataset, rows in kept.items():
+        if rows:
+            print(f"{dataset}: rows kept from {existing} (no runs for them here): {', '.join(rows)}")
+    hours = expected_seconds(page, {d: [m for m in plan[d] if m not in kept[d]] for d in datasets}) / 3600
+    print(
+        f"expected time: about {hours:.1f} h at one thread on this CPU (finished methods, grid extensions not counted)"
+    )
+    results_dir.mkdir(parents=True, exist_ok=True)
+    setting = {
+        "epochs": args.epochs,
+        "precision": args.mixed_precision,
+        "threads": args.threads,
+        "val_fraction": args.val_fraction,
+        "img_size": args.img_size,
+        "train_limit": args.train_limit,
+        "device": device_name(torch.device("cpu")),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "cut": args.cut,
+        "runs": os.path.relpath(args.runs, REPO) if Path(args.runs).is_absolute() else args.runs,
+    }
+    report: dict[str, Any] = {"command": invocation, "setting": setting, "datasets": {}}
     for dataset in datasets:
         methods = plan[dataset]
-        side = [m for m in methods if kind(m) in ("head", "side")]
+        side = [m for m in methods if kind(m) in ("head", "side") and m not in kept[dataset]]
         cache, cache_seconds = page.cache(dataset, side) if side else (None, 0.0)
+        if cache is None and kept[dataset]:  # every side row kept: so is the time their cache took to build
+            cache_seconds = old["datasets"][page.section(dataset)]["cache_seconds"]
         block = {"dataset": dataset, "cache_seconds": cache_seconds, "methods": {}, "command": invocation,
                  "setting": setting}  # fmt: skip
         for method in methods:
+            if method in kept[dataset]:
+                block["methods"][method] = kept[dataset][method]
+                continue
             print(f"{dataset} / {method}", flush=True)
             is_side = kind(method) in ("head", "side")
             result = run_method(page, dataset, method, cache if is_side else None)
@@ -720,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
                 "time_to_result_s": sum(result["walls"]),
                 "train_loss": _loss_trend(first),
             }
-            report["datasets"][page.section(dataset)] = block
+        report["datasets"][page.section(dataset)] = block
         plot(page.section(dataset), block, results_dir)
     # a page of several invocations (one dataset each): keep the other sections, as they are now (another
     # invocation may have written one since this one started)

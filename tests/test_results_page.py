@@ -234,6 +234,54 @@ def test_an_invocation_that_would_drop_a_sections_rows_is_refused_before_any_run
     assert not (tmp_path / "r").exists(), "nothing ran"
 
 
+def _section(methods: dict, epochs: int = 10) -> dict:
+    setting = {"commit": "abcdef0123456", "date": "2026-12-02", "epochs": epochs, "precision": "bf16", "threads": 1,
+               "device": "cpu", "val_fraction": 0.2, "cut": "A cut."}  # fmt: skip
+    return {"dataset": "cifar10-1k", "cache_seconds": 85.0, "command": "python benchmarks/results.py --old",
+            "setting": setting, "methods": methods}  # fmt: skip
+
+
+def test_reuse_page_keeps_only_the_rows_with_no_runs_here_and_names_what_made_them(results, tmp_path) -> None:
+    page = _page(results, tmp_path)
+    earlier = {"command": "python benchmarks/results.py --older", "commit": "0123456789ab", "date": "2026-12-01"}
+    block = _section(
+        {"losa": _row([0.6] * 3), "e3va": _row([0.7] * 3), "lora": {**_row([0.8] * 3), "made_by": earlier}}
+    )
+    (page.folder("cifar10-1k") / "e3va").mkdir(parents=True)  # e3va has runs here (even unfinished): it runs
+    rows = results.rows_from_page(page, "cifar10-1k", ["losa", "e3va", "lora", "full"], block)
+    assert list(rows) == ["losa", "lora"], "full has no row, e3va has runs here"
+    assert rows["losa"]["made_by"] == {"command": "python benchmarks/results.py --old", "commit": "abcdef0123456",
+                                       "date": "2026-12-02"}  # fmt: skip
+    assert rows["lora"]["made_by"] == earlier, "a row kept before names the command that really made it"
+    assert rows["losa"]["test"] == [0.6] * 3
+
+
+def test_reuse_page_refuses_rows_made_with_other_settings(results, tmp_path) -> None:
+    page = _page(results, tmp_path, epochs=30)
+    with pytest.raises(SystemExit, match=r"epochs 10 \(asked 30\)"):
+        results.rows_from_page(page, "cifar10-1k", ["losa"], _section({"losa": _row([0.6] * 3)}))
+    # nothing to keep, nothing to compare: the method runs
+    assert results.rows_from_page(page, "cifar10-1k", ["e3va"], _section({"losa": _row([0.6] * 3)})) == {}
+
+
+def test_reuse_page_writes_the_kept_rows_and_says_where_they_came_from(results, tmp_path) -> None:
+    if not results.WEIGHTS.is_file():
+        pytest.skip(f"{results.WEIGHTS} is absent (../shared/assets is not here)")
+    (tmp_path / "results").mkdir()
+    old = {"datasets": {"cifar10-1k": _section({"losa": _row([0.6] * 3), "lora": _row([0.8] * 3)})}}
+    (tmp_path / "results" / "results.json").write_text(json.dumps(old))
+    argv = ["--datasets", "cifar10-1k", "--methods", "losa,lora", "--epochs", "10", "--mixed-precision", "bf16",
+            "--out", str(tmp_path), "--runs", str(tmp_path / "r"), "--reuse-page"]  # fmt: skip
+    assert results.main(argv) == 0
+    assert not (tmp_path / "r").exists(), "every row was kept: nothing ran"
+    block = json.loads((tmp_path / "results" / "results.json").read_text())["datasets"]["cifar10-1k"]
+    assert block["cache_seconds"] == 85.0, "the kept side rows' cache build time is kept with them"
+    assert block["methods"]["lora"]["test"] == [0.8] * 3
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "Rows kept from the page with `--reuse-page`" in page
+    assert "losa, lora by `python benchmarks/results.py --old` (commit abcdef0123, 2026-12-02)" in page
+
+
 def test_render_writes_a_labelled_section_with_its_datasets_metric_and_its_own_plots(results) -> None:
     setting = {"commit": "abcdef0123456", "date": "2026-12-02", "epochs": 30, "precision": "bf16", "threads": 1,
                "device": "cpu", "val_fraction": 0.2, "cut": "A cut."}  # fmt: skip
