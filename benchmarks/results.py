@@ -25,7 +25,8 @@ interrupted page continues where it stopped, but only when every setting it was 
 (epochs, images, data, weights, options...; not threads or paths): otherwise the page stops and says so. One
 invocation writes whole sections (one per dataset, the other sections are kept): ``--label '30 epochs'`` makes a
 section of its own (``cifar10-1k (30 epochs)``, runs under ``runs/results/cifar10-1k-30-epochs``) for a setting
-beside the main one. The expected time (of the methods not finished) is printed before anything starts.
+beside the main one; ``--replaces SECTION`` removes a section that the one written takes the place of. The
+expected time (of the methods not finished) is printed before anything starts.
 Run files are not committed, so a fresh clone has the page's rows but not their runs: ``--reuse-page`` keeps the rows
 of the methods that have no runs here (when their section was made with the settings asked for; the page names the
 command that made them) and runs the rest, so a method can be added to a section without running it all again.
@@ -487,6 +488,23 @@ def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:
     return total
 
 
+def merge_sections(written: dict[str, Any], old: dict[str, Any], replaces: str = "") -> dict[str, Any]:
+    """The page's sections: those just ``written``, then the ``old`` page's others, less the one it ``replaces``.
+
+    In the page's order: by dataset, then a dataset's own section before its labelled ones.
+    """
+    sections = dict(written)
+    for name, block in old.get("datasets", {}).items():
+        if name == replaces:
+            continue
+        # a section written before sections carried their own command: the page's command was its command
+        block.setdefault("command", old.get("command"))
+        block.setdefault("setting", old.get("setting"))
+        sections.setdefault(name, block)
+    order = list(DATASETS)
+    return dict(sorted(sections.items(), key=lambda kv: (order.index(kv[1].get("dataset", kv[0])), kv[0])))
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"# Results: {len({b.get('dataset', s) for s, b in report['datasets'].items()})} of the four real tasks, "
@@ -691,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cut", default="", help="a sentence for the page: what this setting cuts, and why")
     p.add_argument("--label", default="", help="a section of its own, e.g. '30 epochs': 'cifar10-1k (30 epochs)', "
                    "its runs under RUNS/cifar10-1k-30-epochs (default: the dataset's own section)")  # fmt: skip
+    p.add_argument("--replaces", default="",
+                   help="a section of the page this invocation's section takes the place of (e.g. a labelled "
+                   "section whose label no longer fits); it is removed when this one is written")  # fmt: skip
     p.add_argument("--reuse-page", action="store_true",
                    help="keep a section's rows from docs/results/results.json for the methods with no runs under "
                    "RUNS (a fresh clone: run files are not committed), when the section was made with the settings "
@@ -725,6 +746,15 @@ def main(argv: list[str] | None = None) -> int:
                 "leaves out; this invocation rewrites the whole section, so list them too (their finished runs are "
                 "reused), or give a --label for a section of its own."
             )
+    if args.replaces:  # before any run, like the check above
+        sections = old.get("datasets", {})
+        if args.replaces not in sections or sections[args.replaces].get("dataset", args.replaces) not in datasets:
+            raise SystemExit(
+                f"--replaces {args.replaces!r}: the page has no such section of the datasets asked for "
+                f"({', '.join(datasets)}); its sections are: {', '.join(sections) or 'none'}."
+            )
+        if args.replaces in {page.section(d) for d in datasets}:
+            raise SystemExit(f"--replaces {args.replaces!r} is the section this invocation writes; leave it out.")
     kept = {d: rows_from_page(page, d, plan[d], old.get("datasets", {}).get(page.section(d))) if args.reuse_page
             else {} for d in datasets}  # fmt: skip
     for dataset, rows in kept.items():
@@ -797,15 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     # a page of several invocations (one dataset each): keep the other sections, as they are now (another
     # invocation may have written one since this one started)
     old = json.loads(existing.read_text()) if existing.is_file() else {}
-    if old:
-        for name, block in old.get("datasets", {}).items():
-            # a section written before sections carried their own command: the page's command was its command
-            block.setdefault("command", old.get("command"))
-            block.setdefault("setting", old.get("setting"))
-            report["datasets"].setdefault(name, block)
-    order = list(DATASETS)  # the page's order: by dataset, then a dataset's own section before its labelled ones
-    sections = sorted(report["datasets"].items(), key=lambda kv: (order.index(kv[1].get("dataset", kv[0])), kv[0]))
-    report["datasets"] = dict(sections)
+    report["datasets"] = merge_sections(report["datasets"], old, args.replaces)
     write_atomic(existing, json.dumps(report, indent=1, default=str) + "\n")
     page_path = Path(args.out) / "RESULTS.md"
     manual = ""

@@ -282,6 +282,30 @@ def test_reuse_page_writes_the_kept_rows_and_says_where_they_came_from(results, 
     assert "losa, lora by `python benchmarks/results.py --old` (commit abcdef0123, 2026-12-02)" in page
 
 
+def test_a_section_can_replace_another_and_the_page_keeps_its_order(results) -> None:
+    old = {"datasets": {"sign-digits (30 epochs, side methods)": {"dataset": "sign-digits"},
+                        "cifar10-1k": {"dataset": "cifar10-1k"}, "bccd": {"dataset": "bccd"}}}  # fmt: skip
+    written = {"sign-digits (30 epochs)": {"dataset": "sign-digits"}}
+    merged = results.merge_sections(written, old, replaces="sign-digits (30 epochs, side methods)")
+    assert list(merged) == ["cifar10-1k", "sign-digits (30 epochs)", "bccd"]
+    assert list(results.merge_sections(written, old)) == [
+        "cifar10-1k", "sign-digits (30 epochs)", "sign-digits (30 epochs, side methods)", "bccd"]  # fmt: skip
+
+
+def test_replaces_must_name_a_section_of_the_datasets_asked_for(results, tmp_path) -> None:
+    if not results.WEIGHTS.is_file():
+        pytest.skip(f"{results.WEIGHTS} is absent (../shared/assets is not here)")
+    (tmp_path / "results").mkdir()
+    page = {"datasets": {"bccd": {"dataset": "bccd", "methods": {}}}}
+    (tmp_path / "results" / "results.json").write_text(json.dumps(page))
+    base = ["--datasets", "cifar10-1k", "--methods", "losa", "--out", str(tmp_path), "--runs", str(tmp_path / "r")]
+    with pytest.raises(SystemExit, match="no such section of the datasets asked for"):
+        results.main([*base, "--replaces", "bccd"])
+    with pytest.raises(SystemExit, match="no such section"):
+        results.main([*base, "--replaces", "cifar10-1k (60 epochs)"])
+    assert not (tmp_path / "r").exists(), "nothing ran"
+
+
 def test_render_writes_a_labelled_section_with_its_datasets_metric_and_its_own_plots(results) -> None:
     setting = {"commit": "abcdef0123456", "date": "2026-12-02", "epochs": 30, "precision": "bf16", "threads": 1,
                "device": "cpu", "val_fraction": 0.2, "cut": "A cut."}  # fmt: skip
