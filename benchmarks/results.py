@@ -29,7 +29,8 @@ beside the main one; ``--replaces SECTION`` removes a section that the one writt
 expected time (of the methods not finished) is printed before anything starts.
 Run files are not committed, so a fresh clone has the page's rows but not their runs: ``--reuse-page`` keeps the rows
 of the methods that have no runs here (when their section was made with the settings asked for; the page names the
-command that made them) and runs the rest, so a method can be added to a section without running it all again.
+command that made them) and runs the rest, so a method can be added to a section without running it all again;
+with ``--replaces``, the rows of the section replaced are kept the same way.
 Skips with a message when ``../shared/assets`` is absent.
 """
 
@@ -431,8 +432,18 @@ def _epoch_seconds(summary: dict[str, Any]) -> float | None:
     return statistics.median(per_epoch) if per_epoch else None
 
 
+def page_section(old: dict[str, Any], section: str, dataset: str, replaces: str = "") -> dict[str, Any] | None:
+    """The page's section whose rows ``--reuse-page`` may keep: the one being written, else the one it replaces."""
+    sections = old.get("datasets", {})
+    if section in sections:
+        return sections[section]
+    if replaces in sections and sections[replaces].get("dataset", replaces) == dataset:
+        return sections[replaces]
+    return None
+
+
 def rows_from_page(page: Page, dataset: str, methods: list[str], block: dict[str, Any] | None) -> dict[str, Any]:
-    """``--reuse-page``: the rows of the page's section for the methods that have no runs under ``--runs``.
+    """``--reuse-page``: the rows of the page's section (or of the one it replaces) for methods with no runs here.
 
     Run files stay on the machine that made them (``runs/`` is not committed), so a fresh clone has the page's
     rows and nothing behind them. Such a row is kept as it is, with the command, commit and date that made it (the
@@ -755,8 +766,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.replaces in {page.section(d) for d in datasets}:
             raise SystemExit(f"--replaces {args.replaces!r} is the section this invocation writes; leave it out.")
-    kept = {d: rows_from_page(page, d, plan[d], old.get("datasets", {}).get(page.section(d))) if args.reuse_page
-            else {} for d in datasets}  # fmt: skip
+    kept = {d: rows_from_page(page, d, plan[d], page_section(old, page.section(d), d, args.replaces))
+            if args.reuse_page else {} for d in datasets}  # fmt: skip
     for dataset, rows in kept.items():
         if rows:
             print(f"{dataset}: rows kept from {existing} (no runs for them here): {', '.join(rows)}")

@@ -292,6 +292,16 @@ def test_a_section_can_replace_another_and_the_page_keeps_its_order(results) -> 
         "cifar10-1k", "sign-digits (30 epochs)", "sign-digits (30 epochs, side methods)", "bccd"]  # fmt: skip
 
 
+def test_reuse_page_with_replaces_keeps_the_replaced_sections_rows(results) -> None:
+    old30, new30 = "sign-digits (30 epochs, side methods)", "sign-digits (30 epochs)"
+    old = {"datasets": {old30: {"dataset": "sign-digits", "methods": {"e3va": {}}},
+                        "sign-digits": {"dataset": "sign-digits", "methods": {"lora": {}}}}}  # fmt: skip
+    assert results.page_section(old, new30, "sign-digits", old30) is old["datasets"][old30]
+    assert results.page_section(old, new30, "sign-digits") is None, "no --replaces: nothing kept"
+    assert results.page_section(old, "cifar10-1k (30 epochs)", "cifar10-1k", old30) is None, "another dataset's"
+    assert results.page_section(old, "sign-digits", "sign-digits", old30) is old["datasets"]["sign-digits"]
+
+
 def test_replaces_must_name_a_section_of_the_datasets_asked_for(results, tmp_path) -> None:
     if not results.WEIGHTS.is_file():
         pytest.skip(f"{results.WEIGHTS} is absent (../shared/assets is not here)")
