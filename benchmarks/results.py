@@ -748,16 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(args.out) / "results"
     existing = results_dir / "results.json"
     old = json.loads(existing.read_text()) if existing.is_file() else {}
-    for dataset in datasets:  # before any run: an invocation rewrites whole sections, so it must keep their rows
-        dropped = [m for m in old.get("datasets", {}).get(page.section(dataset), {}).get("methods", {})
-                   if m not in plan[dataset]]  # fmt: skip
-        if dropped:
-            raise SystemExit(
-                f"the page's section {page.section(dataset)!r} has rows for {', '.join(dropped)}, which --methods "
-                "leaves out; this invocation rewrites the whole section, so list them too (their finished runs are "
-                "reused), or give a --label for a section of its own."
-            )
-    if args.replaces:  # before any run, like the check above
+    if args.replaces:  # before any run, like the check below
         sections = old.get("datasets", {})
         if args.replaces not in sections or sections[args.replaces].get("dataset", args.replaces) not in datasets:
             raise SystemExit(
@@ -766,6 +757,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.replaces in {page.section(d) for d in datasets}:
             raise SystemExit(f"--replaces {args.replaces!r} is the section this invocation writes; leave it out.")
+    for dataset in datasets:  # before any run: an invocation rewrites whole sections, so it must keep their rows
+        for name in {page.section(dataset), args.replaces}:
+            section = old.get("datasets", {}).get(name, {})
+            if section.get("dataset", name) != dataset:
+                continue
+            dropped = [m for m in section.get("methods", {}) if m not in plan[dataset]]
+            if dropped:
+                raise SystemExit(
+                    f"the page's section {name!r} has rows for {', '.join(dropped)}, which --methods leaves out; "
+                    "this invocation rewrites the whole section, so list them too (their finished runs are reused), "
+                    "or give a --label for a section of its own."
+                )
     kept = {d: rows_from_page(page, d, plan[d], page_section(old, page.section(d), d, args.replaces))
             if args.reuse_page else {} for d in datasets}  # fmt: skip
     for dataset, rows in kept.items():
@@ -795,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         side = [m for m in methods if kind(m) in ("head", "side") and m not in kept[dataset]]
         cache, cache_seconds = page.cache(dataset, side) if side else (None, 0.0)
         if cache is None and kept[dataset]:  # every side row kept: so is the time their cache took to build
-            cache_seconds = old["datasets"][page.section(dataset)]["cache_seconds"]
+            cache_seconds = page_section(old, page.section(dataset), dataset, args.replaces)["cache_seconds"]
         block = {"dataset": dataset, "cache_seconds": cache_seconds, "methods": {}, "command": invocation,
                  "setting": setting}  # fmt: skip
         for method in methods:

@@ -302,6 +302,23 @@ def test_reuse_page_with_replaces_keeps_the_replaced_sections_rows(results) -> N
     assert results.page_section(old, "sign-digits", "sign-digits", old30) is old["datasets"]["sign-digits"]
 
 
+def test_a_relabelled_section_keeps_the_replaced_rows_and_the_old_label_goes(results, tmp_path) -> None:
+    if not results.WEIGHTS.is_file():
+        pytest.skip(f"{results.WEIGHTS} is absent (../shared/assets is not here)")
+    (tmp_path / "results").mkdir()
+    old = {"datasets": {"cifar10-1k (30 epochs, side methods)": _section({"losa": _row([0.6] * 3)}, epochs=30)}}
+    (tmp_path / "results" / "results.json").write_text(json.dumps(old))
+    argv = ["--datasets", "cifar10-1k", "--methods", "losa", "--epochs", "30", "--mixed-precision", "bf16",
+            "--label", "30 epochs", "--replaces", "cifar10-1k (30 epochs, side methods)", "--reuse-page",
+            "--out", str(tmp_path), "--runs", str(tmp_path / "r")]  # fmt: skip
+    assert results.main(argv) == 0
+    assert not (tmp_path / "r").exists(), "the row was kept: nothing ran"
+    sections = json.loads((tmp_path / "results" / "results.json").read_text())["datasets"]
+    assert list(sections) == ["cifar10-1k (30 epochs)"]
+    assert sections["cifar10-1k (30 epochs)"]["cache_seconds"] == 85.0
+    assert sections["cifar10-1k (30 epochs)"]["methods"]["losa"]["made_by"]["command"].endswith("--old")
+
+
 def test_replaces_must_name_a_section_of_the_datasets_asked_for(results, tmp_path) -> None:
     if not results.WEIGHTS.is_file():
         pytest.skip(f"{results.WEIGHTS} is absent (../shared/assets is not here)")
@@ -313,6 +330,11 @@ def test_replaces_must_name_a_section_of_the_datasets_asked_for(results, tmp_pat
         results.main([*base, "--replaces", "bccd"])
     with pytest.raises(SystemExit, match="no such section"):
         results.main([*base, "--replaces", "cifar10-1k (60 epochs)"])
+    # the section replaced loses no row either
+    page["datasets"]["cifar10-1k (30 epochs, side methods)"] = {"dataset": "cifar10-1k", "methods": {"e3va": {}}}
+    (tmp_path / "results" / "results.json").write_text(json.dumps(page))
+    with pytest.raises(SystemExit, match="rows for e3va, which --methods leaves out"):
+        results.main([*base, "--label", "30 epochs", "--replaces", "cifar10-1k (30 epochs, side methods)"])
     assert not (tmp_path / "r").exists(), "nothing ran"
 
 
