@@ -279,6 +279,11 @@ def test_reuse_page_writes_the_kept_rows_and_says_where_they_came_from(results, 
     assert block["methods"]["lora"]["test"] == [0.8] * 3
     page = (tmp_path / "RESULTS.md").read_text()
     assert "Rows kept from the page with `--reuse-page`" in page
+    assert "Cache build: 85 s (once for all side methods)." in page
+    block["kept_cache_seconds"], block["cache_seconds"] = 85.0, 30.0  # a side method run here beside kept ones
+    assert "Cache build: 30 s for the side methods run here, 85 s for the kept rows' (on their machine)." in (
+        results.render({"datasets": {"cifar10-1k": block}})
+    )
     assert "losa, lora by `python benchmarks/results.py --old` (commit abcdef0123, 2026-12-02)" in page
 
 
