@@ -30,7 +30,8 @@ expected time (of the methods not finished) is printed before anything starts.
 Run files are not committed, so a fresh clone has the page's rows but not their runs: ``--reuse-page`` keeps the rows
 of the methods that have no runs here (when their section was made with the settings asked for; the page names the
 command that made them) and runs the rest, so a method can be added to a section without running it all again;
-with ``--replaces``, the rows of the section replaced are kept the same way.
+with ``--replaces``, the rows of the section replaced are kept the same way. ``--from-page`` remakes the whole page:
+every section's own command from results.json in turn (training every row again, unless ``--reuse-page``).
 Skips with a message when ``../shared/assets`` is absent.
 """
 
@@ -499,6 +500,23 @@ def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:
     return total
 
 
+def section_argv(command: str, reuse_page: bool, out: str, runs: str) -> list[str]:
+    """A section's own command as arguments for ``--from-page``: without ``--replaces`` (the section replaced is
+    gone) and, unless asked, without ``--reuse-page`` (so every row trains again), writing to ``out`` and ``runs``."""
+    words = shlex.split(command)
+    if words[:2] != ["python", "benchmarks/results.py"]:
+        raise SystemExit(f"--from-page: a section's command is not a results.py invocation: {command!r}")
+    argv, rest = [], iter(words[2:])
+    for word in rest:
+        if word == "--replaces":
+            next(rest, None)
+        elif word.startswith("--replaces=") or word == "--reuse-page":
+            continue
+        else:
+            argv.append(word)
+    return [*argv, *(["--reuse-page"] if reuse_page else []), "--out", out, "--runs", runs]
+
+
 def merge_sections(written: dict[str, Any], old: dict[str, Any], replaces: str = "") -> dict[str, Any]:
     """The page's sections: those just ``written``, then the ``old`` page's others, less the one it ``replaces``.
 
@@ -730,11 +748,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replaces", default="",
                    help="a section of the page this invocation's section takes the place of (e.g. a labelled "
                    "section whose label no longer fits); it is removed when this one is written")  # fmt: skip
+    p.add_argument("--from-page", action="store_true",
+                   help="remake the whole page: every section's own command from results.json in turn (each "
+                   "trains every row again unless --reuse-page too; --out and --runs apply to each)")  # fmt: skip
     p.add_argument("--reuse-page", action="store_true",
                    help="keep a section's rows from docs/results/results.json for the methods with no runs under "
                    "RUNS (a fresh clone: run files are not committed), when the section was made with the settings "
                    "asked for; the others run (or are reused) as usual")  # fmt: skip
     args = p.parse_args(argv)
+    if args.from_page:
+        existing = Path(args.out) / "results" / "results.json"
+        if not existing.is_file():
+            raise SystemExit(f"--from-page: {existing} is absent; there is no page to remake.")
+        for name, block in json.loads(existing.read_text())["datasets"].items():
+            section_args = section_argv(block["command"], args.reuse_page, args.out, args.runs)
+            print(f"== {name}: python benchmarks/results.py {shlex.join(section_args)}", flush=True)
+            main(section_args)
+        return 0
     invocation = "python benchmarks/results.py " + shlex.join(argv)
     if not WEIGHTS.is_file():
         print(f"skipping the results page: {WEIGHTS} is absent (../shared/assets is not here).")

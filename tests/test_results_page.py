@@ -343,6 +343,27 @@ def test_replaces_must_name_a_section_of_the_datasets_asked_for(results, tmp_pat
     assert not (tmp_path / "r").exists(), "nothing ran"
 
 
+def test_from_page_runs_each_sections_own_command_again(results) -> None:
+    command = ("python benchmarks/results.py --datasets sign-digits --label '30 epochs' --replaces "
+               "'sign-digits (30 epochs, side methods)' --reuse-page --methods probe,lora --epochs 30 "
+               "--cut 'A cut.'")  # fmt: skip
+    again = ["--datasets", "sign-digits", "--label", "30 epochs", "--methods", "probe,lora", "--epochs", "30",
+             "--cut", "A cut.", "--out", "docs", "--runs", "runs"]  # fmt: skip
+    assert results.section_argv(command, False, "docs", "runs") == again, "every row trains again"
+    assert results.section_argv(command, True, "docs", "runs") == [*again[:-4], "--reuse-page", *again[-4:]]
+    with pytest.raises(SystemExit, match=r"not a results\.py invocation"):
+        results.section_argv("python other.py --x", False, "docs", "runs")
+
+
+def test_every_section_on_the_page_can_be_remade_from_its_command(results) -> None:
+    report = json.loads((REPO / "docs" / "results" / "results.json").read_text())
+    for name, block in report["datasets"].items():
+        argv = results.section_argv(block["command"], False, "docs", "runs")
+        with pytest.raises(SystemExit) as parsed:  # what argparse makes of it, stopped before anything runs
+            results.main([*argv, "--help"])
+        assert parsed.value.code == 0, name
+
+
 def test_render_writes_a_labelled_section_with_its_datasets_metric_and_its_own_plots(results) -> None:
     setting = {"commit": "abcdef0123456", "date": "2026-12-02", "epochs": 30, "precision": "bf16", "threads": 1,
                "device": "cpu", "val_fraction": 0.2, "cut": "A cut."}  # fmt: skip
