@@ -500,9 +500,10 @@ def expected_seconds(page: Page, plan: dict[str, list[str]]) -> float:
     return total
 
 
-def section_argv(command: str, reuse_page: bool, out: str, runs: str) -> list[str]:
+def section_argv(command: str, reuse_page: bool, places: dict[str, str] | None = None) -> list[str]:
     """A section's own command as arguments for ``--from-page``: without ``--replaces`` (the section replaced is
-    gone) and, unless asked, without ``--reuse-page`` (so every row trains again), writing to ``out`` and ``runs``."""
+    gone) and, unless asked, without ``--reuse-page`` (so every row trains again); ``places`` (``--out``,
+    ``--runs``) are added last, so they win over the command's own."""
     words = shlex.split(command)
     if words[:2] != ["python", "benchmarks/results.py"]:
         raise SystemExit(f"--from-page: a section's command is not a results.py invocation: {command!r}")
@@ -514,7 +515,7 @@ def section_argv(command: str, reuse_page: bool, out: str, runs: str) -> list[st
             continue
         else:
             argv.append(word)
-    return [*argv, *(["--reuse-page"] if reuse_page else []), "--out", out, "--runs", runs]
+    return [*argv, *(["--reuse-page"] if reuse_page else []), *[w for kv in (places or {}).items() for w in kv]]
 
 
 def merge_sections(written: dict[str, Any], old: dict[str, Any], replaces: str = "") -> dict[str, Any]:
@@ -761,7 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         if not existing.is_file():
             raise SystemExit(f"--from-page: {existing} is absent; there is no page to remake.")
         for name, block in json.loads(existing.read_text())["datasets"].items():
-            section_args = section_argv(block["command"], args.reuse_page, args.out, args.runs)
+            places = {"--out": args.out, "--runs": args.runs}  # only where asked: a page's commands name no paths
+            places = {k: v for k, v in places.items() if v != p.get_default(k[2:])}
+            section_args = section_argv(block["command"], args.reuse_page, places)
             print(f"== {name}: python benchmarks/results.py {shlex.join(section_args)}", flush=True)
             main(section_args)
         return 0

@@ -348,17 +348,17 @@ def test_from_page_runs_each_sections_own_command_again(results) -> None:
                "'sign-digits (30 epochs, side methods)' --reuse-page --methods probe,lora --epochs 30 "
                "--cut 'A cut.'")  # fmt: skip
     again = ["--datasets", "sign-digits", "--label", "30 epochs", "--methods", "probe,lora", "--epochs", "30",
-             "--cut", "A cut.", "--out", "docs", "--runs", "runs"]  # fmt: skip
-    assert results.section_argv(command, False, "docs", "runs") == again, "every row trains again"
-    assert results.section_argv(command, True, "docs", "runs") == [*again[:-4], "--reuse-page", *again[-4:]]
+             "--cut", "A cut."]  # fmt: skip
+    assert results.section_argv(command, False) == again, "every row trains again"
+    assert results.section_argv(command, True, {"--out": "/tmp/page"}) == [*again, "--reuse-page", "--out", "/tmp/page"]
     with pytest.raises(SystemExit, match=r"not a results\.py invocation"):
-        results.section_argv("python other.py --x", False, "docs", "runs")
+        results.section_argv("python other.py --x", False)
 
 
 def test_every_section_on_the_page_can_be_remade_from_its_command(results) -> None:
     report = json.loads((REPO / "docs" / "results" / "results.json").read_text())
     for name, block in report["datasets"].items():
-        argv = results.section_argv(block["command"], False, "docs", "runs")
+        argv = results.section_argv(block["command"], False)
         with pytest.raises(SystemExit) as parsed:  # what argparse makes of it, stopped before anything runs
             results.main([*argv, "--help"])
         assert parsed.value.code == 0, name
