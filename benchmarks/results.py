@@ -809,8 +809,8 @@ def main(argv: list[str] | None = None) -> int:
                     "this invocation rewrites the whole section, so list them too (their finished runs are reused), "
                     "or give a --label for a section of its own."
                 )
-    kept = {d: rows_from_page(page, d, plan[d], page_section(old, page.section(d), d, args.replaces))
-            if args.reuse_page else {} for d in datasets}  # fmt: skip
+    earlier = {d: page_section(old, page.section(d), d, args.replaces) for d in datasets}  # what --reuse-page keeps
+    kept = {d: rows_from_page(page, d, plan[d], earlier[d]) if args.reuse_page else {} for d in datasets}
     for dataset, rows in kept.items():
         if rows:
             print(f"{dataset}: rows kept from {existing} (no runs for them here): {', '.join(rows)}")
@@ -840,12 +840,8 @@ def main(argv: list[str] | None = None) -> int:
         block = {"dataset": dataset, "cache_seconds": cache_seconds, "methods": {}, "command": invocation,
                  "setting": setting}  # fmt: skip
         if any(kind(m) in ("head", "side") for m in kept[dataset]):  # kept side rows: and their cache's build time
-            earlier = page_section(old, page.section(dataset), dataset, args.replaces)
-            earlier = earlier.get("kept_cache_seconds", earlier["cache_seconds"])
-            if cache is None:
-                block["cache_seconds"] = earlier
-            else:
-                block["kept_cache_seconds"] = earlier
+            built = earlier[dataset].get("kept_cache_seconds", earlier[dataset]["cache_seconds"])
+            block["cache_seconds" if cache is None else "kept_cache_seconds"] = built
         for method in methods:
             if method in kept[dataset]:
                 block["methods"][method] = kept[dataset][method]
