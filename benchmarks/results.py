@@ -80,14 +80,29 @@ HEAD_OPTIONS = {
 }
 
 
-def parse_method(text: str) -> tuple[str, dict[str, Any]]:
-    """``losa[read=norm]`` -> ``("losa", {"read": "norm"})``."""
+# options in a method's brackets that are the run's, not the method's: ``full[head_lr_mult=30]``
+TRAIN_OPTIONS = ("head_lr_mult",)
+
+
+def method_and_options(text: str) -> tuple[str, dict[str, Any]]:
+    """``losa[read=norm]`` -> ``("losa", {"read": "norm"})``: every option in the brackets."""
     from sidetune.train.config import parse_options
 
     if "[" not in text:
         return text, {}
     name, rest = text.split("[", 1)
     return name, parse_options([p for p in rest.rstrip("]").split(";") if p], "--methods")
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """The method's name and its own options (``full[head_lr_mult=30]`` -> ``("full", {})``)."""
+    name, options = method_and_options(text)
+    return name, {k: v for k, v in options.items() if k not in TRAIN_OPTIONS}
+
+
+def train_options(text: str) -> dict[str, Any]:
+    """The run's settings among the bracketed options (``full[head_lr_mult=30]`` -> ``{"head_lr_mult": 30}``)."""
+    return {k: v for k, v in method_and_options(text)[1].items() if k in TRAIN_OPTIONS}
 
 
 def kind(method: str) -> str:
@@ -140,6 +155,7 @@ class Page:
             config["head_options"] = HEAD_OPTIONS[info["task"]]
         if self.args.train_limit:
             config["train_limit"] = self.args.train_limit
+        config.update(train_options(method))
         config.update(extra)
         return config
 
@@ -171,7 +187,7 @@ class Page:
     def sweep(self, dataset: str, method: str, lrs: list[float], cache: Path, out: Path) -> dict[str, Any]:
         name, options = parse_method(method)
         info = DATASETS[dataset]
-        grid = {"lr": lrs, **{k: [v] for k, v in options.items()}}
+        grid = {"lr": lrs, **{k: [v] for k, v in {**options, **train_options(method)}.items()}}
         settings = {"epochs": self.args.epochs, "batch_size": info["batch"], "warmup_epochs": 1.0, "split_seed": 0,
                     "workers": 0}  # fmt: skip
         if info["task"] in HEAD_OPTIONS:  # the head the seeds train, so the rate is chosen for it

@@ -252,6 +252,22 @@ def test_a_sweep_trains_each_configuration_as_its_own_cached_run(datasets, tmp_p
     assert alone.summary["metrics"]["best_val"] == pytest.approx(result.configs[3]["best_val_top1"])
 
 
+def test_a_sweep_over_the_head_rate_trains_what_train_head_lr_mult_trains(datasets, tmp_path):
+    data = datasets["classification"]
+    opts = dict(method="losa", val_fraction=0.34, epochs=1)
+    config = task_config("classification", data, tmp_path / "x", **opts)
+    build(config, ["losa"], tmp_path / "c")
+    result = sweep(tmp_path / "c", "losa", {"lr": [1e-2], "head_lr_mult": [1, 10]}, tmp_path / "sweep", epochs=1,
+                   batch_size=config.batch_size, warmup_epochs=config.warmup_epochs)  # fmt: skip
+    assert [c["head_lr_mult"] for c in result.configs] == [1, 10]
+    fit(task_config("classification", data, tmp_path / "alone", cache=str(tmp_path / "c"), lr=1e-2, head_lr_mult=10,
+                    **opts))  # fmt: skip
+    logs = {k: (tmp_path / "sweep" / "configs" / f"{k:03d}" / "log.jsonl").read_text().splitlines() for k in (0, 1)}
+    losses = {k: [json.loads(x)["loss"] for x in v if json.loads(x)["type"] == "step"] for k, v in logs.items()}
+    assert losses[1] == pytest.approx(step_losses(tmp_path / "alone"), rel=1e-5)
+    assert losses[0][1:] != pytest.approx(losses[1][1:], rel=1e-3)  # the head's rate changed the run
+
+
 @pytest.mark.slow
 def test_two_processes_build_one_cache(datasets, tmp_path):
     data = datasets["classification"]

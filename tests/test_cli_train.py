@@ -131,6 +131,7 @@ def test_help_is_complete(command, capsys):
             "--epochs",
             "--batch-size",
             "--lr",
+            "--head-lr-mult",
             "--weight-decay",
             "--warmup-epochs",
             "--label-smoothing",

@@ -103,6 +103,19 @@ def test_runs_on_fewer_images_or_other_data_are_not_reused(results, tmp_path) ->
         page.fit({**config, "output": str(tmp_path / "other")})
 
 
+def test_a_run_setting_in_a_methods_brackets_goes_to_the_run_not_the_method(results, tmp_path) -> None:
+    page = _page(results, tmp_path)
+    config = page.config("camvid", "full[head_lr_mult=30]", tmp_path / "run", lr=3e-5)
+    assert config["method"] == "full" and config["method_options"] == {} and config["head_lr_mult"] == 30
+    assert results.parse_method("losa[read=norm;head_lr_mult=3]") == ("losa", {"read": "norm"})
+    assert results.kind("full[head_lr_mult=30]") == "full" and results.slug("full[head_lr_mult=30]") == (
+        "full-head_lr_mult_30"
+    )
+    _finished_run(tmp_path / "run", page.config("camvid", "full", tmp_path / "run", lr=3e-5))
+    with pytest.raises(RuntimeError, match=r"head_lr_mult 1.0 \(asked: 30"):  # a plain full run is not reused
+        page.fit(config)
+
+
 def test_settings_are_compared_as_a_run_resolves_them(results, tmp_path) -> None:
     page = _page(results, tmp_path)
     config = page.config("cifar10-1k", "losa", tmp_path / "run", lr=0.01, epochs=1, test_split="none")

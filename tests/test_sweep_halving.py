@@ -239,3 +239,12 @@ def test_the_benchmark_times_a_halving_sweep_beside_one_cached_run_and_reports_i
     page = bench.render(report)
     assert "## Sweep of 9 with successive halving" in page and "| 16 (32, 0.50x) | 2 (2 of 4), 4 (1 of 2) |" in page
     assert page.count("met (2.5x, eta 2) |") == len(report["methods"])
+
+
+def test_sweep_command_sweeps_the_head_rate(cache, tmp_path, capsys):
+    args = ["sweep", "losa", "--cache", str(cache), "--lr", "1e-2", "--epochs", "1", "--batch-size", "3"]
+    assert main([*args, "--head-lr-mult", "1,10", "--output", str(tmp_path / "sweep")]) == 0
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert summary["grid"]["head_lr_mult"] == [1, 10] and len(summary["configs"]) == 2
+    assert main([*args, "--head-lr-mult", "0", "--output", str(tmp_path / "zero")]) != 0
+    assert "--head-lr-mult must be a finite number > 0" in capsys.readouterr().err

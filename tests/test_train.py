@@ -30,7 +30,7 @@ from sidetune.train import (
     predict_images,
     read_log,
 )
-from sidetune.train.setup import param_groups, resolve_mixed_precision, unused_parameters
+from sidetune.train.setup import make_optimizer, param_groups, resolve_mixed_precision, unused_parameters
 from train_data import CLASSES, IMG, config, make_image_folder, step_losses
 
 
@@ -156,6 +156,48 @@ def test_weight_decay_skips_biases_norms_and_tokens():
     assert len(decay["params"]) + len(no_decay["params"]) == len(named)
 
 
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_head_lr_mult_gives_the_task_head_a_rate_of_its_own(task):
+    model = sidetune.create("test_vit", "full", task=task, num_classes=3, img_size=IMG)
+    config = TrainConfig(backbone="test_vit", method="full", task=task, lr=1e-4, head_lr_mult=30, weight_decay=0.05)
+    optimizer = make_optimizer(model, config)
+    names = {id(p): n for n, p in model.named_trainable_parameters()}
+    groups = optimizer.param_groups
+    assert sorted(names[id(p)] for g in groups for p in g["params"]) == sorted(names.values())  # each once
+    for g in groups:
+        heads = {names[id(p)].startswith("head.") for p in g["params"]}
+        assert len(heads) == 1  # a group is the head's or the method's, never both
+        assert g["lr"] == pytest.approx(3e-3 if heads == {True} else 1e-4)
+    assert not names[id(groups[0]["params"][0])].startswith("head.")  # the method first: the log's lr is its rate
+    # the schedule scales both rates alike: the head stays 30x the backbone through warm-up and cosine
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(2, 10, 0.0))
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    rates = {g["lr"] for g in groups}
+    assert max(rates) / min(rates) == pytest.approx(30)
+    # the default keeps the two groups of earlier versions (their optimizer checkpoints still load)
+    plain = make_optimizer(model, TrainConfig(backbone="test_vit", method="full", task=task, lr=1e-4))
+    assert len(plain.param_groups) == 2 and {g["lr"] for g in plain.param_groups} == {1e-4}
+
+
+def test_head_lr_mult_without_a_second_rate_to_give_is_refused():
+    model = sidetune.create("test_vit", "linear", num_classes=3, img_size=IMG)
+    with pytest.raises(ConfigError, match=r"'linear' has only head tensors to train \(set --lr instead\)"):
+        make_optimizer(model, TrainConfig(backbone="test_vit", method="linear", head_lr_mult=10))
+
+
+def test_a_resume_with_another_learning_rate_is_refused(data, tmp_path):
+    # the optimizer's state holds each group's rate: a resume would silently train at the old one
+    run = tmp_path / "run"
+    fit(config(data, run, method="losa", epochs=1, head_lr_mult=10))
+    with pytest.raises(CheckpointError, match=r"head_lr_mult 10.0 -> 1.0 \(--head-lr-mult\)"):
+        fit(config(data, run, method="losa", epochs=1, resume=str(run)))
+    with pytest.raises(CheckpointError, match=r"lr 0.01 -> 0.003 \(--lr\)"):
+        fit(config(data, run, method="losa", epochs=1, lr=3e-3, head_lr_mult=10, resume=str(run)))
+    fit(config(data, run, method="losa", epochs=1, head_lr_mult=10, resume=str(run)))
+
+
 def test_mixed_precision_is_validated_against_the_device():
     assert resolve_mixed_precision("auto", on_cpu=True) == "no"
     assert resolve_mixed_precision("no", on_cpu=True) == "no"
@@ -240,6 +282,7 @@ def test_yaml_config_with_overrides(tmp_path):
         ("lr", -1.0, "lr must be a finite number > 0"),
         ("lr", float("inf"), "lr must be a finite number > 0"),
         ("lr", float("nan"), "lr must be a finite number > 0"),
+        ("head_lr_mult", 0.0, "--head-lr-mult must be a finite number > 0"),
         ("weight_decay", float("inf"), "--weight-decay must be a finite number"),
         ("task_options", {"label_smoothing": 1.0}, "label_smoothing must be in"),
         ("task_options", {"smoothing": 0.1}, "'smoothing' .*did you mean 'label_smoothing'"),

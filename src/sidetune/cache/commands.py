@@ -112,6 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", required=True, help="a complete tap cache holding the method's taps")
     p.add_argument("--output", required=True, help="the sweep's folder")
     p.add_argument("--lr", default="1e-3", help="learning rates (grid)")
+    p.add_argument("--head-lr-mult", help="the task head's rate as a multiple of --lr (grid; default 1)")
     p.add_argument("--weight-decay", help="weight decays (grid; default: the task's)")
     p.add_argument("--warmup-epochs", default=None, help="warm-up lengths in epochs (grid; default 1)")
     p.add_argument("--opt", metavar="KEY=V1,V2", action="append", default=[], help="a method option's values (grid)")
@@ -220,6 +221,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     grid: dict[str, list[Any]] = {"lr": parse_grid(args.lr)}
+    if args.head_lr_mult:
+        grid["head_lr_mult"] = parse_grid(args.head_lr_mult)
     if args.weight_decay:
         grid["weight_decay"] = parse_grid(args.weight_decay)
     if args.warmup_epochs:
@@ -230,7 +233,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if not sep or not key.strip():
                 raise ConfigError(f"{flag} takes KEY=V1,V2,..., got {item!r}.")
             grid[prefix + key.strip().replace("-", "_")] = parse_grid(values)
-    for key in ("lr", "weight_decay"):
+    for key in ("lr", "head_lr_mult", "weight_decay"):
         for value in grid.get(key, []):
             if not isinstance(value, int | float) or not value >= 0 or value != value or value == float("inf"):
                 raise ConfigError(f"--{key.replace('_', '-')}: {value!r} is not a finite number >= 0.")

@@ -42,7 +42,7 @@ from .store import CacheError, Manifest
 logger = logging.getLogger(__name__)
 
 #: TrainConfig fields a grid may vary besides method and task options.
-GRID_FIELDS = ("lr", "weight_decay", "min_lr", "warmup_epochs")
+GRID_FIELDS = ("lr", "head_lr_mult", "weight_decay", "min_lr", "warmup_epochs")
 
 
 @dataclass
@@ -169,8 +169,8 @@ def sweep(
     Args:
         cache: a complete tap cache (``sidetune cache build``) holding the taps ``method`` reads.
         method: the side method.
-        grid: key -> values: ``lr``, ``weight_decay``, ``min_lr``, ``warmup_epochs``, any option of the method
-            (``channel_rank``), or ``task.<option>`` for a task option (``task.label_smoothing``).
+        grid: key -> values: ``lr``, ``head_lr_mult``, ``weight_decay``, ``min_lr``, ``warmup_epochs``, any option
+            of the method (``channel_rank``), or ``task.<option>`` for a task option (``task.label_smoothing``).
         output: the sweep's folder (must not hold a sweep).
         callback: ``callback(event, record)`` with ``start``, ``epoch`` (per configuration), ``cut`` (halving),
             ``end``.
@@ -191,7 +191,7 @@ def sweep(
     from ..train.inputs import EpochSampler, SeededDataset
     from ..train.loop import EpochTotals, _seed_everything, epoch_record, evaluate_split
     from ..train.rundir import RunLock, save_adapter
-    from ..train.setup import WarmupCosine, make_accelerator, param_groups, resolve_mixed_precision
+    from ..train.setup import WarmupCosine, make_accelerator, make_optimizer, resolve_mixed_precision
     from .reader import check_cache, open_cache
 
     callback = callback or (lambda event, record: None)
@@ -273,7 +273,7 @@ def sweep(
         total = base.epochs * steps_per_epoch
         runs = []
         for k, (config, model) in enumerate(zip(configs, models, strict=True)):
-            optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+            optimizer = make_optimizer(model, config)
             warmup = round(config.warmup_epochs * steps_per_epoch)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, WarmupCosine(warmup, total, config.min_lr / config.lr)

@@ -238,6 +238,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--lr", type=_float_in(0, low_open=True), default=s, help="peak learning rate of AdamW (default: 1e-3)"
     )
+    g.add_argument(
+        "--head-lr-mult",
+        type=_float_in(0, low_open=True),
+        default=s,
+        help="the task head's learning rate is --lr times this (default: 1; fully fine-tuning a "
+        "pretrained backbone under a new head often wants 10 or more)",
+    )
     g.add_argument("--min-lr", type=_float_in(0), default=s, help="learning rate at the end of the cosine (default: 0)")
     g.add_argument(
         "--weight-decay",

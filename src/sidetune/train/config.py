@@ -63,6 +63,13 @@ class TrainConfig:
         batch_size: images per process per micro-batch (default: the task's, 32 or 8).
         eval_batch_size: images per batch at evaluation (default: the task's multiple of ``batch_size``).
         lr: peak learning rate (AdamW).
+        head_lr_mult: the task head's learning rate is ``lr`` times this (1: one rate for every trainable tensor).
+            The head is every trainable tensor under ``model.head`` (the classifier, UPerNet with its neck, the
+            whole detector); the rest is the method's (LoRA's matrices, a side network, a fully fine-tuned
+            backbone). It follows the same warm-up and cosine, so its floor is ``min_lr`` times it too. A new
+            head beside a pretrained backbone often wants a higher rate than the backbone's fine-tuning rate
+            (mmsegmentation's SegFormer recipes give the decode head ``lr_mult=10``: the same lever). The log's
+            ``lr`` is the method's rate.
         weight_decay: AdamW weight decay on matrices only (not biases, norms, 1-D tensors, position
             embeddings or class tokens); default: the task's.
         warmup_epochs: linear warm-up length in epochs (fractions allowed), then cosine decay to ``min_lr``.
@@ -113,6 +120,7 @@ class TrainConfig:
     batch_size: int | None = None
     eval_batch_size: int | None = None
     lr: float = 1e-3
+    head_lr_mult: float = 1.0
     weight_decay: float | None = None
     warmup_epochs: float = 1.0
     min_lr: float = 0.0
@@ -154,6 +162,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_positive("lr", self.lr)
+        _check_positive("head_lr_mult", self.head_lr_mult)
         for name in ("weight_decay", "warmup_epochs", "min_lr"):
             _check_number(name, getattr(self, name), minimum=0.0)
         if self.min_lr > self.lr:

@@ -65,8 +65,8 @@ from .setup import (
     check_schedule,
     compile_side_network,
     make_accelerator,
+    make_optimizer,
     make_schedule,
-    param_groups,
     resolve_mixed_precision,
     unused_parameters,
 )
@@ -245,7 +245,7 @@ def _fit(
         train_set, config.batch_size, config.seed, accelerator.num_processes, num_workers=config.workers,
         collate_fn=data.collate or task.collate, pin_memory=not on_cpu,
     )  # fmt: skip
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    optimizer = make_optimizer(model, config)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     unwrapped: SidetuneModel = accelerator.unwrap_model(model)
     batches_per_epoch = len(train_loader)

@@ -108,14 +108,43 @@ def compile_side_network(model: SidetuneModel) -> None:
 COMPILE_OPTIONS: dict[str, Any] = {}
 
 
-def param_groups(model: SidetuneModel, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices and convolutions; not biases, norms, 1-D tensors, embeddings and tokens."""
+def param_groups(model: SidetuneModel, weight_decay: float, head_lr: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices and convolutions; not biases, norms, 1-D tensors, embeddings and tokens.
+
+    With ``head_lr`` the task head's tensors (``head.*``) get groups of their own at that rate (the others take
+    the optimizer's); without it there are the two groups of earlier versions, so their checkpoints still resume.
+    """
     skip_names = ("pos_embed", "cls_token", "reg_token", "dist_token", "relative_position_bias_table")
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_trainable_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in skip_names) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decays = not (p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in skip_names))
+        groups.setdefault((head_lr is not None and name.startswith("head."), decays), []).append(p)
+    out = []
+    for head, decays in ((False, True), (False, False), (True, True), (True, False)):
+        if groups.get((head, decays)):
+            group = {"params": groups[head, decays], "weight_decay": weight_decay if decays else 0.0}
+            out.append({**group, "lr": head_lr} if head else group)
+    return out
+
+
+def make_optimizer(model: SidetuneModel, config) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` at ``config.lr``, the head's at ``config.lr * config.head_lr_mult``; the
+    schedule scales every group alike.
+
+    Raises:
+        ConfigError: ``head_lr_mult`` is not 1 but the model has no trainable head tensor.
+    """
+    if config.head_lr_mult == 1.0:
+        return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    groups = param_groups(model, config.weight_decay, head_lr=config.lr * config.head_lr_mult)
+    heads = sum("lr" in g for g in groups)
+    if heads in (0, len(groups)):
+        what = "no trainable head tensor" if heads == 0 else "only head tensors to train (set --lr instead)"
+        raise ConfigError(
+            f"--head-lr-mult {config.head_lr_mult:g}: {model.config.method!r} has {what}, so there is no second "
+            "learning rate to give; leave --head-lr-mult at 1."
+        )
+    return torch.optim.AdamW(groups, lr=config.lr)  # the method's groups first: a step record's lr is theirs
 
 
 def make_schedule(
@@ -142,6 +171,8 @@ def make_schedule(
         "total_steps": total_steps,
         "num_processes": accelerator.num_processes,
         "images_per_step": config.batch_size * accelerator.num_processes * config.grad_accum,
+        "lr": float(config.lr),
+        "head_lr_mult": float(config.head_lr_mult),
     }
     return scheduler, facts
 
@@ -150,6 +181,8 @@ _SCHEDULE_FACTS = {
     "steps_per_epoch": "--batch-size, --grad-accum or the training data",
     "images_per_step": "--batch-size, --grad-accum or the number of processes",
     "total_steps": "--epochs",
+    "lr": "--lr",  # the optimizer's state holds each group's rate: a resume would follow the old one
+    "head_lr_mult": "--head-lr-mult",
 }
 
 
