@@ -247,4 +247,4 @@ def test_sweep_command_sweeps_the_head_rate(cache, tmp_path, capsys):
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert summary["grid"]["head_lr_mult"] == [1, 10] and len(summary["configs"]) == 2
     assert main([*args, "--head-lr-mult", "0", "--output", str(tmp_path / "zero")]) != 0
-    assert "--head-lr-mult must be a finite number > 0" in capsys.readouterr().err
+    assert "--head-lr-mult: 0 is not a finite number > 0" in capsys.readouterr().err

@@ -195,7 +195,24 @@ def test_a_resume_with_another_learning_rate_is_refused(data, tmp_path):
         fit(config(data, run, method="losa", epochs=1, resume=str(run)))
     with pytest.raises(CheckpointError, match=r"lr 0.01 -> 0.003 \(--lr\)"):
         fit(config(data, run, method="losa", epochs=1, lr=3e-3, head_lr_mult=10, resume=str(run)))
+    with pytest.raises(CheckpointError, match=r"warmup_steps 2 -> 3 \(--warmup-epochs\).*min_lr 0.0 -> 0.001"):
+        fit(config(data, run, method="losa", epochs=1, head_lr_mult=10, warmup_epochs=1, min_lr=1e-3,
+                   resume=str(run)))  # fmt: skip
     fit(config(data, run, method="losa", epochs=1, head_lr_mult=10, resume=str(run)))
+
+
+def test_a_checkpoint_from_before_the_rates_were_recorded_still_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    fit(config(data, run, method="losa", epochs=1, save_every_steps=1))
+    latest = run / "checkpoints" / (run / "checkpoints" / "LATEST").read_text().strip()
+    state = json.loads((latest / "trainer_state.json").read_text())
+    for key in ("lr", "head_lr_mult", "warmup_steps", "min_lr"):
+        del state["run"][key]
+    (latest / "trainer_state.json").write_text(json.dumps(state))
+    # one rate for every tensor is what such a checkpoint holds: another head rate is refused, not a torch error
+    with pytest.raises(CheckpointError, match=r"head_lr_mult 1.0 -> 10.0 \(--head-lr-mult\)"):
+        fit(config(data, run, method="losa", epochs=1, head_lr_mult=10, resume=str(latest)))
+    fit(config(data, run, method="losa", epochs=1, resume=str(latest)))
 
 
 def test_mixed_precision_is_validated_against_the_device():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -233,10 +234,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if not sep or not key.strip():
                 raise ConfigError(f"{flag} takes KEY=V1,V2,..., got {item!r}.")
             grid[prefix + key.strip().replace("-", "_")] = parse_grid(values)
-    for key in ("lr", "head_lr_mult", "weight_decay"):
+    for key, least in (("lr", "> 0"), ("head_lr_mult", "> 0"), ("weight_decay", ">= 0")):
         for value in grid.get(key, []):
-            if not isinstance(value, int | float) or not value >= 0 or value != value or value == float("inf"):
-                raise ConfigError(f"--{key.replace('_', '-')}: {value!r} is not a finite number >= 0.")
+            number = isinstance(value, int | float) and math.isfinite(value)
+            if not number or not (value > 0 if least == "> 0" else value >= 0):
+                raise ConfigError(f"--{key.replace('_', '-')}: {value!r} is not a finite number {least}.")
     settings: dict[str, Any] = {"epochs": args.epochs, "eval_every": args.eval_every, "workers": args.workers}
     for key in ("batch_size", "clip_grad"):
         if getattr(args, key) is not None:

@@ -173,6 +173,8 @@ def make_schedule(
         "images_per_step": config.batch_size * accelerator.num_processes * config.grad_accum,
         "lr": float(config.lr),
         "head_lr_mult": float(config.head_lr_mult),
+        "warmup_steps": warmup_steps,
+        "min_lr": float(config.min_lr),
     }
     return scheduler, facts
 
@@ -181,9 +183,16 @@ _SCHEDULE_FACTS = {
     "steps_per_epoch": "--batch-size, --grad-accum or the training data",
     "images_per_step": "--batch-size, --grad-accum or the number of processes",
     "total_steps": "--epochs",
-    "lr": "--lr",  # the optimizer's state holds each group's rate: a resume would follow the old one
+    # the optimizer's and the scheduler's states hold the rates and the warm-up and floor they started with: a
+    # resume with others would silently follow the old ones (a checkpoint written before a fact was recorded is
+    # not checked for it, except as _EARLIER_FACTS says)
+    "lr": "--lr",
     "head_lr_mult": "--head-lr-mult",
+    "warmup_steps": "--warmup-epochs",
+    "min_lr": "--min-lr",
 }
+#: what a checkpoint written before a fact was recorded had: every earlier run trained one rate for every tensor
+_EARLIER_FACTS = {"head_lr_mult": 1.0}
 
 
 def check_schedule(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
@@ -196,6 +205,7 @@ def check_schedule(saved: dict[str, Any], current: dict[str, Any], checkpoint: P
     Raises:
         CheckpointError: naming each fact that differs, both values and the setting behind it.
     """
+    saved = {**_EARLIER_FACTS, **saved}
     diffs = [
         f"{key} {saved[key]} -> {current[key]} ({why})"
         for key, why in _SCHEDULE_FACTS.items()
