@@ -602,8 +602,8 @@ def render(report: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            f"![{section}: {metric} against time](results/results_{file_slug(section)}_time.png) "
-            f"![{section}: {metric} against memory](results/results_{file_slug(section)}_memory.png)",
+            f"![{section}: {metric} against time](results/{plot_name(section, 'time')}) "
+            f"![{section}: {metric} against memory](results/{plot_name(section, 'memory')})",
             "",
         ]
     lines += [report.get("reading", ""), ""]
@@ -656,6 +656,11 @@ def _trend(trend: dict[str, float] | None) -> str:
     return "-" if trend is None else f"{trend['last']:.3f} ({trend['change']:+.0%})"
 
 
+def plot_name(section: str, axis: str) -> str:
+    """The file of ``section``'s plot against ``axis`` (``time`` or ``memory``), under the page's ``results/``."""
+    return f"results_{file_slug(section)}_{axis}.png"
+
+
 def plot(section: str, block: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -680,7 +685,7 @@ def plot(section: str, block: dict[str, Any], out: Path) -> None:
         ax.set_ylabel(f"test {metric}")
         ax.set_title(f"{section}: {metric} against {axis}")
         fig.tight_layout()
-        fig.savefig(out / f"results_{file_slug(section)}_{axis}.png", dpi=100)
+        fig.savefig(out / plot_name(section, axis), dpi=100)
         plt.close(fig)
 
 
@@ -899,6 +904,9 @@ def main(argv: list[str] | None = None) -> int:
     # invocation may have written one since this one started)
     old = json.loads(existing.read_text()) if existing.is_file() else {}
     report["datasets"] = merge_sections(report["datasets"], old, args.replaces)
+    if args.replaces:  # the replaced section's plots, linked from nowhere now
+        for axis in ("time", "memory"):
+            (results_dir / plot_name(args.replaces, axis)).unlink(missing_ok=True)
     write_atomic(existing, json.dumps(report, indent=1, default=str) + "\n")
     page_path = Path(args.out) / "RESULTS.md"
     manual = ""

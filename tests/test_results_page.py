@@ -326,6 +326,9 @@ def test_a_relabelled_section_keeps_the_replaced_rows_and_the_old_label_goes(res
     (tmp_path / "results").mkdir()
     old = {"datasets": {"cifar10-1k (30 epochs, side methods)": _section({"losa": _row([0.6] * 3)}, epochs=30)}}
     (tmp_path / "results" / "results.json").write_text(json.dumps(old))
+    stale = [tmp_path / "results" / f"results_cifar10-1k-30-epochs-side-methods_{a}.png" for a in ("time", "memory")]
+    for path in stale:
+        path.write_bytes(b"old plot")
     argv = ["--datasets", "cifar10-1k", "--methods", "losa", "--epochs", "30", "--mixed-precision", "bf16",
             "--label", "30 epochs", "--replaces", "cifar10-1k (30 epochs, side methods)", "--reuse-page",
             "--out", str(tmp_path), "--runs", str(tmp_path / "r")]  # fmt: skip
@@ -335,6 +338,8 @@ def test_a_relabelled_section_keeps_the_replaced_rows_and_the_old_label_goes(res
     assert list(sections) == ["cifar10-1k (30 epochs)"]
     assert sections["cifar10-1k (30 epochs)"]["cache_seconds"] == 85.0
     assert sections["cifar10-1k (30 epochs)"]["methods"]["losa"]["made_by"]["command"].endswith("--old")
+    assert not any(path.exists() for path in stale), "the replaced section's plots are linked from nowhere"
+    assert (tmp_path / "results" / "results_cifar10-1k-30-epochs_time.png").is_file()
 
 
 def test_replaces_must_name_a_section_of_the_datasets_asked_for(results, tmp_path) -> None:
