@@ -185,9 +185,9 @@ class Page:
         return json.loads((out / "summary.json").read_text())
 
     def sweep(self, dataset: str, method: str, lrs: list[float], cache: Path, out: Path) -> dict[str, Any]:
-        name, options = parse_method(method)
+        name, options = method_and_options(method)  # the method's options and the run's (head_lr_mult) alike
         info = DATASETS[dataset]
-        grid = {"lr": lrs, **{k: [v] for k, v in {**options, **train_options(method)}.items()}}
+        grid = {"lr": lrs, **{k: [v] for k, v in options.items()}}
         settings = {"epochs": self.args.epochs, "batch_size": info["batch"], "warmup_epochs": 1.0, "split_seed": 0,
                     "workers": 0}  # fmt: skip
         if info["task"] in HEAD_OPTIONS:  # the head the seeds train, so the rate is chosen for it
@@ -782,9 +782,9 @@ def main(argv: list[str] | None = None) -> int:
         existing = Path(args.out) / "results" / "results.json"
         if not existing.is_file():
             raise SystemExit(f"--from-page: {existing} is absent; there is no page to remake.")
+        places = {"--out": args.out, "--runs": args.runs}  # only where asked: a page's commands name no paths
+        places = {k: v for k, v in places.items() if v != p.get_default(k[2:])}
         for name, block in json.loads(existing.read_text())["datasets"].items():
-            places = {"--out": args.out, "--runs": args.runs}  # only where asked: a page's commands name no paths
-            places = {k: v for k, v in places.items() if v != p.get_default(k[2:])}
             section_args = section_argv(block["command"], args.reuse_page, places)
             print(f"== {name}: python benchmarks/results.py {shlex.join(section_args)}", flush=True)
             main(section_args)

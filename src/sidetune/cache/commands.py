@@ -234,10 +234,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if not sep or not key.strip():
                 raise ConfigError(f"{flag} takes KEY=V1,V2,..., got {item!r}.")
             grid[prefix + key.strip().replace("-", "_")] = parse_grid(values)
-    for key, least in (("lr", "> 0"), ("head_lr_mult", "> 0"), ("weight_decay", ">= 0")):
+    for key, zero_ok in (("lr", False), ("head_lr_mult", False), ("weight_decay", True)):
         for value in grid.get(key, []):
-            number = isinstance(value, int | float) and math.isfinite(value)
-            if not number or not (value > 0 if least == "> 0" else value >= 0):
+            if not (isinstance(value, int | float) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+                least = ">= 0" if zero_ok else "> 0"
                 raise ConfigError(f"--{key.replace('_', '-')}: {value!r} is not a finite number {least}.")
     settings: dict[str, Any] = {"epochs": args.epochs, "eval_every": args.eval_every, "workers": args.workers}
     for key in ("batch_size", "clip_grad"):
