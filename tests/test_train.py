@@ -336,6 +336,12 @@ def test_missing_or_empty_data_is_named(tmp_path):
         fit(config(tmp_path / "hollow", tmp_path / "out", test_split="none"))
 
 
+def test_a_run_without_data_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match=r"no training data: set --data"):
+        fit(config(None, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_num_classes_disagreeing_with_the_data(data, tmp_path):
     with pytest.raises(DataError, match=r"--num-classes 5 .* 3 classes"):
         fit(config(data, tmp_path / "out", num_classes=5))
