@@ -59,6 +59,19 @@ def test_non_positive_class_count_fails(num_classes) -> None:
         sidetune.create("test_vit", "linear", num_classes=num_classes, img_size=64)
 
 
+@pytest.mark.parametrize("size", [17, 8])
+def test_an_image_size_off_the_patch_grid_names_the_patch_size(size: int) -> None:
+    with pytest.raises(
+        sidetune.ConfigError, match=rf"cannot take {size}x{size} images: .*multiple of its patch size, 16x16"
+    ):
+        sidetune.create("test_vit", "losa", num_classes=3, img_size=size)
+
+
+def test_a_backbone_without_blocks_is_refused() -> None:
+    with pytest.raises(sidetune.ConfigError, match="has no blocks to tap"):
+        sidetune.create("test_vit", "linear", num_classes=3, img_size=32, backbone_kwargs={"depth": 0})
+
+
 def test_side_methods_refuse_cnns_with_the_reason() -> None:
     with pytest.raises(sidetune.ConfigError, match=r"'e3va' cannot adapt 'test_convnext'.*attention- and MLP-branch"):
         tiny("convnext", "e3va")

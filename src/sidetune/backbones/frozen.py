@@ -137,6 +137,8 @@ class TimmBackbone(nn.Module):
         self.name = name or type(model).__name__
         self.model.requires_grad_(False)  # methods unfreeze what they train
         self._blocks: list[BlockRef] = family.blocks(model)
+        if not self._blocks:
+            raise ConfigError(f"{self.name} has no blocks to tap (depth 0?): build it with at least one block.")
         # Hooks are partials of a bound method (not closures), so deepcopy and pickle remap them to the copy.
         for i, ref in enumerate(self._blocks):
             ref.module.register_forward_hook(functools.partial(self._record, "out", i))
@@ -239,6 +241,13 @@ class TimmBackbone(nn.Module):
             with torch.no_grad():
                 p = next(self.model.parameters())
                 final = self.model.forward_features(torch.zeros(1, 3, *img_size, dtype=p.dtype, device=p.device))
+        except (AssertionError, RuntimeError) as err:  # timm asserts the patch grid; convolutions refuse tiny inputs
+            patch = getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
+            hint = f" (a multiple of its patch size, {'x'.join(map(str, patch))})" if patch is not None else ""
+            raise ConfigError(
+                f"{self.name} cannot take {img_size[0]}x{img_size[1]} images: {str(err).rstrip('.')}. "
+                f"Choose another --img-size{hint}."
+            ) from err
         finally:
             self.model.train(was_training)
             for h in handles:
