@@ -141,6 +141,15 @@ def test_serve_registers_its_arguments() -> None:
     assert args.func.__name__ == "run_serve"
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_bad_port_is_refused_when_the_arguments_are_parsed(port: str, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "a", "--port", port])
+    assert "must be a port number 0-65535" in capsys.readouterr().err
+
+
 def test_serve_command_reports_a_bad_adapter_in_one_line(tmp_path, capsys) -> None:
     from sidetune.serve.commands import main
 

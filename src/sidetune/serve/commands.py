@@ -27,6 +27,17 @@ __all__ = [
 _MASK_FORMATS = ("png", "rle")  # sidetune.serve.results.MASK_FORMATS, without importing torch here
 
 
+def _port(text: str) -> int:
+    """A TCP port, checked when the arguments are parsed (not after the adapters have loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {value}")
+    return value
+
+
 def parse_adapters(values: Sequence[str]) -> list[str] | dict[str, str]:
     """Adapter arguments ``DIR`` or ``NAME=DIR`` -> a list of folders, or a mapping name -> folder.
 
@@ -66,7 +77,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--weights", default="saved", help="backbone weights (default: the path the adapters recorded)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0: any free port)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=8, help="most requests per backbone forward (default: 8)")
     g.add_argument(
