@@ -258,6 +258,14 @@ def test_csv_errors_name_file_and_line(tmp_path: Path, text: str, pattern: str) 
     assert "d.csv" in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["d.csv", "test.txt"])
+def test_a_list_or_csv_that_is_not_utf8_is_named(tmp_path: Path, name: str) -> None:
+    write_png(tmp_path / "a.png")
+    (tmp_path / name).write_bytes("path,label\na.png,caf\u00e9\n".encode("latin-1"))  # a Latin-1 'é' (0xe9)
+    with pytest.raises(DataError, match=rf"{name} is not UTF-8 text \(byte 0xe9 cannot be decoded\)"):
+        build_classification_dataset(tmp_path / name if name.endswith(".csv") else tmp_path, split="test")
+
+
 # ----------------------------------------------------------------------------------------- corrupt files
 
 

@@ -73,7 +73,16 @@ from torchvision.transforms.functional import to_tensor
 
 from sidetune.errors import ConfigError
 
-from .files import DataError, _check_no_conflicts, _scan_class_folders, load_rgb, to_rgb, unreadable_images, unwrap
+from .files import (
+    DataError,
+    _check_no_conflicts,
+    _scan_class_folders,
+    load_rgb,
+    text_of,
+    to_rgb,
+    unreadable_images,
+    unwrap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +267,7 @@ def _parse_list_file(list_file: Path) -> list[tuple[int, str, int]]:
     if not list_file.is_file():
         raise DataError(f"list file {list_file} does not exist.")
     entries = []
-    with list_file.open(encoding="utf-8") as f:
+    with text_of(list_file), list_file.open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             line = line.strip()
             if not line:
@@ -381,7 +390,7 @@ class CSVDataset(ClassificationDataset):
         if not csv_file.is_file():
             raise DataError(f"CSV file {csv_file} does not exist; check the path.")
         rows: list[tuple[int, str, str]] = []
-        with csv_file.open(newline="", encoding="utf-8-sig") as f:
+        with text_of(csv_file), csv_file.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             columns = [h.strip().lower() for h in header or []]

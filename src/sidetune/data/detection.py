@@ -73,7 +73,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import ConfigError
-from .files import _DECODE_ERRORS, DataError, load_rgb
+from .files import _DECODE_ERRORS, DataError, load_rgb, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def _voc_ids(root: Path, split: str | None) -> list[str]:
             "reads every XML file)."
         )
     # A Main/ list is "<id>" or, per class, "<id> <flag>": the id is the first field.
-    return [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    return [line.split()[0] for line in read_text(list_file).splitlines() if line.strip()]
 
 
 def _text(node: ET.Element, path: str, xml_file: Path) -> str:

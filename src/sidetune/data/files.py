@@ -7,8 +7,9 @@ described in :mod:`sidetune.data.classification` and ``docs/data.md``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,16 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 from ..errors import SidetuneError
 
-__all__ = ["CHECK_HINT", "IMG_EXTENSIONS", "DataError", "load_rgb", "to_rgb", "unreadable_images"]
+__all__ = [
+    "CHECK_HINT",
+    "IMG_EXTENSIONS",
+    "DataError",
+    "load_rgb",
+    "read_text",
+    "text_of",
+    "to_rgb",
+    "unreadable_images",
+]
 
 # What PIL raises on a missing, truncated, unidentified or oversized image.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -29,6 +39,26 @@ CHECK_HINT = "sidetune data check DATA_DIR --task TASK"
 
 class DataError(SidetuneError):
     """Data on disk (or the caller's description of it) is missing, malformed or inconsistent (a ``ValueError``)."""
+
+
+@contextmanager
+def text_of(path: Path) -> Iterator[None]:
+    """Reading ``path`` as text inside this block: a file that is not UTF-8 (another encoding, an image, a binary
+    file) is a :class:`DataError` naming it, not a ``UnicodeDecodeError``."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start : err.start + 1].hex()
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{byte} cannot be decoded): a list, CSV or class file must be "
+            "UTF-8 (re-save it as UTF-8), and a data path must name one of the layouts of docs/data.md."
+        ) from None
+
+
+def read_text(path: Path) -> str:
+    """The whole of a UTF-8 text file (lists, class names); see :func:`text_of`."""
+    with text_of(path):
+        return path.read_text(encoding="utf-8")
 
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:

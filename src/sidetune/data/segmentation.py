@@ -60,7 +60,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import ConfigError
 from ..heads.segmentation import IGNORE_INDEX
-from .files import _DECODE_ERRORS, DataError, _is_image_file, _unsupported, load_rgb
+from .files import _DECODE_ERRORS, DataError, _is_image_file, _unsupported, load_rgb, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ class VOCSegmentationDataset(SegmentationDataset):
         if not list_file.is_file():
             have = sorted(p.stem for p in (root / "ImageSets" / "Segmentation").glob("*.txt"))
             raise DataError(f"no split list {list_file}; found splits {have}.")
-        ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        ids = [line.strip() for line in read_text(list_file).splitlines() if line.strip()]
         samples = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
         missing = [str(p) for p, _ in samples if not p.is_file()]
         if missing:
@@ -454,7 +454,7 @@ def read_class_names(classes_file: str | os.PathLike[str]) -> list[str]:
             f"the 'masks' layout needs {classes_file}: one class name a line, the line of mask value k naming "
             "class k (first line: value 0)."
         )
-    names = [line.strip() for line in classes_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in read_text(classes_file).splitlines() if line.strip()]
     if not names:
         raise DataError(f"{classes_file} names no class; write one class name a line.")
     repeated = sorted({n for n in names if names.count(n) > 1})

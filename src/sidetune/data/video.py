@@ -67,6 +67,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sidetune.data.classification import DataError, load_rgb
+from sidetune.data.files import read_text, text_of
 from sidetune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -481,12 +482,12 @@ def _list_entries(list_file: Path) -> tuple[list[tuple[Path, str]], list[str] | 
     class_ind = list_file.parent / "classInd.txt"
     names = None
     if class_ind.is_file():
-        pairs = [line.split() for line in class_ind.read_text().splitlines() if line.strip()]
+        pairs = [line.split() for line in read_text(class_ind).splitlines() if line.strip()]
         if any(len(p) != 2 or not p[0].isdigit() for p in pairs):
             raise DataError(f"{class_ind}: expected '<index> <class name>' lines (UCF101's classInd.txt).")
         names = [name for _, name in sorted((int(i), name) for i, name in pairs)]
     entries = []
-    for n, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_text(list_file).splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
@@ -514,7 +515,7 @@ def _list_entries(list_file: Path) -> tuple[list[tuple[Path, str]], list[str] | 
 
 def _csv_entries(csv_file: Path, split: str | None) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
     """``(path, label)`` of a path/label CSV or a Kinetics annotation file, and the Kinetics clips not found."""
-    with csv_file.open(newline="", encoding="utf-8-sig") as f:
+    with text_of(csv_file), csv_file.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip().lower() for c in reader.fieldnames or []]
         reader.fieldnames = columns
