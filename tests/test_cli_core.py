@@ -10,6 +10,7 @@ import torch
 
 import sidetune
 from sidetune.cli import main
+from sidetune.data import DataError
 from sidetune.demo import IMG_SIZE, DemoResult, format_table, load_digits, run_demo, train_one
 
 
@@ -49,6 +50,24 @@ def test_cli_user_errors_are_one_line_without_traceback() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "sidetune methods: error: unknown method lossa. Valid choices: losa"
+
+
+class _BrokenImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        raise DataError(f"image {i}.png is truncated: run `sidetune data check`")
+
+
+def test_an_error_from_a_data_loader_worker_reads_as_with_workers_0() -> None:
+    from sidetune.errors import user_message
+
+    with pytest.raises(DataError) as info:
+        list(torch.utils.data.DataLoader(_BrokenImages(), num_workers=1))
+    assert str(info.value).startswith("Caught DataError in DataLoader worker process 0")  # torch's wrapper
+    assert user_message(info.value) == "image 0.png is truncated: run `sidetune data check`"
+    assert user_message(sidetune.ConfigError("plain")) == "plain"
 
 
 def test_digits_are_the_embedded_real_dataset() -> None:

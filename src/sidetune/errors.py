@@ -22,6 +22,20 @@ class FingerprintMismatchError(SidetuneError):
     """An adapter checkpoint was trained on a different backbone than the one it is loaded onto."""
 
 
+def user_message(err: BaseException) -> str:
+    """The text to show for ``err``. An error raised in a DataLoader worker process reaches the main process with
+    torch's wrapper text ("Caught DataError in DataLoader worker process 0. Original Traceback ...") as its
+    message; the user gets the original error's own text, as with ``--workers 0``."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    for name in (f"{type(err).__module__}.{type(err).__qualname__}", type(err).__name__):
+        at = text.rfind(f"\n{name}: ")
+        if at >= 0:
+            return text[at + len(name) + 3 :].strip()
+    return text
+
+
 def unknown_choice(kind: str, name: str, choices: Iterable[str], hint: str = "") -> ConfigError:
     """Build the error for an unknown registry name, listing close matches and the valid choices."""
     choices = sorted(choices)
