@@ -128,7 +128,9 @@ def test_a_checkpoint_file_holding_pickled_objects_is_refused(data, tmp_path):
         (["--lr", "0"], "argument --lr: must be a finite number in (0, inf)"),
         (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number"),
         (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
-        (["--val-fraction", "1.5"], "argument --val-fraction: must be a finite number in (0, 1]"),
+        (["--val-fraction", "1.5"], "argument --val-fraction: must be a finite number in (0, 1)"),
+        (["--val-fraction", "1"], "argument --val-fraction: must be a finite number in (0, 1)"),
+        (["--label-smoothing", "1"], "argument --label-smoothing: must be a finite number in [0, 1)"),
     ],
 )
 def test_non_finite_or_non_positive_hyper_parameters_fail_at_parse_time(argv, message, data, capsys):

@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--layout", default=s, help="data layout (default: auto)")
     for name in ("train-split", "val-split", "test-split"):
         b.add_argument(f"--{name}", type=_optional_str, default=s, help="as for sidetune train (default: auto)")
-    b.add_argument("--val-fraction", type=_float_in(0, 1, low_open=True, none=True), default=s,
+    b.add_argument("--val-fraction", type=_float_in(0, 1, low_open=True, high_open=True, none=True), default=s,
                    help="carve this fraction of train off as validation, as the runs will")  # fmt: skip
     b.add_argument("--train-limit", type=_int_at_least(1), default=s, help="the first N training images only")
     b.add_argument("--val-limit", type=_int_at_least(1), default=s, help="the first N validation images only")

@@ -54,7 +54,9 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _float_in(low: float, high: float = math.inf, *, low_open: bool = False, none: bool = False):
+def _float_in(
+    low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False, none: bool = False
+):
     def parse(text: str) -> float | None:
         if none and text.strip().lower() in _NONE:
             return None
@@ -62,9 +64,10 @@ def _float_in(low: float, high: float = math.inf, *, low_open: bool = False, non
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+        ok = math.isfinite(value) and (value > low if low_open else value >= low)
+        ok = ok and (value < high if high_open else value <= high)
         if not ok:
-            span = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or not math.isfinite(high) else ']'}"
             raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text!r}")
         return value
 
@@ -176,8 +179,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("task options (each belongs to the tasks named; others refuse it)")
     for flag, (_, text) in TASK_FLAGS.items():
         kind = {
-            "--label-smoothing": _float_in(0, 1),
-            "--head-dropout": _float_in(0, 1),
+            "--label-smoothing": _float_in(0, 1, high_open=True),
+            "--head-dropout": _float_in(0, 1, high_open=True),
             "--class-weights": _class_weights,
             "--num-frames": _int_at_least(1),
             "--frame-stride": _int_at_least(1),
@@ -206,7 +209,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--val-fraction",
-        type=_float_in(0, 1, low_open=True, none=True),
+        type=_float_in(0, 1, low_open=True, high_open=True, none=True),
         default=s,
         help="carve this fraction of the training split off as validation, seeded by --seed "
         "(classification: per class), instead of --val-split",
