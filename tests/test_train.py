@@ -342,6 +342,20 @@ def test_a_run_without_data_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("splits", "pattern"),
+    [
+        ({"val_split": "test"}, r"validation split 'test' is also the test split"),
+        ({"val_split": "test", "test_split": "test"}, r"validation split 'test' is also the test split"),
+        ({"val_split": "train"}, r"validation split 'train' is also the training split"),
+    ],
+)
+def test_a_validation_split_that_is_the_test_or_training_split_is_refused(splits, pattern, data, tmp_path):
+    with pytest.raises(ConfigError, match=pattern):
+        fit(config(data, tmp_path / "out", **splits))
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
 def test_num_classes_disagreeing_with_the_data(data, tmp_path):
     with pytest.raises(DataError, match=r"--num-classes 5 .* 3 classes"):
         fit(config(data, tmp_path / "out", num_classes=5))

@@ -35,6 +35,23 @@ if TYPE_CHECKING:
     from ..model import SidetuneModel
 
 
+def check_distinct_splits(train: str | None, val: str | None, test: str | None) -> tuple[str | None, ...]:
+    """The resolved ``(train, val, test)`` splits, refusing a validation split that is the training or the test
+    split: checkpoints would be chosen on images the model trains on, or on the split whose score is reported."""
+    if val is not None and val == test:
+        raise ConfigError(
+            f"the validation split {val!r} is also the test split: the best checkpoint would be chosen on the scores "
+            "it reports. Carve validation from train (--val-fraction 0.2), name another --val-split, or pass "
+            "--test-split none."
+        )
+    if val is not None and val == train:
+        raise ConfigError(
+            f"the validation split {val!r} is also the training split: validation would score images the model "
+            "trains on. Carve validation from train (--val-fraction 0.2) or name another --val-split."
+        )
+    return train, val, test
+
+
 @dataclass
 class TaskData:
     """The datasets of a run (``val``/``test`` may be None) and the class names shared by all of them.
@@ -331,7 +348,7 @@ class DenseTask(Task):
         train = "train" if config.train_split == "auto" else config.train_split
         if train is None:
             raise ConfigError(f"{self.name} needs a training split (--train-split NAME; 'auto' is 'train').")
-        return train, auto(config.val_split, "val"), auto(config.test_split, "test")
+        return check_distinct_splits(train, auto(config.val_split, "val"), auto(config.test_split, "test"))
 
     def scan_classes(self, config: Any) -> list[str]:
         train, _, _ = self.resolve_splits(config)

@@ -31,7 +31,7 @@ from ..data import (
     split_train_val,
 )
 from ..errors import ConfigError
-from .base import Evaluator, StepOutput, Task, TaskData, inspect_data
+from .base import Evaluator, StepOutput, Task, TaskData, check_distinct_splits, inspect_data
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,9 @@ class ClassificationTask(Task):
         def auto(value: str | None, name: str) -> str | None:
             return (name if self.split_available(root, name) else None) if value == "auto" else value
 
-        return auto(config.train_split, "train"), auto(config.val_split, "val"), auto(config.test_split, "test")
+        return check_distinct_splits(
+            auto(config.train_split, "train"), auto(config.val_split, "val"), auto(config.test_split, "test")
+        )
 
     def scan_classes(self, config) -> list[str]:
         train_split, _, _ = self.resolve_splits(config)
