@@ -19,7 +19,7 @@ from sidetune.cache import CacheError, Manifest, build
 from sidetune.cache.sweep import sweep
 from sidetune.errors import ConfigError
 from sidetune.train import fit
-from train_data import IMG, make_task_data, step_losses, task_config
+from train_data import IMG, files, make_task_data, step_losses, task_config
 
 build_module = importlib.import_module("sidetune.cache.build")
 TASKS = ("classification", "segmentation", "detection")
@@ -250,6 +250,25 @@ def test_a_sweep_trains_each_configuration_as_its_own_cached_run(datasets, tmp_p
     ]
     assert [r["loss"] for r in swept if r["type"] == "step"] == pytest.approx(step_losses(tmp_path / "alone"), rel=1e-5)
     assert alone.summary["metrics"]["best_val"] == pytest.approx(result.configs[3]["best_val_top1"])
+
+
+def test_a_sweep_and_a_training_run_never_replace_each_others_best_adapter(datasets, tmp_path):
+    data = datasets["classification"]
+    opts = dict(method="losa", val_fraction=0.34, epochs=1)
+    config = task_config("classification", data, tmp_path / "run", **opts)
+    fit(config)
+    build(config, ["losa"], tmp_path / "c")
+    run = files(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"holds a training run \(log.jsonl.*replace that best/: choose another"):
+        sweep(tmp_path / "c", "losa", {"lr": [1e-2]}, tmp_path / "run", epochs=1, batch_size=config.batch_size)
+    assert files(tmp_path / "run") == run
+    sweep(tmp_path / "c", "losa", {"lr": [1e-2]}, tmp_path / "sweep", epochs=1, batch_size=config.batch_size)
+    swept = files(tmp_path / "sweep")
+    assert "best/adapter_model.safetensors" in swept
+    for resume in (None, str(tmp_path / "run")):  # a new run, and a resume of another run continued there
+        with pytest.raises(ConfigError, match=r"holds a sweep \(sweep.json.*replace that best/: choose another"):
+            fit(task_config("classification", data, tmp_path / "sweep", resume=resume, **opts))
+        assert files(tmp_path / "sweep") == swept
 
 
 def test_a_sweep_over_the_head_rate_trains_what_train_head_lr_mult_trains(datasets, tmp_path):

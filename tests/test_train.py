@@ -31,7 +31,7 @@ from sidetune.train import (
     read_log,
 )
 from sidetune.train.setup import make_optimizer, param_groups, resolve_mixed_precision, unused_parameters
-from train_data import CLASSES, IMG, config, make_image_folder, step_losses
+from train_data import CLASSES, IMG, comparable_log, config, files, make_image_folder, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,38 @@ def test_an_existing_run_is_not_overwritten(data, tmp_path):
     fit(config(data, tmp_path / "run", epochs=1))
     with pytest.raises(ConfigError, match="already holds a run"):
         fit(config(data, tmp_path / "run", epochs=1))
+
+
+def test_a_resume_into_another_folder_continues_the_run_there_and_leaves_the_run_as_it_was(data, tmp_path):
+    opts = dict(method="losa", val_fraction=0.34, save_every_steps=1)  # 2 epochs of 2 steps
+    straight = fit(config(data, tmp_path / "straight", **opts))
+    stopped = tmp_path / "stopped"
+
+    def stop_at_step_4(event, record):
+        if event == "step" and record["step"] == 4:
+            raise KeyboardInterrupt  # inside the second epoch, after the checkpoint of step 3
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(config(data, stopped, **opts), callback=stop_at_step_4)
+    kept = files(stopped)
+    fit(config(data, tmp_path / "copy", resume=str(stopped), **opts))
+    assert files(stopped) == kept
+    assert comparable_log(tmp_path / "copy") == comparable_log(tmp_path / "straight")  # the records before step 3 too
+    for which in ("best", "last"):
+        assert files(tmp_path / "copy" / which) == files(tmp_path / "straight" / which)
+    # a finished run: nothing left to train, the new folder is that run (this read a log never written)
+    kept = files(tmp_path / "straight")
+    again = fit(config(data, tmp_path / "again", resume=str(tmp_path / "straight"), **opts))
+    assert files(tmp_path / "straight") == kept
+    assert comparable_log(tmp_path / "again") == comparable_log(tmp_path / "straight")
+    assert again.summary["metrics"]["test"] == straight.summary["metrics"]["test"]
+    assert files(tmp_path / "again" / "best") == files(tmp_path / "straight" / "best")
+    resumed = fit(config(data, tmp_path / "again", resume=str(tmp_path / "again"), **opts))  # its own checkpoint
+    assert resumed.summary["resumed_from"].startswith(str(tmp_path / "again"))
+    # a folder that holds another run is never the one a resume continues in
+    with pytest.raises(ConfigError, match=r"already holds a run .* continues another one.* --output .*stopped"):
+        fit(config(data, tmp_path / "straight", resume=str(stopped), **opts))
+    assert files(tmp_path / "straight") == kept
 
 
 # -- optimisation details (seeded losses, exact resume and accumulation: test_pipeline.py, for every task) ----------

@@ -63,6 +63,15 @@ def comparable_log(run_dir: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in clocks} for r in read_log(run_dir / "log.jsonl")]
 
 
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (its run lock aside) and its bytes: what a refused run must leave as it was."""
+    return {
+        str(f.relative_to(folder)): f.read_bytes()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != ".lock"
+    }
+
+
 def make_camvid(root: Path, counts=(("train", 8), ("val", 4)), size=(64, 48)) -> Path:
     """SegNet layout; each image is half red (class 0) and half blue (class 1), the side and split random."""
     rng = np.random.default_rng(0)

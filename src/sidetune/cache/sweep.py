@@ -171,7 +171,7 @@ def sweep(
         method: the side method.
         grid: key -> values: ``lr``, ``head_lr_mult``, ``weight_decay``, ``min_lr``, ``warmup_epochs``, any option
             of the method (``channel_rank``), or ``task.<option>`` for a task option (``task.label_smoothing``).
-        output: the sweep's folder (must not hold a sweep).
+        output: the sweep's folder (must not hold a sweep, nor a ``sidetune train`` run).
         callback: ``callback(event, record)`` with ``start``, ``epoch`` (per configuration), ``cut`` (halving),
             ``end``.
         halving: the halving rate ``eta`` (an integer >= 2; 3 is usual), or None for the exhaustive grid. Needs a
@@ -190,15 +190,20 @@ def sweep(
     from ..train.inference import autocast_for
     from ..train.inputs import EpochSampler, SeededDataset
     from ..train.loop import EpochTotals, _seed_everything, epoch_record, evaluate_split
-    from ..train.rundir import RunLock, save_adapter
+    from ..train.rundir import LOG, SWEEP, RunLock, save_adapter
     from ..train.setup import WarmupCosine, make_accelerator, make_optimizer, resolve_mixed_precision
     from .reader import check_cache, open_cache
 
     callback = callback or (lambda event, record: None)
     started = time.perf_counter()
     out = Path(output).expanduser()
-    if (out / "sweep.json").exists():
+    if (out / SWEEP).exists():
         raise ConfigError(f"{str(out)!r} already holds a sweep; choose another --output.")
+    if (out / LOG).exists():
+        raise ConfigError(
+            f"{str(out)!r} holds a training run ({LOG}, with its adapter in best/); a sweep there would replace that "
+            "best/: choose another --output."
+        )
     points = expand(grid)
     if not points:
         raise ConfigError("the grid is empty.")

@@ -55,9 +55,12 @@ from .rundir import (
     SUMMARY,
     RunLock,
     TrainingError,
+    branch_run,
     check_finite,
     has_checkpoint,
     open_run,
+    resumed_elsewhere,
+    run_folder,
     save_adapter,
     write_json,
 )
@@ -272,6 +275,12 @@ def _fit(
         check_schedule(read_trainer_state(checkpoint).run, run_facts, checkpoint)
         tstate = load_checkpoint(checkpoint, accelerator, unwrapped, optimizer, scheduler)
         tstate.model, tstate.run = asdict(unwrapped.config), run_facts
+        if resumed_elsewhere(checkpoint, out):  # another run's checkpoint: continue it here, leave it as it is
+            if run_folder(checkpoint) is None:  # a loose checkpoint folder: no best/ to go with its best score
+                tstate.best_metric = tstate.best_epoch = None
+            save_checkpoint(out, accelerator, unwrapped, optimizer, scheduler, tstate)  # this folder resumes alone
+            if main:
+                branch_run(checkpoint, out, tstate.step)
         log.truncate_after(tstate.step)  # records of the segment that died after this checkpoint
     if main:  # after the resume checks: a refused resume leaves the run's config as it was
         config.save(out / CONFIG)
@@ -385,6 +394,8 @@ def _fit(
         logger.error("the processes disagree on the trained weights: %s", checksums)
     if main and tstate.best_epoch is None:  # no validation (or nothing measurable): best is last
         save_adapter(unwrapped, out / "best", info)
+    if main and not (out / "last").is_dir():  # a finished loose checkpoint continued here: nothing was trained
+        save_adapter(unwrapped, out / "last", info)
     accelerator.wait_for_everyone()
     chosen = "best" if tstate.best_epoch is not None else "last"
     if tstate.best_epoch is not None and tstate.best_epoch != config.epochs:

@@ -9,6 +9,11 @@
 * ``summary.json`` and ``curves.png``;
 * ``.lock``: held (``fcntl.flock``) by the run writing the folder, with its pid inside.
 
+``--resume RUN`` with another ``--output`` continues ``RUN`` in a copy: the new folder starts with ``RUN``'s log
+up to the checkpoint, its ``best/`` and ``last/`` adapters and the checkpoint itself, and ``RUN`` is only read
+(:func:`branch_run`). A folder that holds a run (``log.jsonl``) or a sweep (``sweep.json``,
+:mod:`sidetune.cache.sweep`) is never the output of another run or sweep.
+
 Failure model: every file is written to a temporary name and renamed into place, so a kill leaves either the
 old or the new version; ``checkpoints/LATEST`` always names a complete checkpoint. A second run started into a
 folder in use is refused naming the holder's pid; the lock dies with its process, so a crashed run leaves no
@@ -32,7 +37,7 @@ from ..errors import ConfigError, SidetuneError
 from ..model import SidetuneModel
 from .checkpoint import CHECKPOINTS, CheckpointError, find_checkpoint
 from .inference import INFERENCE
-from .metrics import _finite
+from .metrics import _finite, read_log
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ SUMMARY = "summary.json"
 CURVES = "curves.png"
 CONFIG = "train_config.yaml"
 LOCK = ".lock"
+SWEEP = "sweep.json"  # the marker of a sweep's folder (sidetune.cache.sweep), whose best/ a run would replace
 
 
 class TrainingError(SidetuneError):
@@ -115,15 +121,21 @@ def open_run(out: Path, resume: str | os.PathLike | None) -> Path | None:
     """The checkpoint to resume from (None: a new run); refuses to start a new run over an existing one.
 
     ``--resume`` of a run that died before its first complete checkpoint starts it again from scratch (its log
-    is cleared) and says so; without ``--resume`` such a folder is refused with that advice.
+    is cleared) and says so; without ``--resume`` such a folder is refused with that advice. A resume of another
+    run's checkpoint continues it in ``out`` (:func:`branch_run`), which must not hold a run.
 
     Raises:
-        ConfigError: ``out`` is a file, or holds a run's log and ``resume`` is None.
+        ConfigError: ``out`` is a file, holds a sweep, or holds a run's log and ``resume`` is None or another run.
         CheckpointError: ``resume`` points at nothing resumable: another folder without a checkpoint, or ``out``
             itself holding no run (neither a log nor a config: a mistyped path).
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {str(out)!r} is a file; give a directory for the run.")
+    if (out / SWEEP).exists():
+        raise ConfigError(
+            f"output directory {str(out)!r} holds a sweep ({SWEEP}, with the chosen configuration's adapter in best/); "
+            "a run there would replace that best/: choose another --output."
+        )
     if resume is None:
         if (out / LOG).exists():
             resumable = has_checkpoint(out)
@@ -139,7 +151,7 @@ def open_run(out: Path, resume: str | os.PathLike | None) -> Path | None:
         return None
     resume_path = Path(resume).expanduser()
     try:
-        return find_checkpoint(resume_path)
+        checkpoint = find_checkpoint(resume_path)
     except CheckpointError:
         if resume_path.resolve() != out.resolve() or not out.is_dir():
             raise
@@ -148,11 +160,55 @@ def open_run(out: Path, resume: str | os.PathLike | None) -> Path | None:
                 f"--resume {str(resume_path)!r}: no run there to resume (neither {LOG} nor {CONFIG}); check the "
                 "path, or drop --resume to start a new run."
             ) from None
+    else:
+        if resumed_elsewhere(checkpoint, out) and (out / LOG).exists():
+            source = run_folder(checkpoint)
+            fix = f"--output {source} to continue it in its own folder, or " if source is not None else ""
+            raise ConfigError(
+                f"output directory {str(out)!r} already holds a run ({LOG}), and --resume {str(resume_path)!r} "
+                f"continues another one: resuming it there would replace this run's log and adapters. Give {fix}a "
+                "new --output to continue it in a copy."
+            )
+        return checkpoint
     logger.warning("%s has no complete checkpoint (the run stopped before its first save): starting it again", out)
     (out / LOG).unlink(missing_ok=True)
     (out / SUMMARY).unlink(missing_ok=True)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     return None
+
+
+def run_folder(checkpoint: Path) -> Path | None:
+    """The run directory ``checkpoint`` belongs to (``RUN/checkpoints/step-N``), or None for a folder outside one."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+
+
+def resumed_elsewhere(checkpoint: Path | None, out: Path) -> bool:
+    """Whether ``checkpoint`` is another run's (or a loose checkpoint folder): the resume continues it in ``out``."""
+    if checkpoint is None:
+        return False
+    source = run_folder(checkpoint)
+    return source is None or source.resolve() != out.resolve()
+
+
+def branch_run(checkpoint: Path, out: Path, step: int) -> None:
+    """Start ``out`` as the run of ``checkpoint`` stood at it: its ``best/`` and ``last/`` adapters and its log's
+    records up to ``step`` (a checkpoint folder outside a run: an empty log). The source run is only read.
+
+    The log is written last: a branch killed before it leaves ``out`` without one, and the same command redoes it.
+    """
+    source = run_folder(checkpoint)
+    for name in ("best", "last"):
+        if source is not None and (source / name).is_dir():
+            tmp = out / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source / name, tmp)
+            shutil.rmtree(out / name, ignore_errors=True)  # left by a branch killed before its log
+            os.replace(tmp, out / name)
+    records = read_log(source / LOG) if source is not None and (source / LOG).is_file() else []
+    tmp = out / f".{LOG}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
+    os.replace(tmp, out / LOG)
+    logger.info("continuing %s (step %d) in %s", source or checkpoint, step, out)
 
 
 def has_checkpoint(out: Path) -> bool:
