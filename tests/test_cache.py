@@ -209,6 +209,80 @@ def test_stale_or_broken_caches_are_refused_naming_what_differs(datasets, tmp_pa
         fit(task_config("classification", data, tmp_path / "h", cache=str(tmp_path / "absent"), **opts))
 
 
+def cache_info(cache: Path, capsys) -> tuple[int, dict]:
+    from sidetune.cli import main
+
+    code = main(["cache", "info", str(cache)])
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("sizes", ["recorded", "older manifest"])
+def test_a_truncated_shard_is_refused_before_training_reported_by_info_and_rewritten_by_the_build(
+    sizes, datasets, tmp_path, monkeypatch, capsys, caplog
+):
+    """A shard cut short after the build (a copy onto a full disk): a run stops before its first step naming it,
+    `cache info` lists it, and the build the message advises rewrites it (and only it). A manifest of an older
+    version records no sizes: the safetensors header, which no longer covers the file, tells the same."""
+    data = datasets["classification"]
+    opts = dict(method="losa", epochs=1)
+    config = task_config("classification", data, tmp_path / "x", **opts)
+    manifest = build(config, ["losa"], tmp_path / "c", shard_size=4)
+    shards = [s for info in manifest.splits.values() for s in info["shards"]]
+    assert all(s["bytes"] == (tmp_path / "c" / s["file"]).stat().st_size for s in shards)
+    if sizes == "older manifest":
+        saved = json.loads((tmp_path / "c" / "manifest.json").read_text())
+        for info in saved["splits"].values():
+            for shard in info["shards"]:
+                del shard["bytes"]
+        (tmp_path / "c" / "manifest.json").write_text(json.dumps(saved))
+    damaged = tmp_path / "c" / "test-v0-00000.safetensors"
+    whole = damaged.read_bytes()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*.safetensors") if p != damaged}
+    with damaged.open("r+b") as f:
+        f.truncate(100)
+
+    code, info = cache_info(tmp_path / "c", capsys)
+    assert code == 1 and info["complete"] is False
+    assert len(info["damaged"]) == 1 and info["damaged"][0].startswith("test-v0-00000.safetensors: 100 bytes")
+
+    def read(self, index):  # the test split is read last: a check there comes after every training step
+        raise AssertionError("a cached sample was read before the damaged shard was found")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sidetune.cache.CachedSplit, "__getitem__", read)
+        refused = r"test-v0-00000\.safetensors: 100 bytes.*run the same `sidetune cache build`"
+        with pytest.raises(CacheError, match=refused):
+            fit(task_config("classification", data, tmp_path / "r", cache=str(tmp_path / "c"), **opts))
+
+    with caplog.at_level("WARNING", logger="sidetune.cache.build"):
+        rebuilt = build(config, ["losa"], tmp_path / "c", shard_size=4)
+    assert damaged.read_bytes() == whole  # written again, the same taps
+    assert any("test-v0-00000.safetensors is damaged" in r.getMessage() for r in caplog.records)
+    assert {n: (tmp_path / "c" / n).stat().st_mtime_ns for n in stamps} == stamps  # the whole ones kept
+    assert rebuilt.complete and rebuilt.splits == manifest.splits  # sizes recorded again
+    code, info = cache_info(tmp_path / "c", capsys)
+    assert code == 0 and info["complete"] is True and "damaged" not in info
+    fit(task_config("classification", data, tmp_path / "ok", cache=str(tmp_path / "c"), **opts))
+
+
+def test_a_shard_overwritten_at_its_size_fails_in_a_data_worker_with_the_message_not_a_traceback(datasets, tmp_path):
+    """Sizes do not catch bytes overwritten in place; reading does, and torch's re-raise of a worker's error keeps
+    sidetune's message (not "Caught CacheError in DataLoader worker process 0. Original Traceback ...")."""
+    data = datasets["classification"]
+    opts = dict(method="losa", epochs=1, test_split="none")
+    build(task_config("classification", data, tmp_path / "x", **opts), ["losa"], tmp_path / "c")
+    shard = tmp_path / "c" / "train-v0-00000.safetensors"
+    garbled = bytearray(shard.read_bytes())
+    garbled[8:24] = b"\xff" * 16  # inside the header: the size stays, the header no longer parses
+    shard.write_bytes(bytes(garbled))
+    with pytest.raises(CacheError) as caught:
+        fit(task_config("classification", data, tmp_path / "r", cache=str(tmp_path / "c"), workers=1, **opts))
+    message = str(caught.value)
+    assert message.startswith(f"cache shard {str(shard)!r} cannot be read"), message
+    assert "DataLoader worker" not in message and "Traceback" not in message
+    assert "DataLoader worker process 0" in caught.value.worker_traceback  # kept for debugging
+
+
 def test_the_disk_check_refuses_before_writing(datasets, tmp_path, monkeypatch):
     config = task_config("classification", datasets["classification"], tmp_path / "x", method="losa")
     usage = shutil.disk_usage(tmp_path)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..backbones import TapRequest
 from ..errors import ConfigError
 from .batch import tap_key
-from .store import DTYPES, CacheError, Manifest, shard_name, write_shard
+from .store import DTYPES, CacheError, Manifest, shard_damage, shard_name, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ def build(
             splits, ``val_fraction``, seed, limits, ``augmentation`` and ``mixed_precision`` of the runs that will
             read the cache (``method`` is ignored: ``methods`` decides the taps).
         methods: side methods whose taps to store (the union).
-        output: the cache folder. An incomplete cache with the same settings is resumed at its first missing shard.
+        output: the cache folder. A cache with the same settings is resumed: shards that are missing or damaged
+            (another size than the one recorded, a header that does not cover the file) are written, whole ones kept.
         dtype: ``float16`` (default), ``bfloat16`` or ``float32`` storage.
         views: augmented views per training image (1: the transforms of view 0 only; use more with random
             augmentation or video's random frame offsets). Evaluation splits have one view.
@@ -266,9 +267,10 @@ def build(
         shard_size=shard_size,
         sidetune_version=model.config.sidetune_version,
     )
+    recorded: dict[str, int] = {}  # shard -> its size, as the earlier build of a complete cache wrote it
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _check_resumable(out, manifest)
+        recorded = _check_resumable(out, manifest)
     state.wait_for_everyone()
 
     # the size it will take, from one sample's taps, before writing anything
@@ -297,12 +299,15 @@ def build(
         for view in range(split_views[split]):
             for k in range(math.ceil(n / shard_size)):
                 jobs.append((split, view, k, k * shard_size, min(shard_size, n - k * shard_size)))
+    if state.is_main_process:
+        _remove_damaged_shards(out, jobs, recorded)
+    state.wait_for_everyone()
     mine = [job for i, job in enumerate(jobs) if i % world == rank]
     done_samples, my_total = 0, sum(job[4] for job in mine)
     started = time.perf_counter()
     for split, view, k, start, count in mine:
         path = out / shard_name(split, view, k)
-        if path.is_file():  # written by an earlier, interrupted build (a shard file exists only when whole)
+        if path.is_file():  # written by an earlier build (damaged ones were removed above)
             done_samples += count
             continue
         source: Dataset = datasets[split]
@@ -354,9 +359,10 @@ def build(
                     name = shard_name(split, view, k)
                     if not (out / name).is_file():
                         raise CacheError(f"cache {out}: shard {name} is missing after the build; run it again.")
+                    size = (out / name).stat().st_size
                     shards.append({"file": name, "start": k * shard_size, "count": min(shard_size, n - k * shard_size),
-                                   "view": view})  # fmt: skip
-                    manifest.bytes += (out / name).stat().st_size
+                                   "view": view, "bytes": size})  # fmt: skip
+                    manifest.bytes += size
             manifest.splits[split] = {"samples": len(datasets[split]), "views": split_views[split], "shards": shards}
         manifest.complete = True
         manifest.save(out)
@@ -364,15 +370,20 @@ def build(
     return manifest
 
 
-def _check_resumable(out: Path, manifest: Manifest) -> None:
-    """Resume an interrupted build with the same settings; refuse a folder that holds another cache."""
+def _check_resumable(out: Path, manifest: Manifest) -> dict[str, int]:
+    """Resume an interrupted build with the same settings; refuse a folder that holds another cache.
+
+    Returns:
+        shard file -> size in bytes, as the manifest there records them (a complete cache of this version; else
+        empty), read before this build's incomplete manifest replaces it.
+    """
     from .store import MANIFEST
 
     if not (out / MANIFEST).is_file():
         if any(out.glob("*.safetensors")):
             raise CacheError(f"{str(out)!r} holds shard files but no manifest; give an empty folder or remove them.")
         manifest.save(out)  # incomplete: marks the folder as a cache being built with these settings
-        return
+        return {}
     old = Manifest.load(out)
     fields = ("backbone", "fingerprint", "img_size", "backbone_kwargs", "task", "taps", "dtype", "transform", "data",
               "shard_size")  # fmt: skip
@@ -386,8 +397,25 @@ def _check_resumable(out: Path, manifest: Manifest) -> None:
             "build into another folder, or delete this one."
         )
     if old.complete:
-        logger.info("cache %s is already complete; rewriting its manifest only", out)
+        logger.info("cache %s is already complete; rewriting its manifest and any damaged shard only", out)
     manifest.save(out)
+    return {s["file"]: int(s["bytes"]) for info in old.splits.values() for s in info["shards"] if "bytes" in s}
+
+
+def _remove_damaged_shards(out: Path, jobs: list[tuple[str, int, int, int, int]], recorded: dict[str, int]) -> None:
+    """Remove the shards of ``jobs`` an earlier build left damaged, so that this one writes them again: a size other
+    than the one ``recorded``, or a safetensors header that does not cover the file or lists another sample count
+    (:func:`~sidetune.cache.store.shard_damage`). A file that exists is whole when the build renamed it into place;
+    it is damaged later (a disk that filled during a copy, ``truncate``, a partial download)."""
+    for split, view, k, _, count in jobs:
+        path = out / shard_name(split, view, k)
+        if not path.is_file():
+            continue
+        problem = shard_damage(path, recorded[path.name]) if path.name in recorded else None
+        problem = problem or shard_damage(path, None, count)
+        if problem:
+            logger.warning("cache %s: shard %s is damaged (%s); writing it again", out, path.name, problem)
+            path.unlink()
 
 
 def _first_file_change(old: dict[str, list], new: dict[str, list]) -> str:

@@ -87,7 +87,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--threads", type=_int_at_least(1), default=s, help="torch CPU threads")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_build)
-    i = sub.add_parser("info", help="what a cache holds, its size and whether it is complete")
+    i = sub.add_parser(
+        "info",
+        help="what a cache holds, its size and whether it is complete",
+        description="What a cache holds, its size, and whether it is complete: every shard the manifest lists is "
+        "there with the size the build wrote (caches of older versions: a whole safetensors header). A damaged "
+        "shard is listed under 'damaged', 'complete' is false, and the command exits 1; run the same "
+        "`sidetune cache build` into the folder again to rewrite it.",
+    )
     i.add_argument("cache", help="the cache folder")
     i.set_defaults(func=cmd_info)
 
@@ -190,12 +197,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .store import Manifest
+    from pathlib import Path
+
+    from .store import Manifest, damaged_shards
 
     m = Manifest.load(args.cache)
+    damaged = damaged_shards(m, Path(args.cache).expanduser()) if m.complete else []
     samples = {k: v["samples"] * v["views"] for k, v in m.splits.items()}
     info = {
-        "complete": m.complete,
+        "complete": m.complete and not damaged,
         "backbone": m.backbone,
         "weights": m.weights,
         "img_size": m.img_size,
@@ -210,7 +220,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         "bytes_per_sample": m.bytes / max(1, sum(samples.values())),
         "sidetune_version": m.sidetune_version,
     }
+    if damaged:
+        info["damaged"] = damaged
     print(json.dumps(info, indent=2))
+    if damaged:
+        print(
+            f"sidetune cache info: {len(damaged)} truncated or corrupt shard(s) in {args.cache} (listed under "
+            "'damaged'): run the same `sidetune cache build` into it again, which rewrites them and keeps the whole "
+            "ones.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -1,6 +1,7 @@
 """Opening a tap cache for a run: every check that it holds the right features, then its splits as datasets.
 
-A cache is refused, with what differs, when it is missing, incomplete, corrupt, or stale: another backbone or
+A cache is refused, with what differs, when it is missing, incomplete, corrupt (a shard of another size than the
+build wrote: checked before training, not when the test step first reads it), or stale: another backbone or
 weights, another input size, taps the method needs but the cache lacks, other transforms, other data settings
 (splits, validation fraction, seed, limits), or image files changed since the build. Features are never used
 silently when they may be wrong.
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..data.check import DataWarning
 from .build import DATA_FIELDS, file_change, sample_files, tap_spec, transform_spec
-from .store import CachedSplit, CacheError, Manifest, cached_collate
+from .store import CachedSplit, CacheError, Manifest, cached_collate, check_shards
 
 
 def _plain(value: Any) -> Any:
@@ -123,6 +124,7 @@ def open_cache(config, model, task, precision: str):
         splits[split].source = dataset  # the files' dataset: labels and masks to count (class weights, checks)
         if len(splits[split]) != len(dataset):
             raise CacheError(f"the cache's {split} split has {len(splits[split])} samples, the data {len(dataset)}.")
+    check_shards(manifest, root, [split for split, cached in splits.items() if cached is not None])
     if list(manifest.classes) != list(data.classes):
         raise CacheError(f"the cache's classes {manifest.classes[:5]}... differ from the data's {data.classes[:5]}...")
     warnings = list(data.warnings)

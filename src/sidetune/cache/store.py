@@ -15,8 +15,12 @@ cannot execute code on load (unlike pickles), and every tensor's dtype and shape
 shape varies per sample (a mask at an image's own size, a variable number of boxes) are stored ragged: the values
 of all samples concatenated, with each sample's shape and offset.
 
-A shard is written to a hidden temporary name and renamed into place when complete, so a shard file that exists is
-whole; an interrupted build resumes at the first shard that is missing.
+A shard is written to a hidden temporary name and renamed into place when complete, so an interrupted build leaves
+whole shards only and resumes at the first one that is missing. A shard damaged afterwards (truncated by a full disk
+or a copy cut short, overwritten) is caught by :func:`shard_damage`: its size differs from the one the manifest
+records (caches written before sizes were recorded: its safetensors header does not cover the file). Runs check
+every shard they read that way before training, ``sidetune cache info`` reports it, and a build into the folder
+rewrites it.
 """
 
 from __future__ import annotations
@@ -42,7 +46,24 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 class CacheError(SidetuneError):
-    """A tap cache is missing, incomplete, corrupt, stale, or lacks what a run needs."""
+    """A tap cache is missing, incomplete, corrupt, stale, or lacks what a run needs.
+
+    Raised in a DataLoader worker process, it reaches the main process through torch, which makes a new error of the
+    same type from ``"Caught CacheError in DataLoader worker process 0. Original Traceback ..."``: the message is cut
+    back to the worker's own (the worker's traceback stays in :attr:`worker_traceback`), so the user reads what is
+    wrong and how to fix it, as with ``--workers 0``.
+    """
+
+    worker_traceback: str | None = None
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith(f"Caught {type(self).__name__} in "):
+            marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+            before, found, message = args[0].rpartition(marker)
+            if found:
+                self.worker_traceback = before + marker + message
+                args = (message.rstrip("\n"),)
+        super().__init__(*args)
 
 
 @dataclass
@@ -61,7 +82,8 @@ class Manifest:
         data: the data settings that decide the samples (source, layout, splits, val_fraction, seed, limits).
         classes: the class names.
         files: split -> [[path, size, mtime_ns], ...] of every file the samples were read from.
-        splits: split -> {"samples": n, "views": k, "shards": [{"file", "start", "count", "view"}...]}.
+        splits: split -> {"samples": n, "views": k, "shards": [{"file", "start", "count", "view", "bytes"}...]}
+            ("bytes": the shard's size as written, checked before use; absent in caches of older versions).
         shard_size: samples per shard.
         bytes: total bytes of the shards.
         sidetune_version: the version that wrote it.
@@ -131,6 +153,57 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def shard_name(split: str, view: int, index: int) -> str:
     return f"{split}-v{view}-{index:05d}.safetensors"
+
+
+def shard_damage(path: Path, size: int | None = None, count: int | None = None) -> str | None:
+    """What is wrong with the shard file at ``path`` (``'missing'``, ``'100 bytes where the build wrote 5432'``),
+    or None when it looks whole.
+
+    With ``size`` (what the manifest records) the check is one ``stat``; without it (a cache written before sizes
+    were recorded, or a shard an interrupted build left) safetensors reads the header, which fails when its tensors
+    do not exactly fill the file (a truncated shard), and the header's sample count is compared with ``count``. Neither
+    reads a tensor: a shard of the right size whose bytes were overwritten is only caught when it is read.
+    """
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"cannot be read ({err})"
+    if size is not None:
+        return None if actual == size else f"{actual} bytes where the build wrote {size}"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            written = (handle.metadata() or {}).get("count")
+    except (SafetensorError, OSError) as err:
+        return f"{actual} bytes, not a whole safetensors file: {err}"
+    if count is not None and written != str(count):
+        return f"holds {written} samples where the manifest lists {count}"
+    return None
+
+
+def damaged_shards(manifest: Manifest, root: Path, splits: list[str] | None = None) -> list[str]:
+    """``'test-v0-00000.safetensors: 100 bytes where the build wrote 5432'`` for each damaged shard of ``splits``
+    (default: every split) of a complete cache; see :func:`shard_damage`."""
+    found = []
+    for split in manifest.splits if splits is None else splits:
+        for shard in manifest.splits[split]["shards"]:
+            problem = shard_damage(Path(root) / shard["file"], shard.get("bytes"), int(shard["count"]))
+            if problem:
+                found.append(f"{shard['file']}: {problem}")
+    return found
+
+
+def check_shards(manifest: Manifest, root: Path, splits: list[str] | None = None) -> None:
+    """Raise :class:`CacheError` naming the damaged shards of ``splits`` (before a run reads them, not in its test
+    step)."""
+    damaged = damaged_shards(manifest, root, splits)
+    if damaged:
+        shown = "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        raise CacheError(
+            f"the cache at {str(root)!r} has {len(damaged)} truncated or corrupt shard(s) ({shown}): run the same "
+            "`sidetune cache build` into it again, which rewrites them and keeps the whole ones."
+        )
 
 
 # -- ragged targets -------------------------------------------------------------------------------------------------
@@ -250,8 +323,8 @@ class CachedSplit(Dataset):
                 self._handles[name] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as err:
                 raise CacheError(
-                    f"cache shard {str(path)!r} cannot be read ({err}); it is truncated or corrupt: rebuild the cache "
-                    "(`sidetune cache build` resumes and rewrites what is missing)."
+                    f"cache shard {str(path)!r} cannot be read ({err}); it is truncated or corrupt: run the same "
+                    "`sidetune cache build` into the cache again, which rewrites damaged and missing shards."
                 ) from None
         return self._handles[name]
 
@@ -269,7 +342,10 @@ class CachedSplit(Dataset):
             else:
                 target = _unpack(handle, "target", row)
         except (SafetensorError, KeyError) as err:
-            raise CacheError(f"cache shard {str(self.root / name)!r} is corrupt ({err}); rebuild the cache.") from None
+            raise CacheError(
+                f"cache shard {str(self.root / name)!r} is corrupt ({err}); delete it and run the same `sidetune "
+                "cache build` into the cache again, which rewrites it."
+            ) from None
         return CachedTaps(tensors, meta), target
 
     def __getstate__(self) -> dict[str, Any]:  # data workers open their own handles
