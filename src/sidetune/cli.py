@@ -111,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from .errors import SidetuneError, user_message
+    from .errors import SidetuneError
 
     try:
         return args.func(args)
     except SidetuneError as err:
-        print(f"sidetune {args.command}: error: {user_message(err)}", file=sys.stderr)
+        print(f"sidetune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sidetune {args.command}: interrupted", file=sys.stderr)

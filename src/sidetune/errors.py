@@ -7,7 +7,24 @@ from collections.abc import Iterable
 
 
 class SidetuneError(ValueError):
-    """Base class of sidetune's user-facing errors (a ``ValueError``, so callers may catch either)."""
+    """Base class of sidetune's user-facing errors (a ``ValueError``, so callers may catch either).
+
+    Raised in a DataLoader worker process, it reaches the main process through torch, which makes a new error of the
+    same type from ``"Caught DataError in DataLoader worker process 0. Original Traceback ..."``: the message is cut
+    back to the worker's own (the worker's traceback stays in :attr:`worker_traceback`), so the user reads what is
+    wrong and how to fix it, as with ``--workers 0``.
+    """
+
+    worker_traceback: str | None = None
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith(f"Caught {type(self).__name__} in "):
+            marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+            before, found, message = args[0].rpartition(marker)
+            if found:
+                self.worker_traceback = before + marker + message
+                args = (message.rstrip("\n"),)
+        super().__init__(*args)
 
 
 class ConfigError(SidetuneError):
@@ -20,20 +37,6 @@ class WeightsError(SidetuneError):
 
 class FingerprintMismatchError(SidetuneError):
     """An adapter checkpoint was trained on a different backbone than the one it is loaded onto."""
-
-
-def user_message(err: BaseException) -> str:
-    """The text to show for ``err``. An error raised in a DataLoader worker process reaches the main process with
-    torch's wrapper text ("Caught DataError in DataLoader worker process 0. Original Traceback ...") as its
-    message; the user gets the original error's own text, as with ``--workers 0``."""
-    text = str(err)
-    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
-        return text
-    for name in (f"{type(err).__module__}.{type(err).__qualname__}", type(err).__name__):
-        at = text.rfind(f"\n{name}: ")
-        if at >= 0:
-            return text[at + len(name) + 3 :].strip()
-    return text
 
 
 def unknown_choice(kind: str, name: str, choices: Iterable[str], hint: str = "") -> ConfigError:

@@ -46,24 +46,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 class CacheError(SidetuneError):
-    """A tap cache is missing, incomplete, corrupt, stale, or lacks what a run needs.
-
-    Raised in a DataLoader worker process, it reaches the main process through torch, which makes a new error of the
-    same type from ``"Caught CacheError in DataLoader worker process 0. Original Traceback ..."``: the message is cut
-    back to the worker's own (the worker's traceback stays in :attr:`worker_traceback`), so the user reads what is
-    wrong and how to fix it, as with ``--workers 0``.
-    """
-
-    worker_traceback: str | None = None
-
-    def __init__(self, *args: object) -> None:
-        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith(f"Caught {type(self).__name__} in "):
-            marker = f"{type(self).__module__}.{type(self).__qualname__}: "
-            before, found, message = args[0].rpartition(marker)
-            if found:
-                self.worker_traceback = before + marker + message
-                args = (message.rstrip("\n"),)
-        super().__init__(*args)
+    """A tap cache is missing, incomplete, corrupt, stale, or lacks what a run needs."""
 
 
 @dataclass

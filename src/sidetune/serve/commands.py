@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import ConfigError, SidetuneError, user_message
+from ..errors import ConfigError, SidetuneError
 
 __all__ = [
     "add_serve_arguments",
@@ -223,5 +223,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_serve(args)
     except SidetuneError as err:
-        print(f"sidetune serve: error: {user_message(err)}", file=sys.stderr)
+        print(f"sidetune serve: error: {err}", file=sys.stderr)
         return 2
