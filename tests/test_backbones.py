@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import sidetune
 from sidetune.backbones import FAMILIES, fingerprint, list_backbones
+from sidetune.method_spec import MethodSpec
+from sidetune.methods import get_method, list_methods
 
 from conftest import DINOV2_WEIGHTS, EFFICIENTNET_WEIGHTS, images, require_asset, tiny
 
@@ -46,11 +50,53 @@ def test_unknown_method_lists_the_methods() -> None:
         ("e3va", {"bottleneck": -1}, "bottleneck must be a positive integer"),
         ("losa", {"rank": 4}, r"no option\(s\) rank. Its options: blocks, channel_rank"),
         ("losa", {"blocks": (7,)}, r"blocks \[7\] out of range for a backbone with 6 blocks"),
+        # a string is truthy: "maybe" or "no" would switch the option on
+        ("losa", {"norm": "maybe"}, r"method 'losa': option norm must be true or false, got 'maybe'"),
+        ("losa", {"recompute": "nope"}, r"option recompute must be true or false, got 'nope'"),
+        ("e3va", {"input_norm": "maybe"}, r"option input_norm must be true or false, got 'maybe'"),
+        ("e3va", {"copy_final_norm": 1}, r"option copy_final_norm must be true or false, got 1"),
+        ("probe", {"class_token": "no"}, r"option class_token must be true or false, got 'no'"),
+        ("vpt", {"deep": "false"}, r"option deep must be true or false, got 'false'"),
+        ("losa", {"dropout": "0.1"}, r"option dropout must be a number, got '0.1'"),
+        ("e3va", {"bottleneck": "8"}, r"option bottleneck must be an integer or none, got '8'"),
+        ("lst", {"reduction": 2.0}, r"option reduction must be an integer, got 2.0"),
+        ("losa", {"read": 1}, r"option read must be a string, got 1"),
+        ("losa", {"blocks": "x"}, r"option blocks must be integers \(one, or a comma-separated list\), got 'x'"),
+        ("e3va", {"out_stages": (0, 1.5)}, r"option out_stages must be integers .*got \(0, 1.5\)"),
     ],
 )
 def test_bad_method_options_fail_at_construction(method: str, options: dict, pattern: str) -> None:
     with pytest.raises(sidetune.ConfigError, match=pattern):
         tiny("vit", method, **options)
+
+
+#: One valid single value of every tuple-typed method option, and the one-item tuple it stands for.
+SINGLE_VALUES = {
+    ("probe", "blocks"): (1, (1,)),
+    ("losa", "blocks"): (1, (1,)),
+    ("e3va", "out_stages"): (0, (0,)),
+    ("adapter", "positions"): ("mlp", ("mlp",)),
+    ("adaptformer", "positions"): ("attn", ("attn",)),
+    ("lora", "target_modules"): (["qkv"], ("qkv",)),  # a lone string stays a string: a regular expression
+}
+
+
+def test_every_tuple_option_takes_a_single_value_as_a_one_item_tuple() -> None:
+    """``--opt blocks=1`` parses to ``1`` (``blocks=1,2`` to a tuple): each tuple-typed option takes it as ``(1,)``."""
+    specs: dict[type, MethodSpec] = {}  # one method per config class (e3va, not its presets e3va+ and e3va++)
+    for record in list_methods():
+        specs.setdefault(get_method(record["name"]).config_cls, get_method(record["name"]))
+    tuple_options = {
+        (spec.name, name)
+        for cls, spec in specs.items()
+        for name, hint in typing.get_type_hints(cls).items()
+        if "tuple[" in str(hint)
+    }
+    assert tuple_options == set(SINGLE_VALUES)  # a new tuple-typed option gets a case here
+    for (method, name), (value, expected) in SINGLE_VALUES.items():
+        assert getattr(get_method(method).make_config(**{name: value}), name) == expected
+    model = tiny("vit", "losa", blocks=1)
+    assert model.method.blocks == (1,)
 
 
 @pytest.mark.parametrize("num_classes", [0, -3, 2.5, True])

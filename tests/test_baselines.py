@@ -567,7 +567,7 @@ def test_bad_options_fail_early() -> None:
         tiny("vit", "adaptformer", input="both")
     with pytest.raises(sidetune.ConfigError, match="not divisible by 2 attention heads"):
         tiny("vit", "lst", reduction=64)
-    with pytest.raises(sidetune.ConfigError, match="grad_checkpointing must be True or False"):
+    with pytest.raises(sidetune.ConfigError, match="option grad_checkpointing must be true or false, got 'yes'"):
         tiny("vit", "full", grad_checkpointing="yes")
 
 

@@ -97,6 +97,12 @@ def test_predict_writes_csv_with_top_k(run, data, tmp_path, capsys):
         (["train", "test_vit", "losa", "--data", "{data}", "--num-classes", "7"], "--num-classes 7"),
         (["train", "test_vit", "losa", "--data", "{data}", "--mixed-precision", "fp16"], "needs a CUDA device"),
         (["train", "test_vit", "losa", "--data", "{data}", "--opt", "rank"], "--opt takes key=value"),
+        (
+            ["train", "test_vit", "e3va", "--data", "{data}", "--opt", "input_norm=maybe"],
+            "method 'e3va': option input_norm must be true or false, got 'maybe'",
+        ),
+        (["train", "test_vit", "losa", "--data", "{data}", "--opt", "norm=maybe"], "norm must be true or false"),
+        (["train", "test_vit", "losa", "--data", "{data}", "--opt", "blocks=x"], "blocks must be integers"),
         (["train", "test_vit", "losa", "--data", "{data}", "--resume", "{tmp}/none"], "nothing to resume"),
         (["train", "--config", "{tmp}/absent.yaml"], "absent.yaml' does not exist"),
         (["eval", "{tmp}/noadapter", "--data", "{data}"], "not an adapter directory"),
@@ -109,6 +115,22 @@ def test_errors_are_one_line_without_traceback(argv, message, data, run, tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"sidetune {argv[0]}: error:") and message in err, err
     assert "\n" not in err and "Traceback" not in err
+
+
+def test_a_config_file_that_is_not_a_mapping_is_one_line(tmp_path, capsys):
+    config = tmp_path / "list.yaml"
+    config.write_text("- 1\n- 2\n")
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sidetune train: error: {str(config)!r} must hold a mapping of settings, got list."
+
+
+def test_one_value_of_a_list_option_trains(data, tmp_path):
+    """``--opt blocks=1`` parses to the number 1, which LoSA takes as the one block ``(1,)``."""
+    out = tmp_path / "run"
+    args = ["train", "test_vit", "losa", "--data", str(data), "--img-size", str(IMG), "--epochs", "1"]
+    assert main([*args, "--batch-size", "6", "--workers", "0", "--opt", "blocks=1", "--output", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["model"]["method_config"]["blocks"] == [1]
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "predict"])

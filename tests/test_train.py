@@ -324,6 +324,26 @@ def test_yaml_config_with_overrides(tmp_path):
         TrainConfig.from_yaml(tmp_path / "nope.yaml")
 
 
+def test_yaml_reads_exponent_numbers_and_refuses_settings_of_the_wrong_shape(tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as a string and ``no`` as false: a config file takes both as meant."""
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "backbone: test_vit\nmethod: losa\nlr: 1e-3\nmin_lr: 1E-5\nwarmup_epochs: 5e-1\nmixed_precision: no\n"
+        "method_options:\n  dropout: 1.0e-1\n"
+    )
+    cfg = TrainConfig.from_yaml(path)
+    assert (cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.mixed_precision) == (0.001, 1e-5, 0.5, "no")
+    assert cfg.method_options == {"dropout": 0.1}
+    path.write_text("- backbone: test_vit\n- method: losa\n")
+    with pytest.raises(ConfigError, match=r"run.yaml' must hold a mapping of settings, got list"):
+        TrainConfig.from_yaml(path)
+    path.write_text("backbone: test_vit\nmethod: losa\ndata: [1, 2]\ncpu: 'no'\n")
+    with pytest.raises(ConfigError, match=r"--data must be a string, got \[1, 2\]"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match=r"--cpu must be true or false, got 'no'"):
+        TrainConfig.from_yaml(path, data="images")
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
@@ -340,6 +360,12 @@ def test_yaml_config_with_overrides(tmp_path):
         ("val_split", "../x", "plain split name"),
         ("val_fraction", 1.5, "--val-fraction must be in"),
         ("warmup_epochs", 20.0, "--warmup-epochs 20.0 is longer than --epochs 10"),
+        ("cpu", "no", r"--cpu must be true or false, got 'no' \(in YAML, unquoted"),  # a truthy string
+        ("compile", "false", "--compile must be true or false, got 'false'"),
+        ("cpu", 0, "--cpu must be true or false, got 0"),
+        ("data", [1, 2], r"--data must be a string, got \[1, 2\]"),
+        ("output", 3, "--output must be a string, got 3"),
+        ("task", None, "--task must be a string, got None"),
     ],
 )
 def test_invalid_settings_are_refused(field, value, message):

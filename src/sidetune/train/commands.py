@@ -424,9 +424,10 @@ def config_from_args(args: argparse.Namespace):
         import yaml
 
         try:
-            task_name = (yaml.safe_load(Path(args.config).read_text()) or {}).get("task")
+            values = yaml.safe_load(Path(args.config).read_text())
         except (OSError, yaml.YAMLError):
-            task_name = None  # from_yaml reports the file's problem
+            values = None
+        task_name = values.get("task") if isinstance(values, dict) else None  # from_yaml reports the file's problem
     task = get_task(task_name or "classification")
     foreign = sorted(set(task_options) - set(task.option_names()))
     if foreign:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,16 @@ from ..errors import ConfigError
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 AUTO = "auto"
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as the number it looks like, as YAML 1.2 does: PyYAML follows YAML
+    1.1, whose floats need a dot and a signed exponent, and reads ``lr: 1e-3`` as the string ``'1e-3'``."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 @dataclass
@@ -144,11 +155,14 @@ class TrainConfig:
 
         if not self.backbone or not self.method:
             raise ConfigError("a run needs a backbone and a method (e.g. `sidetune train test_vit losa --data DIR`).")
-        task = get_task(self.task)
         for name in ("data", "weights", "output", "resume", "cache"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
+        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `mixed_precision: no` as false
+            self.mixed_precision = "no"
+        _check_types(self)
+        task = get_task(self.task)
         for name, value in task.defaults.items():  # the task's defaults for the fields left at None
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -171,8 +185,6 @@ class TrainConfig:
             raise ConfigError(f"--warmup-epochs {self.warmup_epochs} is longer than --epochs {self.epochs}.")
         if self.clip_grad is not None:
             _check_positive("clip_grad", self.clip_grad)
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile must be true or false, got {self.compile!r}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(
                 f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}."
@@ -245,6 +257,9 @@ class TrainConfig:
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
         """Load ``path`` and apply ``overrides`` on top (the option mappings merge per key).
 
+        A number with an exponent and no dot (``lr: 1e-3``) is read as the number, not as the text PyYAML alone
+        makes of it.
+
         Raises:
             ConfigError: the file is missing, is not a YAML mapping, or names unknown settings.
         """
@@ -252,7 +267,7 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist.")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=_YAMLLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
@@ -266,6 +281,19 @@ class TrainConfig:
 def _flag(name: str) -> str:
     """A setting as the command line spells it (``min_lr`` -> ``--min-lr``); messages use it for CLI and API alike."""
     return "--" + name.replace("_", "-")
+
+
+def _check_types(config: TrainConfig) -> None:
+    """The checks by type: a bool setting is True or False (the string ``"no"`` is truthy: ``cpu: "no"`` would
+    force the CPU), a string setting a string (``data: [1, 2]`` is no path). Numbers are checked with their
+    ranges."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type == "bool" and not isinstance(value, bool):
+            hint = f" (in YAML, unquoted: `{f.name}: true` or `{f.name}: false`)" if isinstance(value, str) else ""
+            raise ConfigError(f"{_flag(f.name)} must be true or false, got {value!r}{hint}.")
+        if f.type in ("str", "str | None") and not isinstance(value, str) and (value is not None or f.type == "str"):
+            raise ConfigError(f"{_flag(f.name)} must be a string, got {value!r}.")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
