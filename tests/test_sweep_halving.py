@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from sidetune.cache import build
-from sidetune.cache.sweep import halving_budget, rung_steps, sweep
+from sidetune.cache.sweep import expand, halving_budget, rung_steps, sweep
 from sidetune.cli import main
 from sidetune.errors import ConfigError
 from train_data import make_image_folder, task_config
@@ -85,6 +85,12 @@ def test_the_budget_of_9_configurations_with_eta_3_is_7_thirds_of_one_run():
 def test_rung_steps_refuse_what_has_no_schedule():
     with pytest.raises(ValueError, match="eta >= 2"):
         rung_steps(9, 1, 18)
+
+
+def test_a_grid_that_repeats_a_value_is_refused():
+    assert len(expand({"lr": [1e-3, 3e-3], "channel_rank": [8]})) == 2
+    with pytest.raises(ConfigError, match=r"the grid repeats lr 0.001 .*give each value once"):
+        expand({"lr": [1e-3, 0.001], "channel_rank": [8]})
 
 
 def test_a_survivor_trains_exactly_as_in_the_exhaustive_sweep(exhaustive, halved):

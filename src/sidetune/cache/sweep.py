@@ -114,7 +114,15 @@ def parse_grid(text: str) -> list[Any]:
 
 
 def expand(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, in a fixed order (the first key varies slowest)."""
+    """Every combination of the grid's values, in a fixed order (the first key varies slowest).
+
+    Raises:
+        ConfigError: a key repeats a value (``--lr 1e-3,1e-3``): the same configuration would train twice.
+    """
+    for key, values in grid.items():
+        seen = [v for i, v in enumerate(values) if v in values[:i]]
+        if seen:
+            raise ConfigError(f"the grid repeats {key} {seen[0]!r} ({values}): give each value once.")
     keys = list(grid)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
 
