@@ -250,7 +250,7 @@ def test_a_checkpoint_from_before_the_rates_were_recorded_still_resumes(data, tm
 def test_mixed_precision_is_validated_against_the_device():
     assert resolve_mixed_precision("auto", on_cpu=True) == "no"
     assert resolve_mixed_precision("no", on_cpu=True) == "no"
-    with pytest.raises(ConfigError, match="fp16 training needs a CUDA device"):
+    with pytest.raises(ConfigError, match="float16 autocast needs a CUDA device; use --mixed-precision no"):
         resolve_mixed_precision("fp16", on_cpu=True)
     with (
         mock.patch("sidetune.train.setup.native_low_precision", return_value=False),

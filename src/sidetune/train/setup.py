@@ -52,11 +52,11 @@ def resolve_mixed_precision(requested: str, on_cpu: bool) -> str:
         if requested == "bf16" and native_low_precision(torch.bfloat16, torch.device("cpu")):
             return "bf16"
         reason = (
-            "fp16 training needs a CUDA device"
+            "float16 autocast needs a CUDA device"
             if requested == "fp16"
             else "this CPU has no native bfloat16 (AVX512-BF16 or AMX), so autocast would be slower than float32"
         )
-        raise ConfigError(f"--mixed-precision {requested} on the CPU: {reason}; use --mixed-precision no (or auto).")
+        raise ConfigError(f"--mixed-precision {requested} on the CPU: {reason}; use --mixed-precision no.")
     bf16 = torch.cuda.is_bf16_supported()
     if requested == "auto":
         return "bf16" if bf16 else "fp16"
