@@ -292,6 +292,13 @@ def test_the_disk_check_refuses_before_writing(datasets, tmp_path, monkeypatch):
     assert not list((tmp_path / "c").glob("*.safetensors"))
 
 
+def test_several_views_of_a_deterministic_transform_are_refused(datasets, tmp_path):
+    config = task_config("classification", datasets["classification"], tmp_path / "run", method="losa")
+    with pytest.raises(ConfigError, match=r"--views 3 with the deterministic 'vtab' transform .* identical copies"):
+        build(config, ["losa"], tmp_path / "c", views=3)
+    assert not (tmp_path / "c").exists()
+
+
 def test_views_of_random_augmentation_replay_the_uncached_epochs(datasets, tmp_path, monkeypatch):
     opts = dict(method="losa", augmentation="standard", test_split="none", epochs=2)
     config = task_config("classification", datasets["classification"], tmp_path / "plain", **opts)

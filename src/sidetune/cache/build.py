@@ -147,11 +147,17 @@ def file_change(saved: Sequence[Any], path: str, now: Sequence[Any] | None = Non
     )
 
 
+def draws_at_random(config, task=None) -> bool:
+    """Whether a run's training samples differ between epochs: random augmentation, or the ``task``'s own draws
+    (video: random frame offsets)."""
+    return config.augmentation not in DETERMINISTIC or (task is not None and task.cache_draws_at_random(config))
+
+
 def transform_spec(config, model, precision: str, views: int, task=None) -> dict[str, Any]:
     """How the cached samples were made: the transform recipe, size, normalisation, precision, views, the seed when
     anything is drawn at random, and the ``task``'s own sampling settings (video: frames per clip, sampling)."""
     dc = model.data_config
-    random = config.augmentation not in DETERMINISTIC or (task is not None and task.cache_draws_at_random(config))
+    random = draws_at_random(config, task)
     spec = {
         "augmentation": config.augmentation,
         "img_size": list(model.config.img_size),
@@ -225,6 +231,12 @@ def build(
     rank, world = state.process_index, state.num_processes
     out = Path(output).expanduser()
     task = make_task(config.task, config.task_options)
+    if views > 1 and not draws_at_random(config, task):
+        raise ConfigError(
+            f"--views {views} with the deterministic {config.augmentation!r} transform would cache {views} identical "
+            "copies of every training image: use --views 1, or a random --augmentation (e.g. standard) for views "
+            "that differ."
+        )
     options = dict(method_options or {})
     if config.method in methods:
         options.setdefault(config.method, dict(config.method_options))
