@@ -130,6 +130,10 @@ def test_adapter_arguments_name_tasks(tmp_path) -> None:
     assert parse_adapters(["runs/x/best", "y"]) == ["runs/x/best", "y"]
     assert parse_adapters(["cls=runs/x/best", "runs/seg/best"]) == {"cls": "runs/x/best", "seg": "runs/seg/best"}
     assert parse_adapters([str(odd)]) == [str(odd)]  # an existing path is a folder, '=' or not
+    with pytest.raises(ConfigError, match=r"two adapters have the task name 'cls' .* give each its own NAME=DIR"):
+        parse_adapters(["cls=runs/x/best", "cls=runs/y/best"])
+    with pytest.raises(ConfigError, match=r"the task name 'x'"):
+        parse_adapters(["x=runs/a/best", "runs/x/best"])  # the bare folder's default name is its run's
 
 
 def test_serve_registers_its_arguments() -> None:

@@ -44,6 +44,9 @@ def parse_adapters(values: Sequence[str]) -> list[str] | dict[str, str]:
     ``NAME=DIR`` names the task; a bare ``DIR`` takes its default name (the folder's, or the run's for a
     ``best/`` or ``last/`` checkpoint). An argument that is an existing path is a folder even if it holds ``=``.
     Mixing both forms names the bare folders by default.
+
+    Raises:
+        ConfigError: two adapters get the same task name (one would be dropped).
     """
     from .multitask import default_task_name
 
@@ -56,14 +59,14 @@ def parse_adapters(values: Sequence[str]) -> list[str] | dict[str, str]:
             pairs.append((None, value))
     if all(name is None for name, _ in pairs):
         return [path for _, path in pairs]
-    return {name if name is not None else default_task_name(path): path for name, path in pairs}
-
-
-def _checked_pairs(values: Sequence[str]) -> list[str] | dict[str, str]:
-    adapters = parse_adapters(values)
-    if isinstance(adapters, dict) and len(adapters) != len(values):
-        raise ConfigError(f"two adapters have the same task name in {list(values)}; name them NAME=DIR.")
-    return adapters
+    names = [name if name is not None else default_task_name(path) for name, path in pairs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(
+            f"two adapters have the task name {', '.join(map(repr, twice))} in {list(values)}: give each its own "
+            "NAME=DIR."
+        )
+    return dict(zip(names, (path for _, path in pairs), strict=True))
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -178,7 +181,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logger = logging.getLogger("sidetune.serve")
     logger.info("loading %d adapter(s) onto one backbone", len(args.adapters))
     multitask = MultiTask(
-        _checked_pairs(args.adapters), args.weights, device=args.device, mixed_precision=args.mixed_precision
+        parse_adapters(args.adapters), args.weights, device=args.device, mixed_precision=args.mixed_precision
     )
     info = multitask.describe()
     logger.info(

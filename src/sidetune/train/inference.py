@@ -56,7 +56,10 @@ def read_inference_info(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightsError(f"{str(path)!r} is not valid JSON ({err}); restore it from the run or delete it.") from None
+        raise WeightsError(
+            f"{str(path)!r} is not valid JSON ({err}): restore it from a copy (a run's best/ and last/ hold the "
+            "same file). It holds the adapter's class names and transform, which nothing else records."
+        ) from None
     if not isinstance(info, dict):
         raise WeightsError(f"{str(path)!r} must hold a JSON object, got {type(info).__name__}.")
     expected = {"classes": list, "seed": int, "augmentation": str, "task": str, "mixed_precision": str}
