@@ -162,6 +162,7 @@ def test_zero_batch_or_top_k_is_refused_by_the_parser(argv, message, run, data, 
         (["predict", "{run}/best", "{data}/test", "--output", "{tmp}/missing/p.csv"], "does not exist; create it"),
         (["predict", "{run}/best", "{data}/test", "--eval-mode", "slide"], "--eval-mode: not an option of"),
         (["eval", "{run}/best", "--data", "{data}", "--eval-mode", "slide"], "--eval-mode is a segmentation option"),
+        (["predict", "{run}/best", "{data}/test", "--tasks", "seg"], "--tasks chooses among several --adapter"),
     ],
 )
 def test_eval_and_predict_mistakes_are_one_line_errors(argv, message, run, data, tmp_path, capsys):

@@ -636,6 +636,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return _predict_multi(args)
     if len(args.paths) != 2:
         raise ConfigError("predict takes ADAPTER IMAGES (or --adapter A --adapter B ... IMAGES).")
+    if args.tasks:
+        raise ConfigError("--tasks chooses among several --adapter folders; one ADAPTER runs alone: drop --tasks.")
     args.adapter, args.images = args.paths
     options = {
         k: v
