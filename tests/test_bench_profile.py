@@ -237,6 +237,11 @@ def test_saved_bytes_are_deterministic(report) -> None:
     assert again.rows[0].time_vs_ref is None and again.rows[0].time_vs_floor is not None
 
 
+def test_a_reference_that_names_no_row_is_refused_before_anything_is_measured() -> None:
+    with pytest.raises(ConfigError, match=r"unknown --reference row 'fulll'. Did you mean 'full'"):
+        profile(BenchConfig(methods=("full", "losa"), reference="fulll", peak_memory=False, **_TINY), command="x")
+
+
 def test_markdown_and_csv(report) -> None:
     text = markdown(report)
     assert "Command: `pytest`" in text and "| losa | side |" in text and "x full time" in text

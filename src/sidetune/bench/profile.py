@@ -900,6 +900,10 @@ def profile(
     """
     log = log or logger.info
     plans = plan_rows(config)
+    names = [p.name for p in plans]
+    known = names + [m["name"] for m in list_methods()]  # a method left out of --methods: its ratios are noted absent
+    if config.reference not in known:  # a typo: no row could match it
+        raise unknown_choice("--reference row", config.reference, names, "It names a row of this bench.")
     prev_threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
