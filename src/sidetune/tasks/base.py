@@ -35,6 +35,16 @@ if TYPE_CHECKING:
     from ..model import SidetuneModel
 
 
+def data_root(config: Any) -> Path:
+    """The folder or file ``config.data`` names, for the tasks that read their data from disk."""
+    if config.data is None:
+        raise ConfigError(
+            "no training data: set --data (a folder, CSV or list file; docs/data.md) or `data:` in the --config "
+            "YAML. A run from a tap cache (--cache) needs it too: its data settings are checked against the cache's."
+        )
+    return Path(config.data).expanduser()
+
+
 def check_distinct_splits(train: str | None, val: str | None, test: str | None) -> tuple[str | None, ...]:
     """The resolved ``(train, val, test)`` splits, refusing a validation split that is the training or the test
     split: checkpoints would be chosen on images the model trains on, or on the split whose score is reported."""
@@ -340,7 +350,7 @@ class DenseTask(Task):
         raise NotImplementedError
 
     def resolve_splits(self, config: Any) -> tuple[str, str | None, str | None]:
-        root = Path(config.data).expanduser()
+        root = data_root(config)
 
         def auto(value: str | None, name: str) -> str | None:
             return (name if self.split_available(root, name) else None) if value == "auto" else value

@@ -31,7 +31,7 @@ from ..data import (
     split_train_val,
 )
 from ..errors import ConfigError
-from .base import Evaluator, StepOutput, Task, TaskData, check_distinct_splits, inspect_data
+from .base import Evaluator, StepOutput, Task, TaskData, check_distinct_splits, data_root, inspect_data
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class ClassificationTask(Task):
 
     def resolve_splits(self, config) -> tuple[str | None, str | None, str | None]:
         """``auto`` splits: ``train`` (else the whole data), ``val`` and ``test`` when the data has them."""
-        root = Path(config.data).expanduser()
+        root = data_root(config)
 
         def auto(value: str | None, name: str) -> str | None:
             return (name if self.split_available(root, name) else None) if value == "auto" else value

@@ -128,11 +128,6 @@ def fit(
             the disk is full.
         TrainingError: the loss became non-finite (nothing non-finite is saved).
     """
-    if train_dataset is None and config.data is None:  # before the run folder is made: nothing is written
-        raise ConfigError(
-            "no training data: set --data (a folder, CSV or list file; docs/data.md) or `data:` in the --config "
-            "YAML. A run from a tap cache (--cache) needs it too: its data settings are checked against the cache's."
-        )
     out = Path(config.output).expanduser()
     on_cpu = config.cpu or not torch.cuda.is_available()
     mixed_precision = resolve_mixed_precision(config.mixed_precision, on_cpu)
