@@ -94,6 +94,7 @@ def sidetune(args: list[str], log: Path, threads: int) -> None:
 
 def build_cache(dataset: str, work: Path, threads: int) -> Path:
     cache = work / "caches" / dataset
+    work.mkdir(parents=True, exist_ok=True)
     if not (cache / "manifest.json").is_file() or not json.loads((cache / "manifest.json").read_text()).get("complete"):
         sidetune(["cache", "build", BACKBONE, "--methods", "losa", *data_args(dataset), "--threads", str(threads),
                   "--output", str(cache)], work / f"cache-{dataset}.log", threads)  # fmt: skip
