@@ -35,9 +35,10 @@ def check_cache(manifest: Manifest, root: Path, config, model, task, precision: 
     if manifest.backbone != mc.backbone:
         problems.append(f"backbone {manifest.backbone!r} (this run: {mc.backbone!r})")
     if manifest.fingerprint != mc.backbone_fingerprint:
+        random = " (a random backbone, weights 'none', is drawn from --seed: use the build's)" if not mc.weights else ""
         problems.append(
             f"backbone weights {manifest.weights!r} (fingerprint {manifest.fingerprint[:12]}...; this run's "
-            f"{mc.weights!r}: {mc.backbone_fingerprint[:12]}...)"
+            f"{mc.weights!r}: {mc.backbone_fingerprint[:12]}...){random}"
         )
     if list(manifest.img_size) != list(mc.img_size):
         problems.append(f"input size {manifest.img_size} (this run: {list(mc.img_size)})")
