@@ -18,7 +18,7 @@ two is within noise. Writes
 ``docs/results/side_gap.{md,json}``; finished runs are kept in ``--work`` and reused. Skips with a message when
 ``../shared`` is absent.
 
-    python benchmarks/side_gap.py            # about 40 min at one thread on a 2-core CPU
+    python benchmarks/side_gap.py            # about 30 min at one thread on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -155,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         test, ref = scores(folders[name], setting), scores(folders[ref_name], ref_setting)
         rows.append({"suspect": suspect, "dataset": dataset, "with": test, "reference": ref,
                      "val_change": test["val"] - ref["val"]})  # fmt: skip
-    write(rows, args, time.perf_counter() - start)
+    write(rows, args)
+    print(f"{(time.perf_counter() - start) / 60:.0f} min for the runs this invocation made (finished ones are reused)")
     return 0
 
 
-def write(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
+def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "side_gap.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     lines = [
@@ -178,10 +179,14 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float) 
             f"| {r['suspect']} | {r['dataset']} | {w['val']:.1%} | {ref['val']:.1%} | {r['val_change'] * 100:+.1f} |"
             f" {w['train_loss']:.3f} / {ref['train_loss']:.3f} |"
         )
-    lines += ["", "Commands (each run's first log line):", ""]
+    lines += ["", "Commands (each run's first log line, paths relative to the repository):", ""]
     commands = sorted({r[k]["command"] for r in rows for k in ("with", "reference")})
-    lines += [f"- `sidetune {c.removeprefix('sidetune ')}`" for c in commands]
-    lines += ["", f"{seconds / 60:.0f} min for the runs this invocation made (finished ones are reused).", ""]
+    local = {str(REPO) + "/": "", str(REPO.parent / "shared"): "../shared"}
+    for command in commands:
+        for path, shown in local.items():
+            command = command.replace(path, shown)
+        lines.append(f"- `{command}`")
+    lines.append("")
     (args.out / "side_gap.md").write_text("\n".join(lines))
     print(f"wrote {args.out / 'side_gap.md'}")
 
