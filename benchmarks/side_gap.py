@@ -126,6 +126,8 @@ def scores(folder: Path, setting: str) -> dict[str, Any]:
     """Best validation top-1 and last training loss of a finished run, or of the configuration of a sweep whose
     fields match ``setting`` (``"lr=0.001 channel_rank=64"``), with the command that made it."""
     command = (folder.parent / f"{folder.name}.log").read_text().splitlines()[0].removeprefix("$ ")
+    for path, shown in {str(REPO) + "/": "", str(REPO.parent / "shared"): "../shared"}.items():
+        command = command.replace(path, shown)  # as run from the repository
     if (folder / "sweep.json").is_file():
         wanted = dict(item.split("=") for item in setting.split())
         for config in json.loads((folder / "sweep.json").read_text())["configs"]:
@@ -181,12 +183,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
     lines += ["", "Commands (each run's first log line, paths relative to the repository):", ""]
     commands = sorted({r[k]["command"] for r in rows for k in ("with", "reference")})
-    local = {str(REPO) + "/": "", str(REPO.parent / "shared"): "../shared"}
-    for command in commands:
-        for path, shown in local.items():
-            command = command.replace(path, shown)
-        lines.append(f"- `{command}`")
-    lines.append("")
+    lines += [f"- `{command}`" for command in commands] + [""]
     (args.out / "side_gap.md").write_text("\n".join(lines))
     print(f"wrote {args.out / 'side_gap.md'}")
 
