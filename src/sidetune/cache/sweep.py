@@ -534,9 +534,9 @@ def _row(run: dict[str, Any], task, steps_per_epoch: int | None) -> dict[str, An
 
 
 def _write_outputs(out: Path, summary: dict[str, Any], task) -> None:
-    from ..train.rundir import write_json
+    from ..train.rundir import SWEEP, write_json
 
-    write_json(out / "sweep.json", summary)
+    write_json(out / SWEEP, summary)  # the marker train and sweep check before writing into a folder
     rows = summary["configs"]
     keys = list(rows[0])
     with open(out / "sweep.csv", "w", newline="") as f:
