@@ -112,6 +112,10 @@ def test_cache_holds_only_what_the_methods_read(datasets, tmp_path):
         assert f.get_slice("tap.attn.0").get_shape() == [18, 1, 64]  # 18 images, the class token, 64 channels
     with safe_open(str(next((tmp_path / "union").glob("train-*"))), "pt") as f:
         assert f.get_slice("tap.out.5").get_shape() == [18, 5, 64]  # every token of the 2x2 grid + the class token
+    # a head that also reads the last blocks' mean patch tokens needs every token of those blocks, not of the rest
+    read = build(config, ["e3va"], tmp_path / "read", splits=("train",), method_options={"e3va": {"probe_blocks": 2}})
+    assert read.taps["out.4"] is None and read.taps["out.5"] is None
+    assert read.taps == {**manifest.taps, "out.4": None, "out.5": None}  # the rest: the class token only
     with pytest.raises(CacheError, match=r"method 'losa' reads what the cache .* lacks: .*hold only the leading"):
         fit(task_config("classification", datasets["classification"], tmp_path / "r", method="losa",
                         cache=str(tmp_path / "e3va-cache"), **splits))  # fmt: skip

@@ -103,3 +103,43 @@ def test_e3va_input_norm_normalises_each_adapters_input(key: str) -> None:
     for (name, p), (_, q) in pairs:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert adapter.norm.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["e3va", "losa", "lst"])
+@pytest.mark.parametrize("key", ["vit", "swin"])
+def test_probe_blocks_feeds_the_head_the_methods_own_feature_then_the_probes(key: str, method: str) -> None:
+    plain, read = tiny(key, method, seed=2), tiny(key, method, seed=2, probe_blocks=2)
+    assert read.num_parameters() - plain.num_parameters() == read.method.readout.width * 5  # the head's new columns
+    _perturb(plain.method)
+    _perturb(read.method)  # the same draws: the two side networks stay equal
+    x = images(key, 2)
+    probe = tiny(key, "probe", seed=2, last_blocks=2)  # the same random backbone
+    with torch.no_grad():
+        own, both, frozen = plain.features(x).pooled, read.features(x).pooled, probe.features(x).pooled
+    width = own.shape[-1]
+    assert read.method.pooled_width == width + probe.method.pooled_width == read.head.fc.in_features
+    torch.testing.assert_close(both[:, :width], own)
+    torch.testing.assert_close(both[:, width:], frozen)
+    assert read.method.tap_request.out >= {read.backbone.layout.num_blocks - 2, read.backbone.layout.num_blocks - 1}
+    grad_modes = []
+    read.backbone.blocks[0].module.register_forward_pre_hook(lambda m, a: grad_modes.append(torch.is_grad_enabled()))
+    read(x).logsumexp(-1).sum().backward()
+    assert grad_modes == [False] and read.head.fc.weight.grad[:, width:].abs().sum() > 0
+
+
+def test_probe_blocks_round_trips_and_refuses_what_it_cannot_do(tmp_path) -> None:
+    model = tiny("vit", "e3va", probe_blocks=3).eval()
+    _perturb(model)
+    x = images("vit", 2)
+    expected = model(x)
+    directory = model.save_adapter(tmp_path / "e3va")
+    torch.manual_seed(0)  # the random backbone is rebuilt from the seed it was created with
+    loaded = sidetune.load(directory).eval()
+    assert loaded.method.readout.blocks == (3, 4, 5)
+    torch.testing.assert_close(loaded(x), expected)
+    with pytest.raises(sidetune.ConfigError, match=r"probe_blocks=2 feeds the classification head.*segmentation"):
+        tiny("swin", "losa", task="segmentation", probe_blocks=2)
+    with pytest.raises(sidetune.ConfigError, match=r"probe_blocks must be in 1\.\.6 .* got 7"):
+        tiny("vit", "lst", probe_blocks=7)
+    with pytest.raises(sidetune.ConfigError, match=r"probe_blocks must be an integer >= 0"):
+        tiny("vit", "e3va", probe_blocks=-1)

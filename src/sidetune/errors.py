@@ -63,3 +63,9 @@ def require_positive_int(name: str, value: int, owner: str) -> None:
     """Raise a ConfigError when ``value`` is not a positive integer (sizes and ranks)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}.")
+
+
+def require_non_negative_int(name: str, value: int, owner: str) -> None:
+    """Raise a ConfigError when ``value`` is not an integer >= 0 (counts where 0 means off)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{owner}: {name} must be an integer >= 0 (0: off), got {value!r}.")

@@ -56,12 +56,12 @@ def tap_spec(model, methods: Sequence[str], method_options: dict[str, dict[str, 
             )
         config = method_spec.make_config(**(method_options or {}).get(name, {}))
         module = method_spec.build(backbone, config, model.config.task)
-        tokens = module.tap_tokens()
         request: TapRequest = module.tap_request
-        keys = [tap_key(kind, i) for kind in ("attn", "mlp", "out") for i in sorted(getattr(request, kind))]
+        needs = {tap_key(kind, i): module.tap_tokens_of(kind, i) for kind in ("attn", "mlp", "out")
+                 for i in sorted(getattr(request, kind))}  # fmt: skip
         if module.reads_final:
-            keys.append("final")
-        for key in keys:
+            needs["final"] = module.tap_tokens()
+        for key, tokens in needs.items():
             have = spec.get(key, 0)
             spec[key] = None if tokens is None or have is None else max(have, tokens)
     return spec

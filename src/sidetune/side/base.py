@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..backbones import FrozenBackbone, TapLayout, TapRequest, Taps, TimmBackbone
+from ..errors import ConfigError
 from ..features import Features
 from ..heads.pyramid import PyramidSpec, stage_pyramid_spec
 
@@ -26,11 +27,39 @@ class SideMethod(nn.Module):
     #: width of ``Features.pooled`` when it is not the backbone's own (``num_features``): the multi-layer probe
     #: concatenates several blocks. The classification head is built this wide.
     pooled_width: int | None = None
+    #: frozen block features the classification head reads: the multi-layer probe's whole feature, and for E3VA,
+    #: LoSA and LST their ``probe_blocks`` option, after their own pooled feature (None: off, the papers' head)
+    readout: BlockReadout | None = None
 
     def __init__(self, backbone: FrozenBackbone) -> None:
         super().__init__()
         self.backbone = backbone
         self.pyramid_stages: tuple[int, ...] = (backbone.layout.num_stages - 1,)
+
+    def add_readout(self, last_blocks: int, task: str, method: str, last_stage: int | None = None) -> None:
+        """Let the classification head also read the multi-layer probe's features of the last ``last_blocks``
+        blocks (0: nothing to add). Call at the end of ``__init__``, once ``tap_request`` is set; the method's
+        ``forward_taps`` passes its pooled feature through :meth:`read_out`. ``last_stage``: the stage the method's
+        own pooled feature comes from (None: the last, pooled the backbone's way)."""
+        if not last_blocks:
+            return
+        if task != "classification":
+            raise ConfigError(
+                f"{method}: probe_blocks={last_blocks} feeds the classification head; a {task} head reads the "
+                "pyramid, not the pooled feature. Leave probe_blocks at 0 for dense tasks."
+            )
+        n = self.layout.num_blocks
+        if not 0 < last_blocks <= n:
+            raise ConfigError(f"{method}: probe_blocks must be in 1..{n} (this backbone's blocks), got {last_blocks}.")
+        self.readout = BlockReadout.of(self.backbone, tuple(range(n - last_blocks, n)))
+        self.tap_request = TapRequest.of(
+            attn=self.tap_request.attn, mlp=self.tap_request.mlp, out=self.tap_request.out | set(self.readout.blocks)
+        )
+        self.pooled_width = _own_pooled_width(self.backbone, last_stage) + self.readout.width
+
+    def read_out(self, taps: Taps, pooled: torch.Tensor) -> torch.Tensor:
+        """``pooled``, with the readout's frozen block features concatenated after it when there is one."""
+        return pooled if self.readout is None else torch.cat([pooled, self.readout(taps).to(pooled.dtype)], -1)
 
     @property
     def layout(self) -> TapLayout:
@@ -47,6 +76,13 @@ class SideMethod(nn.Module):
         """How many leading tokens of each tap the method reads (None: all); a tap cache stores only those."""
         return None
 
+    def tap_tokens_of(self, kind: str, block: int) -> int | None:
+        """How many leading tokens of one tap (``kind`` ``attn``, ``mlp`` or ``out`` of ``block``) the method reads
+        (None: all): :meth:`tap_tokens`, except the readout's blocks, whose patch tokens it averages."""
+        if self.readout is not None and kind == "out" and block in self.readout.blocks:
+            return None
+        return self.tap_tokens()
+
     def forward(self, images: torch.Tensor | Taps) -> Features:
         """(B, 3, H, W) images, or the :class:`Taps` of such images (from a tap cache) -> Features."""
         taps = images if isinstance(images, Taps) else self.backbone(images, self.tap_request)
@@ -54,6 +90,61 @@ class SideMethod(nn.Module):
 
     def forward_taps(self, taps: Taps) -> Features:
         raise NotImplementedError
+
+
+class BlockReadout:
+    """The multi-layer probe's features: for each block, its class token and mean patch token, standardised per token.
+
+    Each block's output tokens go through a LayerNorm without parameters (blocks differ in scale by orders of
+    magnitude; a linear head absorbs any per-channel scale and shift) and are reduced to the class token, where the
+    backbone has one, and the mean of the patch tokens (prefix tokens, class and registers, left out). The result
+    is their concatenation over the blocks, ``(B, width)``. No parameters: it reads frozen taps.
+
+    Attributes:
+        blocks: the blocks read.
+        read_class: read each block's class token.
+        mean_tokens: read each block's mean patch token.
+        width: the concatenation's width.
+    """
+
+    def __init__(self, layout: TapLayout, blocks: tuple[int, ...], read_class: bool, mean_tokens: bool) -> None:
+        self.layout, self.blocks, self.read_class, self.mean_tokens = layout, blocks, read_class, mean_tokens
+        parts = int(read_class) + int(mean_tokens)
+        self.width = parts * sum(layout.stage_dims[layout.block_stage[i]] for i in blocks)
+
+    @classmethod
+    def of(cls, backbone: FrozenBackbone, blocks: tuple[int, ...], class_token: bool = True, mean_tokens: bool = True):
+        """A readout of ``blocks``: the class token read only where the backbone has one (timm puts it first, then
+        registers; a ViT with registers only has none)."""
+        layout = backbone.layout
+        has_class = getattr(backbone.model, "cls_token", None) is not None and layout.num_prefix_tokens > 0
+        read_class = class_token and has_class
+        if not (read_class or mean_tokens):
+            raise ConfigError(
+                f"{backbone.name} has no class token and mean_tokens is off: nothing to read; set mean_tokens=True."
+            )
+        return cls(layout, blocks, read_class, mean_tokens)
+
+    def __call__(self, taps: Taps) -> torch.Tensor:
+        layout, parts = self.layout, []
+        for i in self.blocks:
+            tokens = nn.functional.layer_norm(taps.out[i], taps.out[i].shape[-1:])  # (B, N, C)
+            prefix = layout.num_prefix_tokens if layout.block_stage[i] == 0 else 0
+            if self.read_class:
+                parts.append(tokens[:, 0])
+            if self.mean_tokens:
+                parts.append(tokens[:, prefix:].mean(1))
+        return torch.cat(parts, -1)
+
+
+def _own_pooled_width(backbone: FrozenBackbone, last_stage: int | None) -> int:
+    """The width of a side method's own pooled feature: the backbone's pooling of its last stage, or the mean of an
+    earlier stage's tokens (a truncated side network)."""
+    layout = backbone.layout
+    if last_stage is not None and last_stage < layout.num_stages - 1:
+        return layout.stage_dims[last_stage]
+    model = backbone.model
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def carry_across_stage(

@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
-from ..errors import ConfigError, require_positive, require_positive_int
+from ..errors import ConfigError, require_non_negative_int, require_positive, require_positive_int
 from ..features import Features
 from ..method_spec import MethodSpec
 from .base import SideMethod, carry_across_stage, to_final_format, to_map
@@ -84,6 +84,10 @@ class E3VAConfig:
         input_norm: a trainable LayerNorm on each adapter's input, ``A(LN(x))`` (LN starting at weight 1, bias 0).
             A departure from the paper, whose adapters read the branch outputs as they are (sec. 3.3, eq. 5); see
             docs/methods.md for why one would, and what it did.
+        probe_blocks: the classification head also reads the multi-layer probe's features of the last
+            ``probe_blocks`` blocks (each block's class and mean patch token, standardised per token; see
+            ``probe``), concatenated after the method's own pooled feature. 0 (default): the paper's head.
+            Not the paper's; docs/methods.md gives the reason and the evidence.
     """
 
     alpha: int = 8
@@ -95,9 +99,11 @@ class E3VAConfig:
     copy_final_norm: bool = True
     recompute: bool = True
     input_norm: bool = False
+    probe_blocks: int = 0
 
     def __post_init__(self) -> None:
         require_positive_int("alpha", self.alpha, "E3VA")
+        require_non_negative_int("probe_blocks", self.probe_blocks, "E3VA")
         require_positive_int("branches", self.branches, "E3VA")
         require_positive("bottleneck_ratio", self.bottleneck_ratio, "E3VA")
         if self.bottleneck is not None:
@@ -232,6 +238,7 @@ class E3VA(SideMethod):
         last = layout.num_stages - 1
         if config.copy_final_norm and final_norm is not None and last in self.out_stages:
             self.norms[str(last)] = copy.deepcopy(final_norm).requires_grad_(True)
+        self.add_readout(config.probe_blocks, task, "E3VA", self.last_stage)
 
     def tap_tokens(self) -> int | None:
         return self.prefix_only
@@ -294,6 +301,7 @@ class E3VA(SideMethod):
         pooled = self.backbone.pool(to_final_format(last, layout)) if self.last_stage == layout.num_stages - 1 else None
         if pooled is None:  # a truncated highway: average the last produced stage's patch tokens
             pooled = last[:, layout.num_prefix_tokens if self.last_stage == 0 else 0 :].mean(1)
+        pooled = self.read_out(taps, pooled)
         if self.prefix_only:  # only the prefix tokens were adapted: no token map to offer
             return Features(pooled=pooled, tokens=last)
         pyramid = [to_map(outs[s], layout, s) for s in self.out_stages]

@@ -51,7 +51,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
-from ..errors import ConfigError, require_positive_int, unknown_choice
+from ..errors import ConfigError, require_non_negative_int, require_positive_int, unknown_choice
 from ..features import Features
 from ..method_spec import MethodSpec
 from .base import SideMethod, carry_across_stage, to_final_format, to_map
@@ -83,6 +83,10 @@ class LoSAConfig:
             (so it starts as ``"sum"``); its gradient reads ``b[l]``, so each tapped block's output is kept for
             backward besides the mixer's input (twice the default's saved bytes). The head reads ``b[L] + a[L]``
             in every case. ``"norm"`` and ``"gain"`` depart from the paper's figure: see docs/methods.md.
+        probe_blocks: the classification head also reads the multi-layer probe's features of the last
+            ``probe_blocks`` blocks (each block's class and mean patch token, standardised per token; see
+            ``probe``), concatenated after the method's own pooled feature. 0 (default): the paper's head.
+            Not the paper's; docs/methods.md gives the reason and the evidence.
     """
 
     channel_rank: int = 16
@@ -92,9 +96,11 @@ class LoSAConfig:
     dropout: float = 0.0
     recompute: bool = True
     read: str = "sum"
+    probe_blocks: int = 0
 
     def __post_init__(self) -> None:
         require_positive_int("channel_rank", self.channel_rank, "LoSA")
+        require_non_negative_int("probe_blocks", self.probe_blocks, "LoSA")
         require_positive_int("token_rank", self.token_rank, "LoSA")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoSA: dropout must be in [0, 1), got {self.dropout!r}.")
@@ -277,6 +283,7 @@ class LoSA(SideMethod):
         )
         if self.dense:  # dense heads read the raw pyramid, not the pooled head input: nothing to train here
             self.out_norm.requires_grad_(False)
+        self.add_readout(config.probe_blocks, task, "LoSA", self.last_stage)
 
     def _read(self, block: int, b: torch.Tensor) -> torch.Tensor:
         """What mixer ``block`` reads of the backbone's (B, N, C) output ``b`` (``config.read``)."""
@@ -315,6 +322,7 @@ class LoSA(SideMethod):
             pooled = self.backbone.pool(to_final_format(tokens, layout))
         else:
             pooled = tokens[:, layout.num_prefix_tokens if self.last_stage == 0 else 0 :].mean(1)
+        pooled = self.read_out(taps, pooled)
         if self.dense:
             stage_outputs.append(taps.out[self.last_block] + a)
             pyramid = [to_map(x, layout, st) for st, x in enumerate(stage_outputs)]

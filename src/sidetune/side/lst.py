@@ -39,7 +39,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
-from ..errors import ConfigError, require_positive, require_positive_int
+from ..errors import ConfigError, require_non_negative_int, require_positive, require_positive_int
 from ..features import Features
 from ..method_spec import MethodSpec
 from .base import SideMethod, to_final_format, to_map
@@ -55,6 +55,10 @@ class LSTConfig:
         gate_init: initial gate logit ``w`` (0: mu = 0.5).
         num_heads: attention heads of every side block; None = the backbone block's head count.
         mlp_ratio: side MLP hidden width / side width.
+        probe_blocks: the classification head also reads the multi-layer probe's features of the last
+            ``probe_blocks`` blocks (each block's class and mean patch token, standardised per token; see
+            ``probe``), concatenated after the method's own pooled feature. 0 (default): LST's head.
+            Not the paper's; docs/methods.md gives the reason and the evidence.
     """
 
     reduction: int = 8
@@ -62,8 +66,10 @@ class LSTConfig:
     gate_init: float = 0.0
     num_heads: int | None = None
     mlp_ratio: float = 4.0
+    probe_blocks: int = 0
 
     def __post_init__(self) -> None:
+        require_non_negative_int("probe_blocks", self.probe_blocks, "LST")
         require_positive_int("reduction", self.reduction, "LST")
         if not isinstance(self.reduction, int):
             raise ConfigError(f"LST: reduction must be an integer, got {self.reduction!r}.")
@@ -83,7 +89,7 @@ class LST(SideMethod):
         config: reduction, gates, heads.
     """
 
-    def __init__(self, backbone: FrozenBackbone, config: LSTConfig) -> None:
+    def __init__(self, backbone: FrozenBackbone, config: LSTConfig, task: str = "classification") -> None:
         super().__init__(backbone)
         self.config = config
         layout = self.layout
@@ -102,6 +108,7 @@ class LST(SideMethod):
         self.gates = nn.Parameter(torch.full((n - 1,), float(config.gate_init))) if n > 1 else None
         self.side_norm = nn.LayerNorm(widths[-1])
         self.up = nn.Linear(widths[-1], layout.stage_dims[-1])
+        self.add_readout(config.probe_blocks, task, "LST")
 
     def _side_block(self, ref, width: int) -> nn.Module:
         heads = self.config.num_heads or ref.module.attn.num_heads
@@ -146,7 +153,7 @@ class LST(SideMethod):
             tokens = tokens.flatten(1, 2)  # (B, N, C)
         last = layout.num_stages - 1
         return Features(
-            pooled=self.backbone.pool(to_final_format(tokens, layout)),
+            pooled=self.read_out(taps, self.backbone.pool(to_final_format(tokens, layout))),
             tokens=tokens,
             pyramid=[to_map(tokens, layout, last)],
             strides=[layout.stage_strides[last]],
@@ -154,7 +161,7 @@ class LST(SideMethod):
 
 
 def _build(backbone: FrozenBackbone, config: LSTConfig, task: str) -> LST:
-    return LST(backbone, config)
+    return LST(backbone, config, task)
 
 
 SPECS = [

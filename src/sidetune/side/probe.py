@@ -22,13 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..backbones import FrozenBackbone, TapRequest, Taps
 from ..errors import ConfigError, require_positive_int
 from ..features import Features
 from ..method_spec import MethodSpec
-from .base import SideMethod, dense_stage_ends, stage_pyramid
+from .base import BlockReadout, SideMethod, dense_stage_ends, stage_pyramid
 
 
 @dataclass
@@ -79,16 +78,8 @@ class MultiLayerProbe(SideMethod):
         if bad:
             raise ConfigError(f"probe: blocks {bad} out of range for a backbone with {n} blocks (0..{n - 1}).")
         self.blocks = tuple(blocks)
-        # timm puts the class token first, then registers; a ViT with registers only has none to read
-        self.has_class_token = getattr(backbone.model, "cls_token", None) is not None and layout.num_prefix_tokens > 0
-        self.read_class = config.class_token and self.has_class_token
-        if not (self.read_class or config.mean_tokens):
-            raise ConfigError(
-                f"probe: {backbone.name} has no class token and mean_tokens is off: nothing to read; "
-                "set mean_tokens=True."
-            )
-        parts = int(self.read_class) + int(config.mean_tokens)
-        self.pooled_width = parts * sum(layout.stage_dims[layout.block_stage[i]] for i in self.blocks)
+        self.readout = BlockReadout.of(backbone, self.blocks, config.class_token, config.mean_tokens)
+        self.pooled_width = self.readout.width
         self.stage_ends = dense_stage_ends(layout, task)
         if self.stage_ends:  # dense tasks: every stage's raw output, as the linear probe
             self.tap_request = TapRequest.of(out=self.stage_ends)
@@ -102,19 +93,7 @@ class MultiLayerProbe(SideMethod):
             pooled = torch.cat([p.mean((2, 3)) for p in pyramid], 1)
             strides = [self.layout.stage_strides[s] for s in self.pyramid_stages]
             return Features(pooled=pooled, pyramid=pyramid, strides=strides)
-        return Features(pooled=self.pool(taps))
-
-    def pool(self, taps: Taps) -> torch.Tensor:
-        """(B, pooled_width): for each chosen block, its class token and mean patch token, standardised per token."""
-        layout, parts = self.layout, []
-        for i in self.blocks:
-            tokens = F.layer_norm(taps.out[i], taps.out[i].shape[-1:])  # (B, N, C)
-            prefix = layout.num_prefix_tokens if layout.block_stage[i] == 0 else 0
-            if self.read_class:
-                parts.append(tokens[:, 0])
-            if self.config.mean_tokens:
-                parts.append(tokens[:, prefix:].mean(1))
-        return torch.cat(parts, -1)
+        return Features(pooled=self.readout(taps))
 
 
 SPECS = [
