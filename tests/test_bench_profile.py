@@ -302,6 +302,11 @@ def test_unknown_method_lists_choices() -> None:
         BenchConfig(methods=("lossa",))
 
 
+def test_fp16_training_rows_are_refused_on_the_cpu_as_train_refuses_them() -> None:
+    with pytest.raises(ConfigError, match=r"bench: fp16 training runs on CUDA only .* use --precision bf16 or fp32"):
+        BenchConfig(methods=("e3va",), precision="fp16", device="cpu")
+
+
 def test_rows_plan_levers_and_gc() -> None:
     """Run-wide levers are in every row and in no row name; side-only levers add labelled side rows."""
     config = BenchConfig(

@@ -52,6 +52,21 @@ def test_cli_user_errors_are_one_line_without_traceback() -> None:
     assert proc.stderr.strip() == "sidetune methods: error: unknown method lossa. Valid choices: losa"
 
 
+def test_a_positional_argument_after_the_options_is_named_with_where_it_goes(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "test_vit", "--data", "somewhere", "losa"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: sidetune train")  # the command's usage, not the top level's
+    assert err.strip().endswith(
+        "sidetune train: error: unrecognized arguments: losa; 'losa' came after an option, and the positional "
+        "arguments (BACKBONE METHOD) must come before the options: sidetune train BACKBONE METHOD [options]"
+    )
+    with pytest.raises(SystemExit):
+        main(["methods", "--bogus"])
+    assert capsys.readouterr().err.strip().endswith("sidetune methods: error: unrecognized arguments: --bogus")
+
+
 class _BrokenImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2

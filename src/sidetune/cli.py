@@ -99,6 +99,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     for name, (module, text) in COMMANDS.items():
         if module not in full:
             sub.add_parser(name, help=text, add_help=False)
+    parser.set_defaults(commands=sub.choices)
     return parser
 
 
@@ -107,9 +108,27 @@ def _command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _refuse_extra(command: argparse.ArgumentParser, extra: list[str]) -> None:
+    """argparse's "unrecognized arguments" in the command's own usage, and, for a word after the options where the
+    command has optional positional arguments (argparse fills them from the words before the first option only),
+    where it goes."""
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    positionals = [a.metavar or a.dest for a in command._actions if not a.option_strings and a.nargs == "?"]
+    words = [w for w in extra if not w.startswith("-")]
+    if words and positionals:
+        message += (
+            f"; {', '.join(repr(w) for w in words)} came after an option, and the positional arguments "
+            f"({' '.join(p.upper() for p in positionals)}) must come before the options: "
+            f"{command.prog} {' '.join(p.upper() for p in positionals)} [options]"
+        )
+    command.error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command(argv)).parse_args(argv)
+    args, extra = build_parser(_command(argv)).parse_known_args(argv)
+    if extra:
+        _refuse_extra(args.commands[args.command], extra)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from .errors import SidetuneError
 

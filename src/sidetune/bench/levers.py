@@ -153,6 +153,11 @@ def native_low_precision(dtype: torch.dtype, device: torch.device) -> bool:
 
 def lever_problem(levers: Levers, family: str, device: torch.device, kind: str = "side") -> str | None:
     """Why ``levers`` cannot apply to a row of ``kind`` on ``family`` / ``device``, or None when they can."""
+    if levers.precision == "fp16" and device.type == "cpu":  # a frozen forward alone in fp16 needs no gradient
+        return (
+            "fp16 training runs on CUDA only (sidetune train refuses --mixed-precision fp16 on the CPU), so a CPU "
+            "row in fp16 would measure a step nobody can train with; use --precision bf16 or fp32"
+        )
     for name in ("precision", "frozen_precision"):
         value = getattr(levers, name)
         dtype = PRECISIONS[value]
