@@ -116,6 +116,9 @@ def test_cache_holds_only_what_the_methods_read(datasets, tmp_path):
     read = build(config, ["e3va"], tmp_path / "read", splits=("train",), method_options={"e3va": {"probe_blocks": 2}})
     assert read.taps["out.4"] is None and read.taps["out.5"] is None
     assert read.taps == {**manifest.taps, "out.4": None, "out.5": None}  # the rest: the class token only
+    with pytest.raises(CacheError, match=r"Build a cache with --methods e3va --opt e3va\.probe_blocks=2 "):
+        fit(task_config("classification", datasets["classification"], tmp_path / "r0", method="e3va",
+                        method_options={"probe_blocks": 2}, cache=str(tmp_path / "e3va-cache"), **splits))  # fmt: skip
     with pytest.raises(CacheError, match=r"method 'losa' reads what the cache .* lacks: .*hold only the leading"):
         fit(task_config("classification", datasets["classification"], tmp_path / "r", method="losa",
                         cache=str(tmp_path / "e3va-cache"), **splits))  # fmt: skip

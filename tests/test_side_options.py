@@ -13,6 +13,7 @@ import sidetune
 from sidetune.backbones import TapRequest
 from sidetune.bench import saved_tensor_bytes
 from sidetune.side.losa import LoSAConfig
+from test_probe import _reference as _probe_reference
 from test_side_methods import _perturb
 
 from conftest import images, tiny
@@ -113,14 +114,15 @@ def test_probe_blocks_feeds_the_head_the_methods_own_feature_then_the_probes(key
     _perturb(plain.method)
     _perturb(read.method)  # the same draws: the two side networks stay equal
     x = images(key, 2)
-    probe = tiny(key, "probe", seed=2, last_blocks=2)  # the same random backbone
+    n = read.backbone.layout.num_blocks
     with torch.no_grad():
-        own, both, frozen = plain.features(x).pooled, read.features(x).pooled, probe.features(x).pooled
+        own, both = plain.features(x).pooled, read.features(x).pooled
+    frozen = _probe_reference(read, x, (n - 2, n - 1), class_token=key == "vit")  # Swin has no class token
     width = own.shape[-1]
-    assert read.method.pooled_width == width + probe.method.pooled_width == read.head.fc.in_features
+    assert read.method.pooled_width == width + frozen.shape[-1] == read.head.fc.in_features
     torch.testing.assert_close(both[:, :width], own)
-    torch.testing.assert_close(both[:, width:], frozen)
-    assert read.method.tap_request.out >= {read.backbone.layout.num_blocks - 2, read.backbone.layout.num_blocks - 1}
+    torch.testing.assert_close(both[:, width:], frozen, rtol=1e-5, atol=1e-5)
+    assert read.method.tap_request.out == plain.method.tap_request.out | {n - 2, n - 1}
     grad_modes = []
     read.backbone.blocks[0].module.register_forward_pre_hook(lambda m, a: grad_modes.append(torch.is_grad_enabled()))
     read(x).logsumexp(-1).sum().backward()
@@ -143,3 +145,23 @@ def test_probe_blocks_round_trips_and_refuses_what_it_cannot_do(tmp_path) -> Non
         tiny("vit", "lst", probe_blocks=7)
     with pytest.raises(sidetune.ConfigError, match=r"probe_blocks must be an integer >= 0"):
         tiny("vit", "e3va", probe_blocks=-1)
+
+
+@pytest.mark.parametrize(("method", "options"), [("e3va", {"out_stages": (2,)}), ("losa", {"blocks": (0, 1, 2)})])
+@pytest.mark.parametrize("probe_blocks", [0, 2])
+def test_a_side_network_that_stops_early_gets_a_head_as_wide_as_its_pooled_feature(method, options, probe_blocks):
+    model = tiny("swin", method, probe_blocks=probe_blocks, **options)  # stops in stage 2 of 4 (64 channels)
+    readout = 0 if not probe_blocks else model.method.readout.width
+    assert model.method.pooled_width == 64 + readout == model.head.fc.in_features
+    assert model(images("swin", 2)).shape == (2, 5)
+
+
+def test_the_cache_of_a_video_model_asks_for_what_its_frame_model_reads() -> None:
+    """A video model's method is built for its frames (classification): its cache keeps the class token only of
+    E3VA's taps, every token of the readout's blocks, and probe_blocks is not refused as for a dense head."""
+    from sidetune.cache.build import tap_spec
+
+    video = sidetune.create("test_vit", "e3va", task="video", num_frames=2, num_classes=3, img_size=32)
+    need = tap_spec(video, ["e3va"], {"e3va": {"probe_blocks": 2}})
+    assert need["out.4"] is None and need["out.5"] is None
+    assert {v for k, v in need.items() if k not in ("out.4", "out.5")} == {1}

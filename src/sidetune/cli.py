@@ -99,7 +99,6 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     for name, (module, text) in COMMANDS.items():
         if module not in full:
             sub.add_parser(name, help=text, add_help=False)
-    parser.set_defaults(commands=sub.choices)
     return parser
 
 
@@ -108,27 +107,44 @@ def _command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def _refuse_extra(command: argparse.ArgumentParser, extra: list[str]) -> None:
-    """argparse's "unrecognized arguments" in the command's own usage, and, for a word after the options where the
-    command has optional positional arguments (argparse fills them from the words before the first option only),
-    where it goes."""
+def _refuse_extra(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], extra: list[str]):
+    """argparse's "unrecognized arguments", in the usage of the command that was given them, and where a leftover
+    word looks like an optional positional argument split from the others (argparse reads positional arguments
+    from one run of words: ``train test_vit --data D losa`` leaves ``losa`` over), how to give it."""
+    command = parser
+    if not any(argv.index(word) < argv.index(args.command) for word in extra if word in argv):
+        command = _leaf_parser(parser, args)
     message = f"unrecognized arguments: {' '.join(extra)}"
-    positionals = [a.metavar or a.dest for a in command._actions if not a.option_strings and a.nargs == "?"]
-    words = [w for w in extra if not w.startswith("-")]
-    if words and positionals:
+    unfilled = [a for a in command._actions if not a.option_strings and a.nargs == "?" and a.dest not in args]
+    after_option = {
+        extra[i + 1] for i in range(len(extra) - 1) if extra[i].startswith("-")
+    }  # an unknown option's value
+    words = [w for w in extra if not w.startswith("-") and w not in after_option]
+    if words and unfilled:
+        positionals = " ".join((a.metavar or a.dest).upper() for a in command._actions if a.nargs == "?")
         message += (
-            f"; {', '.join(repr(w) for w in words)} came after an option, and the positional arguments "
-            f"({' '.join(p.upper() for p in positionals)}) must come before the options: "
-            f"{command.prog} {' '.join(p.upper() for p in positionals)} [options]"
+            f"; {', '.join(repr(w) for w in words)} was not read as {' or '.join(a.dest.upper() for a in unfilled)}: "
+            f"give the positional arguments together, before the options: {command.prog} {positionals} [options]"
         )
     command.error(message)
 
 
+def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``args`` were parsed for: ``sidetune cache build``'s, not ``sidetune``'s."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, sub.dest, None) if sub is not None else None
+        if name not in getattr(sub, "choices", {}):
+            return parser
+        parser = sub.choices[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, extra = build_parser(_command(argv)).parse_known_args(argv)
+    parser = build_parser(_command(argv))
+    args, extra = parser.parse_known_args(argv)
     if extra:
-        _refuse_extra(args.commands[args.command], extra)
+        _refuse_extra(parser, args, argv, extra)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from .errors import SidetuneError
 

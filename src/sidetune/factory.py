@@ -43,6 +43,11 @@ def _mix_over_time_losa(method_module: torch.nn.Module, num_frames: int) -> torc
 TEMPORAL_METHODS = {"losa": _mix_over_time_losa}
 
 
+def method_task(task: str) -> str:
+    """The task a model's method is built for: a video model is a clip classifier on frames (``classification``)."""
+    return "classification" if task == "video" else task
+
+
 def _img_size(model: torch.nn.Module, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
     if img_size is None:
         size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
@@ -114,7 +119,7 @@ def create(
             )
     elif num_frames is not None:
         raise ConfigError(f"num_frames is for task='video'; task {task!r} takes images.")
-    frame_task = "classification" if task == "video" else task  # a video model is a clip classifier on frames
+    frame_task = method_task(task)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}.")
     if not 0.0 <= head_dropout < 1.0:

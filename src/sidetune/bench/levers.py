@@ -156,7 +156,8 @@ def lever_problem(levers: Levers, family: str, device: torch.device, kind: str =
     if levers.precision == "fp16" and device.type == "cpu":  # a frozen forward alone in fp16 needs no gradient
         return (
             "fp16 training runs on CUDA only (sidetune train refuses --mixed-precision fp16 on the CPU), so a CPU "
-            "row in fp16 would measure a step nobody can train with; use --precision bf16 or fp32"
+            "row in fp16 would time a step nobody can train with; use --precision fp32 (or bf16 where the CPU computes "
+            "it natively)"
         )
     for name in ("precision", "frozen_precision"):
         value = getattr(levers, name)

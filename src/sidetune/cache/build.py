@@ -43,6 +43,7 @@ def tap_spec(model, methods: Sequence[str], method_options: dict[str, dict[str, 
     Raises:
         ConfigError: an in-place method (its taps would change at every step) or an unknown method.
     """
+    from ..factory import method_task
     from ..methods import get_method
 
     spec: dict[str, int | None] = {}
@@ -55,7 +56,7 @@ def tap_spec(model, methods: Sequence[str], method_options: dict[str, dict[str, 
                 "cannot be cached; cache side methods only (sidetune methods: kind side)."
             )
         config = method_spec.make_config(**(method_options or {}).get(name, {}))
-        module = method_spec.build(backbone, config, model.config.task)
+        module = method_spec.build(backbone, config, method_task(model.config.task))
         request: TapRequest = module.tap_request
         needs = {tap_key(kind, i): module.tap_tokens_of(kind, i) for kind in ("attn", "mlp", "out")
                  for i in sorted(getattr(request, kind))}  # fmt: skip

@@ -9,6 +9,7 @@ silently when they may be wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -63,8 +64,32 @@ def check_cache(manifest: Manifest, root: Path, config, model, task, precision: 
             what.append(f"taps {', '.join(short[:6])} hold only the leading tokens")
         raise CacheError(
             f"method {mc.method!r} reads what the cache at {str(root)!r} lacks: {'; '.join(what)} (the cache was "
-            f"built for {', '.join(manifest.methods)}). Build a cache with --methods {mc.method} (or with both)."
+            f"built for {', '.join(manifest.methods)}). Build a cache with "
+            f"{_build_flags(model, mc.method, dict(mc.method_config))}"
+            " (or with both)."
         )
+
+
+def _build_flags(model, method: str, options: dict[str, Any]) -> str:
+    """The ``cache build`` flags of a cache for ``method`` with ``options``: ``--methods``, and ``--opt`` for each
+    option that changes what the method reads (``probe_blocks``, LoSA's ``blocks``)."""
+    from ..errors import ConfigError
+    from ..methods import get_method
+
+    need = tap_spec(model, [method], {method: options})
+    defaults = dataclasses.asdict(get_method(method).make_config())
+    flags = [f"--methods {method}"]
+    for key, value in options.items():
+        if key not in defaults or _plain(value) == _plain(defaults[key]):
+            continue
+        try:
+            matters = tap_spec(model, [method], {method: {k: v for k, v in options.items() if k != key}}) != need
+        except ConfigError:  # the other options need this one
+            matters = True
+        if matters:
+            shown = value if isinstance(value, str) else json.dumps(_plain(value), separators=(",", ":"))
+            flags.append(f"--opt {method}.{key}={shown}")
+    return " ".join(flags)
 
 
 def uncovered_taps(have: dict[str, int | None], need: dict[str, int | None]) -> tuple[list[str], list[str]]:

@@ -36,11 +36,22 @@ class SideMethod(nn.Module):
         self.backbone = backbone
         self.pyramid_stages: tuple[int, ...] = (backbone.layout.num_stages - 1,)
 
-    def add_readout(self, last_blocks: int, task: str, method: str, last_stage: int | None = None) -> None:
-        """Let the classification head also read the multi-layer probe's features of the last ``last_blocks``
-        blocks (0: nothing to add). Call at the end of ``__init__``, once ``tap_request`` is set; the method's
-        ``forward_taps`` passes its pooled feature through :meth:`read_out`. ``last_stage``: the stage the method's
-        own pooled feature comes from (None: the last, pooled the backbone's way)."""
+    def add_readout(self, last_blocks: int, task: str, method: str, pooled_stage: int | None = None) -> None:
+        """Declare the width of ``Features.pooled``, with the multi-layer probe's features of the last ``last_blocks``
+        blocks read besides the method's own pooled feature (0: none). Call at the end of ``__init__``, once
+        ``tap_request`` is set; the method's ``forward_taps`` passes its pooled feature through :meth:`read_out`.
+
+        Args:
+            last_blocks: the ``probe_blocks`` option.
+            task: the method's task (only classification heads read the pooled feature).
+            method: the method's name, for messages.
+            pooled_stage: the stage whose tokens the method averages into its own pooled feature, when it does not
+                pool the backbone's way (a side network that stops before the last block); None: the backbone's.
+        """
+        own = (
+            self.layout.stage_dims[pooled_stage] if pooled_stage is not None else _backbone_pooled_width(self.backbone)
+        )
+        self.pooled_width = own
         if not last_blocks:
             return
         if task != "classification":
@@ -55,7 +66,7 @@ class SideMethod(nn.Module):
         self.tap_request = TapRequest.of(
             attn=self.tap_request.attn, mlp=self.tap_request.mlp, out=self.tap_request.out | set(self.readout.blocks)
         )
-        self.pooled_width = _own_pooled_width(self.backbone, last_stage) + self.readout.width
+        self.pooled_width = own + self.readout.width
 
     def read_out(self, taps: Taps, pooled: torch.Tensor) -> torch.Tensor:
         """``pooled``, with the readout's frozen block features concatenated after it when there is one."""
@@ -137,12 +148,8 @@ class BlockReadout:
         return torch.cat(parts, -1)
 
 
-def _own_pooled_width(backbone: FrozenBackbone, last_stage: int | None) -> int:
-    """The width of a side method's own pooled feature: the backbone's pooling of its last stage, or the mean of an
-    earlier stage's tokens (a truncated side network)."""
-    layout = backbone.layout
-    if last_stage is not None and last_stage < layout.num_stages - 1:
-        return layout.stage_dims[last_stage]
+def _backbone_pooled_width(backbone: FrozenBackbone) -> int:
+    """The width of the backbone's own pooling (``forward_head(pre_logits=True)``)."""
     model = backbone.model
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
