@@ -116,10 +116,8 @@ def _refuse_extra(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
         command = _leaf_parser(parser, args)
     message = f"unrecognized arguments: {' '.join(extra)}"
     unfilled = [a for a in command._actions if not a.option_strings and a.nargs == "?" and a.dest not in args]
-    after_option = {
-        extra[i + 1] for i in range(len(extra) - 1) if extra[i].startswith("-")
-    }  # an unknown option's value
-    words = [w for w in extra if not w.startswith("-") and w not in after_option]
+    values = {extra[i + 1] for i in range(len(extra) - 1) if extra[i].startswith("-")}  # of unknown options
+    words = [w for w in extra if not w.startswith("-") and w not in values]
     if words and unfilled:
         positionals = " ".join((a.metavar or a.dest).upper() for a in command._actions if a.nargs == "?")
         message += (

@@ -36,7 +36,7 @@ class SideMethod(nn.Module):
         self.backbone = backbone
         self.pyramid_stages: tuple[int, ...] = (backbone.layout.num_stages - 1,)
 
-    def add_readout(self, last_blocks: int, task: str, method: str, pooled_stage: int | None = None) -> None:
+    def declare_pooled(self, last_blocks: int, task: str, method: str, pooled_stage: int | None = None) -> None:
         """Declare the width of ``Features.pooled``, with the multi-layer probe's features of the last ``last_blocks``
         blocks read besides the method's own pooled feature (0: none). Call at the end of ``__init__``, once
         ``tap_request`` is set; the method's ``forward_taps`` passes its pooled feature through :meth:`read_out`.

@@ -239,7 +239,7 @@ class E3VA(SideMethod):
         if config.copy_final_norm and final_norm is not None and last in self.out_stages:
             self.norms[str(last)] = copy.deepcopy(final_norm).requires_grad_(True)
         own_pool = self.last_stage == layout.num_stages - 1  # else the last produced stage's tokens, averaged
-        self.add_readout(config.probe_blocks, task, "E3VA", None if own_pool else self.last_stage)
+        self.declare_pooled(config.probe_blocks, task, "E3VA", None if own_pool else self.last_stage)
 
     def tap_tokens(self) -> int | None:
         return self.prefix_only

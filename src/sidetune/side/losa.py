@@ -284,7 +284,7 @@ class LoSA(SideMethod):
         if self.dense:  # dense heads read the raw pyramid, not the pooled head input: nothing to train here
             self.out_norm.requires_grad_(False)
         # the head reads the backbone's pooling of the refined tokens, or (stopping early) the last stage's mean
-        self.add_readout(config.probe_blocks, task, "LoSA", None if reads_final else self.last_stage)
+        self.declare_pooled(config.probe_blocks, task, "LoSA", None if reads_final else self.last_stage)
 
     def _read(self, block: int, b: torch.Tensor) -> torch.Tensor:
         """What mixer ``block`` reads of the backbone's (B, N, C) output ``b`` (``config.read``)."""

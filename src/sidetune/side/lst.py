@@ -108,7 +108,7 @@ class LST(SideMethod):
         self.gates = nn.Parameter(torch.full((n - 1,), float(config.gate_init))) if n > 1 else None
         self.side_norm = nn.LayerNorm(widths[-1])
         self.up = nn.Linear(widths[-1], layout.stage_dims[-1])
-        self.add_readout(config.probe_blocks, task, "LST")
+        self.declare_pooled(config.probe_blocks, task, "LST")
 
     def _side_block(self, ref, width: int) -> nn.Module:
         heads = self.config.num_heads or ref.module.attn.num_heads
