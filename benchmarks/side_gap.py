@@ -1,4 +1,4 @@
-"""Where LoSA's gap to LoRA comes from: one-seed checks of five suspects, read on validation.
+"""Five suspects for LoSA's gap to LoRA: one-seed checks, read on validation.
 
 docs/RESULTS.md finds LoSA 4-7 points behind LoRA on sign-digits and below the multi-layer probe on cifar10-1k,
 with the learning rate chosen on validation and 3 seeds. This script tests five suspects for that gap, each
@@ -182,7 +182,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "side_gap.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     lines = [
-        "# Where LoSA's gap to LoRA comes from: five suspects (one seed, read on validation)",
+        "# Five suspects for LoSA's gap to LoRA (one seed, read on validation)",
         "",
         "Made by `python benchmarks/side_gap.py` (its docstring gives the protocol). Each row changes one setting of",
         "a reference run (seed 0, 10 epochs, 112 px); validation is 200 images (0.5 points an image), so a change of",
