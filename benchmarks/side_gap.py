@@ -19,11 +19,20 @@ train, seed 0; side runs from a tap cache of their own):
    cache reproduces uncached training, ``tests/test_cache.py``).
 
 Each check is one seed and is read on validation only (200 images, 0.5 points an image): a change of a point or
-two is within noise. Writes
-``docs/results/side_gap.{md,json}``; finished runs are kept in ``--work`` and reused. Skips with a message when
+two is within noise. Writes ``docs/results/side_gap.{md,json}``.
+
+A second study, ``--study camvid``, asks the same of E3VA's gap to LoRA on CamVid, where the results page's CPU
+cut of 4 epochs left every row's training loss still falling: E3VA, LoSA, ``linear`` (the frozen features'
+UPerNet) and LoRA at the rate each was chosen at on the page, trained for 4 and for 12 epochs (seed 0, the page's
+224 px, batch 8 and UPerNet; side methods from a tap cache). It writes ``docs/results/side_gap_camvid.{md,json}``:
+best validation mIoU, its epoch and the training loss's last-epoch change for each schedule, and each side
+method's gap to LoRA at both.
+
+Finished runs are kept in ``--work`` and reused; ``--jobs`` runs several at a time. Skips with a message when
 ``../shared`` is absent.
 
-    python benchmarks/side_gap.py            # about 1 h at one thread on a 2-core CPU
+    python benchmarks/side_gap.py                        # about 1 h at one thread on a 2-core CPU
+    python benchmarks/side_gap.py --study camvid --jobs 2  # about 45 min with two 1-thread runs at a time
 """
 
 from __future__ import annotations
@@ -36,8 +45,9 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "assets"
@@ -46,22 +56,41 @@ BACKBONE = "vit_small_patch14_dinov2"
 BEST = ["--opt", "channel_rank=64", "--opt", "read=norm"]  # LoSA's best variant on the results page
 AVG_POOL = ["--backbone-opt", "global_pool=avg", "--backbone-opt", "fc_norm=false"]
 AUGMENT = ["--augmentation", "standard"]  # timm's train recipe: random resized crop, flip, colour jitter
+#: the results page's settings per dataset (benchmarks/results.py ``DATASETS`` and ``HEAD_OPTIONS``)
+DATASETS = {
+    "sign-digits": {"task": "classification", "img_size": 112, "batch": 32},
+    "cifar10-1k": {"task": "classification", "img_size": 112, "batch": 32},
+    # deterministic, as on the page (the side methods' cache holds these samples); UPerNet at its 128 channels
+    "camvid": {"task": "segmentation", "img_size": 224, "batch": 8, "folder": "camvid-240x180",
+               "extra": ["--augmentation", "none"]},
+}  # fmt: skip
 
-#: (name, dataset, kind, method and its arguments): "sweep" runs ``sidetune sweep`` on the dataset's cache,
-#: "cached" ``sidetune train --cache``, "train" an uncached ``sidetune train`` (random augmentation draws anew
-#: every epoch, which a one-view cache cannot), "train-224" one at 224 px.
-RUNS: list[tuple[str, str, str, list[str]]] = [
-    ("width-dropout", "sign-digits", "sweep",
-     ["losa", "--opt", "channel_rank=64,128", "--opt", "read=norm", "--opt", "dropout=0,0.1", "--lr", "1e-3,3e-3"]),
-    ("224px", "sign-digits", "train-224", ["losa", *BEST, "--lr", "3e-3"]),
-    ("avg-pool", "sign-digits", "cached", ["losa", *BEST, *AVG_POOL, "--lr", "1e-3"]),
-    ("class-token", "cifar10-1k", "sweep", ["losa", "--lr", "3e-3,1e-2"]),
-    ("avg-pool-3e-3", "cifar10-1k", "cached", ["losa", *AVG_POOL, "--lr", "3e-3"]),
-    ("avg-pool-1e-2", "cifar10-1k", "cached", ["losa", *AVG_POOL, "--lr", "1e-2"]),
-    ("augment-1e-3", "sign-digits", "train", ["losa", *BEST, *AUGMENT, "--lr", "1e-3"]),
-    ("augment-3e-3", "sign-digits", "train", ["losa", *BEST, *AUGMENT, "--lr", "3e-3"]),
-    ("lora", "sign-digits", "train", ["lora", "--lr", "3e-3"]),
-    ("lora-augment", "sign-digits", "train", ["lora", *AUGMENT, "--lr", "3e-3"]),
+
+class Run(NamedTuple):
+    """One run: ``kind`` "sweep" runs ``sidetune sweep`` on the dataset's cache, "cached" ``sidetune train
+    --cache``, "train" an uncached ``sidetune train`` (random augmentation draws anew every epoch, which a one-view
+    cache cannot). ``args`` is the method and its arguments."""
+
+    name: str
+    dataset: str
+    kind: str
+    args: list[str]
+    epochs: int = 10
+    img_size: int | None = None  # None: the dataset's
+
+
+RUNS: list[Run] = [
+    Run("width-dropout", "sign-digits", "sweep",
+        ["losa", "--opt", "channel_rank=64,128", "--opt", "read=norm", "--opt", "dropout=0,0.1", "--lr", "1e-3,3e-3"]),
+    Run("224px", "sign-digits", "train", ["losa", *BEST, "--lr", "3e-3"], img_size=224),
+    Run("avg-pool", "sign-digits", "cached", ["losa", *BEST, *AVG_POOL, "--lr", "1e-3"]),
+    Run("class-token", "cifar10-1k", "sweep", ["losa", "--lr", "3e-3,1e-2"]),
+    Run("avg-pool-3e-3", "cifar10-1k", "cached", ["losa", *AVG_POOL, "--lr", "3e-3"]),
+    Run("avg-pool-1e-2", "cifar10-1k", "cached", ["losa", *AVG_POOL, "--lr", "1e-2"]),
+    Run("augment-1e-3", "sign-digits", "train", ["losa", *BEST, *AUGMENT, "--lr", "1e-3"]),
+    Run("augment-3e-3", "sign-digits", "train", ["losa", *BEST, *AUGMENT, "--lr", "3e-3"]),
+    Run("lora", "sign-digits", "train", ["lora", "--lr", "3e-3"]),
+    Run("lora-augment", "sign-digits", "train", ["lora", *AUGMENT, "--lr", "3e-3"]),
 ]  # fmt: skip
 
 #: (suspect, dataset, run and the setting read from it, its reference run and setting)
@@ -86,11 +115,24 @@ COMPARISONS = [
     ("augmentation, LoRA (lr 3e-3)", "sign-digits", ("lora-augment", ""), ("lora", "")),
 ]  # fmt: skip
 
+#: CamVid: each method at the rate the results page chose for it on validation (its 4-epoch section), over two
+#: schedules; the side methods share one cache
+CAMVID_RATES = {"linear": "1e-2", "e3va": "3e-3", "losa": "3e-3", "lora": "3e-3"}
+CAMVID_SCHEDULES = (4, 12)
+CAMVID_RUNS: list[Run] = [
+    Run(f"{method}-{epochs}", "camvid", "train" if method == "lora" else "cached", [method, "--lr", lr], epochs)
+    for epochs in sorted(CAMVID_SCHEDULES, reverse=True)  # the long runs first: two lanes end together
+    for method, lr in sorted(CAMVID_RATES.items(), key=lambda item: item[0] != "lora")
+]
+STUDIES = {"losa": RUNS, "camvid": CAMVID_RUNS}
 
-def data_args(dataset: str, size: int = 112) -> list[str]:
+
+def data_args(dataset: str, size: int | None = None) -> list[str]:
+    info = DATASETS[dataset]
     return [
-        "--weights", str(WEIGHTS), "--data", str(SHARED / "data" / dataset), "--img-size", str(size),
-        "--val-fraction", "0.2", "--mixed-precision", "bf16",
+        "--task", info["task"], "--weights", str(WEIGHTS), "--data", str(SHARED / "data" / info.get("folder", dataset)),
+        "--img-size", str(size or info["img_size"]), "--val-fraction", "0.2", "--mixed-precision", "bf16",
+        *info.get("extra", []),
     ]  # fmt: skip
 
 
@@ -108,42 +150,50 @@ def sidetune(args: list[str], log: Path, threads: int) -> None:
         raise SystemExit(f"sidetune failed (exit {code}); see {log}:\n{tail}")
 
 
-def build_cache(dataset: str, work: Path, threads: int) -> Path:
+def build_cache(dataset: str, methods: list[str], work: Path, threads: int) -> Path:
+    """The dataset's cache for ``methods`` (built once; a finished build is reused)."""
     cache = work / "caches" / dataset
     work.mkdir(parents=True, exist_ok=True)
     if not (cache / "manifest.json").is_file() or not json.loads((cache / "manifest.json").read_text()).get("complete"):
-        sidetune(["cache", "build", BACKBONE, "--methods", "losa", *data_args(dataset), "--threads", str(threads),
-                  "--output", str(cache)], work / f"cache-{dataset}.log", threads)  # fmt: skip
+        command = ["cache", "build", BACKBONE, "--methods", ",".join(methods), *data_args(dataset),
+                   "--threads", str(threads), "--output", str(cache)]  # fmt: skip
+        sidetune(command, work / f"cache-{dataset}.log", threads)
     return cache
 
 
-def run(name: str, dataset: str, kind: str, args: list[str], work: Path, threads: int) -> Path:
-    """One run of :data:`RUNS` (reused when finished); returns its folder."""
-    out = work / dataset / name
-    done = out / ("sweep.json" if kind == "sweep" else "summary.json")
+def run(spec: Run, work: Path, threads: int) -> Path:
+    """One run (reused when finished); returns its folder. A cached run's cache must exist (:func:`build_cache`)."""
+    out = work / spec.dataset / spec.name
+    done = out / ("sweep.json" if spec.kind == "sweep" else "summary.json")
     if done.is_file():
         return out
     if out.exists():  # an interrupted run: start it again
         shutil.rmtree(out)
-    common = ["--epochs", "10", "--threads", str(threads), "--output", str(out)]
-    if kind == "sweep":
-        command = ["sweep", *args, "--cache", str(build_cache(dataset, work, threads)), *common]
+    cache = ["--cache", str(work / "caches" / spec.dataset)] if spec.kind in ("sweep", "cached") else []
+    common = ["--epochs", str(spec.epochs), "--threads", str(threads), "--output", str(out)]
+    if spec.kind == "sweep":
+        command = ["sweep", *spec.args, *cache, *common]
     else:
-        cache = ["--cache", str(build_cache(dataset, work, threads))] if kind == "cached" else []
-        size = 224 if kind == "train-224" else 112
-        command = ["train", BACKBONE, args[0], *data_args(dataset, size), *args[1:], *cache, "--seed", "0",
-                   "--no-progress", "--batch-size", "32", "--warmup-epochs", "1", *common]  # fmt: skip
+        command = ["train", BACKBONE, spec.args[0], *data_args(spec.dataset, spec.img_size), *spec.args[1:], *cache,
+                   "--seed", "0", "--no-progress", "--batch-size", str(DATASETS[spec.dataset]["batch"]),
+                   "--warmup-epochs", "1", *common]  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    sidetune(command, out.parent / f"{name}.log", threads)
+    sidetune(command, out.parent / f"{spec.name}.log", threads)
     return out
+
+
+def command_of(folder: Path) -> str:
+    """The command that made a run (its log's first line), with paths as run from the repository."""
+    command = (folder.parent / f"{folder.name}.log").read_text().splitlines()[0].removeprefix("$ ")
+    for path, shown in {str(REPO) + "/": "", str(REPO.parent / "shared"): "../shared"}.items():
+        command = command.replace(path, shown)
+    return command
 
 
 def scores(folder: Path, setting: str) -> dict[str, Any]:
     """Best validation top-1 and last training loss of a finished run, or of the configuration of a sweep whose
     fields match ``setting`` (``"lr=0.001 channel_rank=64"``), with the command that made it."""
-    command = (folder.parent / f"{folder.name}.log").read_text().splitlines()[0].removeprefix("$ ")
-    for path, shown in {str(REPO) + "/": "", str(REPO.parent / "shared"): "../shared"}.items():
-        command = command.replace(path, shown)  # as run from the repository
+    command = command_of(folder)
     if (folder / "sweep.json").is_file():
         wanted = dict(item.split("=") for item in setting.split())
         for config in json.loads((folder / "sweep.json").read_text())["configs"]:
@@ -154,26 +204,60 @@ def scores(folder: Path, setting: str) -> dict[str, Any]:
     return {"val": metrics["best_val"], "train_loss": metrics["final_train_loss"], "command": command}
 
 
+def schedule(folder: Path) -> dict[str, Any]:
+    """A finished run's epochs: best validation score and its epoch, the validation score and training loss of
+    every epoch, and the last epoch's relative change of the training loss (has it flattened?)."""
+    from sidetune.train.metrics import read_log
+
+    summary = json.loads((folder / "summary.json").read_text())
+    headline = summary["metrics"]["headline"]
+    epochs = [r for r in read_log(folder / "log.jsonl") if r.get("type") == "epoch"]
+    losses = [r["train_loss"] for r in epochs]
+    return {
+        "val": summary["metrics"]["best_val"],
+        "best_epoch": summary["metrics"]["best_epoch"],
+        "val_by_epoch": [r.get(f"val_{headline}") for r in epochs],
+        "train_loss_by_epoch": losses,
+        "last_loss_change": (losses[-1] - losses[-2]) / abs(losses[-2]) if len(losses) > 1 else None,
+        "command": command_of(folder),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", choices=sorted(STUDIES), default="losa",
+                   help="losa: five suspects for LoSA's gap; camvid: the schedule of E3VA's gap on CamVid")  # fmt: skip
     p.add_argument("--work", type=Path, default=REPO / "runs" / "side_gap", help="runs and caches (reused)")
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="where side_gap.{md,json} go")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="where the page and its json go")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
     args = p.parse_args(argv)
+    if args.threads < 1 or args.jobs < 1:
+        p.error("--threads and --jobs take a positive number")
     if not WEIGHTS.is_file():
         print(f"skipped: the shared weights are not at {WEIGHTS} (see ../shared/assets/SOURCES.md)")
         return 0
     start = time.perf_counter()
-    folders = {}
-    for name, dataset, kind, run_args in RUNS:
-        print(f"{dataset} / {name}", flush=True)
-        folders[name] = run(name, dataset, kind, run_args, args.work, args.threads)
-    rows = []
-    for suspect, dataset, (name, setting), (ref_name, ref_setting) in COMPARISONS:
-        test, ref = scores(folders[name], setting), scores(folders[ref_name], ref_setting)
-        rows.append({"suspect": suspect, "dataset": dataset, "with": test, "reference": ref,
-                     "val_change": test["val"] - ref["val"]})  # fmt: skip
-    write(rows, args)
+    runs = STUDIES[args.study]
+    for dataset in dict.fromkeys(spec.dataset for spec in runs if spec.kind in ("sweep", "cached")):
+        methods = sorted({spec.args[0] for spec in runs if spec.dataset == dataset and spec.kind != "train"})
+        build_cache(dataset, methods, args.work, args.threads)
+
+    def one(spec: Run) -> Path:
+        print(f"{spec.dataset} / {spec.name}", flush=True)
+        return run(spec, args.work, args.threads)
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # each run is a subprocess: threads only wait on them
+        folders = dict(zip([spec.name for spec in runs], pool.map(one, runs), strict=True))
+    if args.study == "camvid":
+        write_camvid(folders, args)
+    else:
+        rows = []
+        for suspect, dataset, (name, setting), (ref_name, ref_setting) in COMPARISONS:
+            test, ref = scores(folders[name], setting), scores(folders[ref_name], ref_setting)
+            rows.append({"suspect": suspect, "dataset": dataset, "with": test, "reference": ref,
+                         "val_change": test["val"] - ref["val"]})  # fmt: skip
+        write(rows, args)
     print(f"{(time.perf_counter() - start) / 60:.0f} min for the runs this invocation made (finished ones are reused)")
     return 0
 
@@ -202,6 +286,54 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     lines += [f"- `{command}`" for command in commands] + [""]
     (args.out / "side_gap.md").write_text("\n".join(lines))
     print(f"wrote {args.out / 'side_gap.md'}")
+
+
+def write_camvid(folders: dict[str, Path], args: argparse.Namespace) -> None:
+    """``side_gap_camvid.{md,json}``: each method's best validation mIoU at each schedule, and its gap to LoRA."""
+    rows = {method: {epochs: schedule(folders[f"{method}-{epochs}"]) for epochs in CAMVID_SCHEDULES}
+            for method in CAMVID_RATES}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "side_gap_camvid.json").write_text(json.dumps({"rates": CAMVID_RATES, "rows": rows}, indent=1) + "\n")
+    short, long = CAMVID_SCHEDULES
+    val_images = json.loads((folders[f"lora-{short}"] / "summary.json").read_text())["data"].get("val")
+
+    def loss(r: dict[str, Any]) -> str:
+        change = "" if r["last_loss_change"] is None else f" ({r['last_loss_change']:+.0%})"
+        return f"{r['train_loss_by_epoch'][-1]:.3f}{change}"
+
+    lines = [
+        f"# E3VA's gap to LoRA on CamVid: {short} against {long} epochs (one seed, read on validation)",
+        "",
+        "Made by `python benchmarks/side_gap.py --study camvid` (its docstring gives the protocol). Each method",
+        "trains at the rate the results page chose for it on validation (its CamVid section), with the page's",
+        f"settings otherwise (224 px, batch 8, UPerNet 128 channels, bf16, seed 0), for {short} and for {long}",
+        f"epochs (a cosine schedule over each); validation is {val_images} images. The runs also score their test",
+        "split, which no row reads.",
+        "",
+        f"| method | lr | best val mIoU, {short} epochs (epoch) | {long} epochs (epoch) | change (points) |"
+        f" train loss, last epoch (change from the one before): {short} / {long} epochs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, by in rows.items():
+        a, b = by[short], by[long]
+        lines.append(
+            f"| {method} | {CAMVID_RATES[method]} | {a['val']:.3f} ({a['best_epoch']}) | {b['val']:.3f}"
+            f" ({b['best_epoch']}) | {(b['val'] - a['val']) * 100:+.1f} | {loss(a)} / {loss(b)} |"
+        )
+    lines += ["", "Gap to LoRA, points of validation mIoU (LoRA's score less the method's):", "",
+              f"| method | {short} epochs | {long} epochs |", "|---|---|---|"]  # fmt: skip
+    for method, by in rows.items():
+        if method != "lora":
+            gaps = [(rows["lora"][e]["val"] - by[e]["val"]) * 100 for e in CAMVID_SCHEDULES]
+            lines.append(f"| {method} | {gaps[0]:.1f} | {gaps[1]:.1f} |")
+    header = "| method | " + " | ".join(str(e + 1) for e in range(long)) + " |"
+    lines += ["", f"Validation mIoU after each epoch of the {long}-epoch runs:", "", header, "|---" * (long + 1) + "|"]
+    for method, by in rows.items():
+        lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in by[long]["val_by_epoch"]) + " |")
+    lines += ["", "Commands (each run's first log line, paths relative to the repository):", ""]
+    lines += [f"- `{by[e]['command']}`" for by in rows.values() for e in CAMVID_SCHEDULES] + [""]
+    (args.out / "side_gap_camvid.md").write_text("\n".join(lines))
+    print(f"wrote {args.out / 'side_gap_camvid.md'}")
 
 
 if __name__ == "__main__":
