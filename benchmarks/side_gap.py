@@ -21,18 +21,20 @@ train, seed 0; side runs from a tap cache of their own):
 Each check is one seed and is read on validation only (200 images, 0.5 points an image): a change of a point or
 two is within noise. Writes ``docs/results/side_gap.{md,json}``.
 
-A second study, ``--study camvid``, asks the same of E3VA's gap to LoRA on CamVid, where the results page's CPU
-cut of 4 epochs left every row's training loss still falling: E3VA, LoSA, ``linear`` (the frozen features'
-UPerNet) and LoRA at the rate each was chosen at on the page, trained for 4 and for 12 epochs (seed 0, the page's
-224 px, batch 8 and UPerNet; side methods from a tap cache). It writes ``docs/results/side_gap_camvid.{md,json}``:
-best validation mIoU, its epoch and the training loss's last-epoch change for each schedule, and each side
-method's gap to LoRA at both.
+Two more studies ask the same of the gap to LoRA on the dense tasks, where the results page's CPU cut (4 epochs
+on CamVid, 5 on BCCD) left every row's training loss still falling: ``--study camvid`` and ``--study bccd``
+train E3VA, LoSA, ``linear`` (the frozen features under the page's dense head) and LoRA at the rate each was
+chosen at on the page, for the page's schedule and for three times it (seed 0, the page's 224 px, batch 8 and
+head; side methods from a tap cache). Each writes ``docs/results/side_gap_<dataset>.{md,json}``: the best
+validation score, its epoch and the training loss's last-epoch change for each schedule, each side method's gap
+to LoRA at both, and the validation score after every epoch of the long runs.
 
 Finished runs are kept in ``--work`` and reused; ``--jobs`` runs several at a time. Skips with a message when
 ``../shared`` is absent.
 
     python benchmarks/side_gap.py                        # about 1 h at one thread on a 2-core CPU
-    python benchmarks/side_gap.py --study camvid --jobs 2  # about 45 min with two 1-thread runs at a time
+    python benchmarks/side_gap.py --study camvid --jobs 2  # about 35 min with two 1-thread runs at a time
+    python benchmarks/side_gap.py --study bccd --jobs 2    # about 30 min
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ DATASETS = {
     # deterministic, as on the page (the side methods' cache holds these samples); UPerNet at its 128 channels
     "camvid": {"task": "segmentation", "img_size": 224, "batch": 8, "folder": "camvid-240x180",
                "extra": ["--augmentation", "none"]},
+    # the page's Faster R-CNN, narrower than torchvision's for the CPU
+    "bccd": {"task": "detection", "img_size": 224, "batch": 8,
+             "extra": ["--augmentation", "none", "--head-opt", "fpn_channels=128", "--head-opt", "box_head_dim=256",
+                       "--head-opt", "box_batch_size_per_image=128"]},
 }  # fmt: skip
 
 
@@ -115,16 +121,25 @@ COMPARISONS = [
     ("augmentation, LoRA (lr 3e-3)", "sign-digits", ("lora-augment", ""), ("lora", "")),
 ]  # fmt: skip
 
-#: CamVid: each method at the rate the results page chose for it on validation (its 4-epoch section), over two
-#: schedules; the side methods share one cache
-CAMVID_RATES = {"linear": "1e-2", "e3va": "3e-3", "losa": "3e-3", "lora": "3e-3"}
-CAMVID_SCHEDULES = (4, 12)
-CAMVID_RUNS: list[Run] = [
-    Run(f"{method}-{epochs}", "camvid", "train" if method == "lora" else "cached", [method, "--lr", lr], epochs)
-    for epochs in sorted(CAMVID_SCHEDULES, reverse=True)  # the long runs first: two lanes end together
-    for method, lr in sorted(CAMVID_RATES.items(), key=lambda item: item[0] != "lora")
-]
-STUDIES = {"losa": RUNS, "camvid": CAMVID_RUNS}
+#: the schedule studies: per dense dataset, each method at the rate the results page chose for it on validation
+#: (in that dataset's section), over the page's schedule and three times it; the side methods share one cache
+SCHEDULES = {
+    "camvid": {"rates": {"linear": "1e-2", "e3va": "3e-3", "losa": "3e-3", "lora": "3e-3"}, "epochs": (4, 12)},
+    "bccd": {"rates": {"linear": "1e-3", "e3va": "1e-3", "losa": "1e-3", "lora": "1e-3"}, "epochs": (5, 15)},
+}
+
+
+def schedule_runs(dataset: str) -> list[Run]:
+    """The runs of a schedule study, the long ones first (two lanes then end together), LoRA (uncached) first."""
+    rates, schedules = SCHEDULES[dataset]["rates"], SCHEDULES[dataset]["epochs"]
+    return [
+        Run(f"{method}-{epochs}", dataset, "train" if method == "lora" else "cached", [method, "--lr", lr], epochs)
+        for epochs in sorted(schedules, reverse=True)
+        for method, lr in sorted(rates.items(), key=lambda item: item[0] != "lora")
+    ]
+
+
+STUDIES = {"losa": RUNS, **{dataset: schedule_runs(dataset) for dataset in SCHEDULES}}
 
 
 def data_args(dataset: str, size: int | None = None) -> list[str]:
@@ -226,7 +241,7 @@ def schedule(folder: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", choices=sorted(STUDIES), default="losa",
-                   help="losa: five suspects for LoSA's gap; camvid: the schedule of E3VA's gap on CamVid")  # fmt: skip
+                   help="losa: five suspects for LoSA's gap; camvid, bccd: the gap to LoRA, two schedules")  # fmt: skip
     p.add_argument("--work", type=Path, default=REPO / "runs" / "side_gap", help="runs and caches (reused)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="where the page and its json go")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -249,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(args.jobs) as pool:  # each run is a subprocess: threads only wait on them
         folders = dict(zip([spec.name for spec in runs], pool.map(one, runs), strict=True))
-    if args.study == "camvid":
-        write_camvid(folders, args)
+    if args.study in SCHEDULES:
+        write_schedule(args.study, folders, args)
     else:
         rows = []
         for suspect, dataset, (name, setting), (ref_name, ref_setting) in COMPARISONS:
@@ -288,52 +303,60 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'side_gap.md'}")
 
 
-def write_camvid(folders: dict[str, Path], args: argparse.Namespace) -> None:
-    """``side_gap_camvid.{md,json}``: each method's best validation mIoU at each schedule, and its gap to LoRA."""
-    rows = {method: {epochs: schedule(folders[f"{method}-{epochs}"]) for epochs in CAMVID_SCHEDULES}
-            for method in CAMVID_RATES}  # fmt: skip
+def write_schedule(dataset: str, folders: dict[str, Path], args: argparse.Namespace) -> None:
+    """``side_gap_<dataset>.{md,json}``: each method's best validation score at each schedule, its gap to LoRA and
+    its validation score after every epoch of the long schedule."""
+    rates, (short, long) = SCHEDULES[dataset]["rates"], SCHEDULES[dataset]["epochs"]
+    rows = {method: {epochs: schedule(folders[f"{method}-{epochs}"]) for epochs in (short, long)} for method in rates}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "side_gap_camvid.json").write_text(json.dumps({"rates": CAMVID_RATES, "rows": rows}, indent=1) + "\n")
-    short, long = CAMVID_SCHEDULES
-    val_images = json.loads((folders[f"lora-{short}"] / "summary.json").read_text())["data"].get("val")
+    (args.out / f"side_gap_{dataset}.json").write_text(json.dumps({"rates": rates, "rows": rows}, indent=1) + "\n")
+    lora = json.loads((folders[f"lora-{short}"] / "summary.json").read_text())
+    metric, val_images, task = lora["metrics"]["headline"], lora["data"].get("val"), DATASETS[dataset]["task"]
+    head = {"segmentation": "UPerNet 128 channels", "detection": "the page's Faster R-CNN"}.get(task, "")
 
     def loss(r: dict[str, Any]) -> str:
         change = "" if r["last_loss_change"] is None else f" ({r['last_loss_change']:+.0%})"
         return f"{r['train_loss_by_epoch'][-1]:.3f}{change}"
 
     lines = [
-        f"# E3VA's gap to LoRA on CamVid: {short} against {long} epochs (one seed, read on validation)",
+        f"# The gap to LoRA on {dataset}: {short} against {long} epochs (one seed, read on validation)",
         "",
-        "Made by `python benchmarks/side_gap.py --study camvid` (its docstring gives the protocol). Each method",
-        "trains at the rate the results page chose for it on validation (its CamVid section), with the page's",
-        f"settings otherwise (224 px, batch 8, UPerNet 128 channels, bf16, seed 0), for {short} and for {long}",
-        f"epochs (a cosine schedule over each); validation is {val_images} images. The runs also score their test",
-        "split, which no row reads.",
+        f"Made by `python benchmarks/side_gap.py --study {dataset}` (its docstring gives the protocol). Each method",
+        f"trains at the rate the results page chose for it on validation (its {dataset} section), with the page's",
+        f"settings otherwise ({DATASETS[dataset]['img_size']} px, batch {DATASETS[dataset]['batch']}, {head}, bf16,",
+        f"seed 0), for {short} and for {long} epochs (a cosine schedule over each); validation is {val_images}",
+        "images. The runs also score their test split, which no row reads.",
         "",
-        f"| method | lr | best val mIoU, {short} epochs (epoch) | {long} epochs (epoch) | change (points) |"
+        f"| method | lr | best val {metric}, {short} epochs (epoch) | {long} epochs (epoch) | change (points) |"
         f" train loss, last epoch (change from the one before): {short} / {long} epochs |",
         "|---|---|---|---|---|---|",
     ]
     for method, by in rows.items():
         a, b = by[short], by[long]
         lines.append(
-            f"| {method} | {CAMVID_RATES[method]} | {a['val']:.3f} ({a['best_epoch']}) | {b['val']:.3f}"
+            f"| {method} | {rates[method]} | {a['val']:.3f} ({a['best_epoch']}) | {b['val']:.3f}"
             f" ({b['best_epoch']}) | {(b['val'] - a['val']) * 100:+.1f} | {loss(a)} / {loss(b)} |"
         )
-    lines += ["", "Gap to LoRA, points of validation mIoU (LoRA's score less the method's):", "",
+    lines += ["", f"Gap to LoRA, points of validation {metric} (LoRA's score less the method's):", "",
               f"| method | {short} epochs | {long} epochs |", "|---|---|---|"]  # fmt: skip
     for method, by in rows.items():
         if method != "lora":
-            gaps = [(rows["lora"][e]["val"] - by[e]["val"]) * 100 for e in CAMVID_SCHEDULES]
+            gaps = [(rows["lora"][e]["val"] - by[e]["val"]) * 100 for e in (short, long)]
             lines.append(f"| {method} | {gaps[0]:.1f} | {gaps[1]:.1f} |")
     header = "| method | " + " | ".join(str(e + 1) for e in range(long)) + " |"
-    lines += ["", f"Validation mIoU after each epoch of the {long}-epoch runs:", "", header, "|---" * (long + 1) + "|"]
+    lines += [
+        "",
+        f"Validation {metric} after each epoch of the {long}-epoch runs:",
+        "",
+        header,
+        "|---" * (long + 1) + "|",
+    ]
     for method, by in rows.items():
         lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in by[long]["val_by_epoch"]) + " |")
     lines += ["", "Commands (each run's first log line, paths relative to the repository):", ""]
-    lines += [f"- `{by[e]['command']}`" for by in rows.values() for e in CAMVID_SCHEDULES] + [""]
-    (args.out / "side_gap_camvid.md").write_text("\n".join(lines))
-    print(f"wrote {args.out / 'side_gap_camvid.md'}")
+    lines += [f"- `{by[e]['command']}`" for by in rows.values() for e in (short, long)] + [""]
+    (args.out / f"side_gap_{dataset}.md").write_text("\n".join(lines))
+    print(f"wrote {args.out / f'side_gap_{dataset}.md'}")
 
 
 if __name__ == "__main__":

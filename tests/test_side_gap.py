@@ -20,12 +20,15 @@ def gap():
     return module
 
 
-def test_the_camvid_study_runs_every_method_at_both_schedules_side_methods_from_the_cache(gap) -> None:
-    runs = {spec.name: spec for spec in gap.STUDIES["camvid"]}
-    assert set(runs) == {f"{m}-{e}" for m in gap.CAMVID_RATES for e in gap.CAMVID_SCHEDULES}
+@pytest.mark.parametrize("dataset", ["camvid", "bccd"])
+def test_a_schedule_study_runs_every_method_at_both_schedules_side_methods_from_the_cache(gap, dataset) -> None:
+    study = gap.SCHEDULES[dataset]
+    runs = {spec.name: spec for spec in gap.STUDIES[dataset]}
+    assert set(runs) == {f"{m}-{e}" for m in study["rates"] for e in study["epochs"]}
     assert all(spec.kind == ("train" if spec.args[0] == "lora" else "cached") for spec in runs.values())
-    assert [spec.epochs for spec in gap.STUDIES["camvid"]] == sorted((s.epochs for s in runs.values()), reverse=True)
-    assert gap.STUDIES["camvid"][0].name == f"lora-{max(gap.CAMVID_SCHEDULES)}"  # the longest run starts first
+    assert all(spec.args[1:] == ["--lr", study["rates"][spec.args[0]]] for spec in runs.values())
+    assert [spec.epochs for spec in gap.STUDIES[dataset]] == sorted((s.epochs for s in runs.values()), reverse=True)
+    assert gap.STUDIES[dataset][0].name == f"lora-{max(study['epochs'])}"  # the longest run starts first
 
 
 def test_a_run_is_made_with_its_own_epochs_and_the_datasets_settings(gap, tmp_path, monkeypatch) -> None:
@@ -33,7 +36,8 @@ def test_a_run_is_made_with_its_own_epochs_and_the_datasets_settings(gap, tmp_pa
     monkeypatch.setattr(gap, "sidetune", lambda args, log, threads: made.append(args))
     gap.run(gap.Run("e3va-12", "camvid", "cached", ["e3va", "--lr", "3e-3"], 12), tmp_path, 1)
     gap.run(gap.Run("224px", "sign-digits", "train", ["losa", "--lr", "3e-3"], img_size=224), tmp_path, 1)
-    camvid, digits = made
+    gap.run(gap.Run("lora-15", "bccd", "train", ["lora", "--lr", "1e-3"], 15), tmp_path, 1)
+    camvid, digits, bccd = made
 
     def value(args: list[str], flag: str) -> str:
         return args[len(args) - 1 - args[::-1].index(flag) + 1]  # the last occurrence wins, as in argparse
@@ -46,6 +50,12 @@ def test_a_run_is_made_with_its_own_epochs_and_the_datasets_settings(gap, tmp_pa
     assert value(camvid, "--data").endswith("camvid-240x180")
     assert value(digits, "--epochs") == "10" and value(digits, "--batch-size") == "32"
     assert value(digits, "--img-size") == "224" and "--cache" not in digits and "--augmentation" not in digits
+    assert value(bccd, "--task") == "detection" and value(bccd, "--epochs") == "15" and "--cache" not in bccd
+    assert [bccd[i + 1] for i, a in enumerate(bccd) if a == "--head-opt"] == [
+        "fpn_channels=128",
+        "box_head_dim=256",
+        "box_batch_size_per_image=128",
+    ]  # the results page's head
 
 
 def _finished_run(folder: Path, best: float, vals: list[float], losses: list[float]) -> None:
@@ -60,8 +70,8 @@ def _finished_run(folder: Path, best: float, vals: list[float], losses: list[flo
     (folder / "log.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def test_the_camvid_page_reads_each_runs_best_validation_and_its_gap_to_lora(gap, tmp_path) -> None:
-    short, long = gap.CAMVID_SCHEDULES
+def test_the_schedule_page_reads_each_runs_best_validation_and_its_gap_to_lora(gap, tmp_path) -> None:
+    short, long = gap.SCHEDULES["camvid"]["epochs"]
     best = {"lora": (0.43, 0.46), "e3va": (0.41, 0.45), "linear": (0.39, 0.40), "losa": (0.40, 0.44)}
     folders = {}
     for method, scores in best.items():
@@ -70,14 +80,14 @@ def test_the_camvid_page_reads_each_runs_best_validation_and_its_gap_to_lora(gap
             losses = [1.0 / (i + 1) for i in range(epochs)]
             folders[f"{method}-{epochs}"] = tmp_path / "camvid" / f"{method}-{epochs}"
             _finished_run(folders[f"{method}-{epochs}"], score, vals, losses)
-    gap.write_camvid(folders, argparse.Namespace(out=tmp_path / "out"))
+    gap.write_schedule("camvid", folders, argparse.Namespace(out=tmp_path / "out"))
 
     page = (tmp_path / "out" / "side_gap_camvid.md").read_text()
     assert f"| e3va | 3e-3 | 0.410 ({short}) | 0.450 ({long}) | +4.0 |" in page
     assert f"| e3va | {2.0:.1f} | {1.0:.1f} |" in page  # LoRA's lead shrinks from 2 points to 1
     assert f"| linear | {4.0:.1f} | {6.0:.1f} |" in page
     assert f"{1 / long:.3f} ({(1 / long - 1 / (long - 1)) / (1 / (long - 1)):+.0%})" in page  # last loss, change
-    assert "validation is 73 images" in page and "- `sidetune train lora-12`" in page
+    assert "validation is 73" in page and "- `sidetune train lora-12`" in page
     saved = json.loads((tmp_path / "out" / "side_gap_camvid.json").read_text())
     assert saved["rows"]["losa"][str(long)]["val_by_epoch"][-1] == pytest.approx(0.44)
     assert saved["rows"]["lora"][str(short)]["best_epoch"] == short
