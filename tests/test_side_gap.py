@@ -24,10 +24,16 @@ def gap():
 def test_a_schedule_study_runs_every_method_at_both_schedules_side_methods_from_the_cache(gap, dataset) -> None:
     study = gap.SCHEDULES[dataset]
     runs = {spec.name: spec for spec in gap.STUDIES[dataset]}
-    assert set(runs) == {f"{m}-{e}" for m in study["rates"] for e in study["epochs"]}
+    heads = {f"{m}-{study['epochs'][0]}-head{x:g}": x for m in gap.HEAD_METHODS for x in gap.HEAD_MULTS}
+    assert set(runs) == {f"{m}-{e}" for m in study["rates"] for e in study["epochs"]} | set(heads)
+    for name, mult in heads.items():  # the head-rate runs: the page's schedule, the method's rate, a head multiple
+        assert runs[name].epochs == study["epochs"][0] and runs[name].args[-2:] == ["--head-lr-mult", f"{mult:g}"]
+        runs.pop(name)
     assert all(spec.kind == ("train" if spec.args[0] == "lora" else "cached") for spec in runs.values())
-    assert all(spec.args[1:] == ["--lr", study["rates"][spec.args[0]]] for spec in runs.values())
-    assert [spec.epochs for spec in gap.STUDIES[dataset]] == sorted((s.epochs for s in runs.values()), reverse=True)
+    assert all(spec.args[1:3] == ["--lr", study["rates"][spec.args[0]]] for spec in gap.STUDIES[dataset])
+    assert [spec.epochs for spec in gap.STUDIES[dataset][: len(runs)]] == sorted(
+        (s.epochs for s in runs.values()), reverse=True
+    )
     assert gap.STUDIES[dataset][0].name == f"lora-{max(study['epochs'])}"  # the longest run starts first
 
 
@@ -60,7 +66,7 @@ def test_a_run_is_made_with_its_own_epochs_and_the_datasets_settings(gap, tmp_pa
 
 def _finished_run(folder: Path, best: float, vals: list[float], losses: list[float]) -> None:
     folder.mkdir(parents=True)
-    folder.with_suffix(".log").write_text(f"$ sidetune train {folder.name}\nmore output\n")
+    (folder.parent / f"{folder.name}.log").write_text(f"$ sidetune train {folder.name}\nmore output\n")
     best_epoch = vals.index(max(vals)) + 1
     summary = {"metrics": {"headline": "mIoU", "best_val": best, "best_epoch": best_epoch}, "data": {"val": 73}}
     (folder / "summary.json").write_text(json.dumps(summary))
@@ -80,6 +86,11 @@ def test_the_schedule_page_reads_each_runs_best_validation_and_its_gap_to_lora(g
             losses = [1.0 / (i + 1) for i in range(epochs)]
             folders[f"{method}-{epochs}"] = tmp_path / "camvid" / f"{method}-{epochs}"
             _finished_run(folders[f"{method}-{epochs}"], score, vals, losses)
+    for method in gap.HEAD_METHODS:
+        for mult in gap.HEAD_MULTS:
+            name = f"{method}-{short}-head{mult:g}"
+            folders[name] = tmp_path / "camvid" / name
+            _finished_run(folders[name], best[method][0] + 0.001 * mult, [0.1] * short, [1.0] * short)
     gap.write_schedule("camvid", folders, argparse.Namespace(out=tmp_path / "out"))
 
     page = (tmp_path / "out" / "side_gap_camvid.md").read_text()
@@ -87,6 +98,7 @@ def test_the_schedule_page_reads_each_runs_best_validation_and_its_gap_to_lora(g
     assert f"| e3va | {2.0:.1f} | {1.0:.1f} |" in page  # LoRA's lead shrinks from 2 points to 1
     assert f"| linear | {4.0:.1f} | {6.0:.1f} |" in page
     assert f"{1 / long:.3f} ({(1 / long - 1 / (long - 1)) / (1 / (long - 1)):+.0%})" in page  # last loss, change
+    assert "| e3va | 0.410 | 0.410 | 0.413 |" in page and "| lora | 0.430 | 0.430 | 0.433 |" in page
     assert "validation is 73" in page and "- `sidetune train lora-12`" in page
     saved = json.loads((tmp_path / "out" / "side_gap_camvid.json").read_text())
     assert saved["rows"]["losa"][str(long)]["val_by_epoch"][-1] == pytest.approx(0.44)
