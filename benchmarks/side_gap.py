@@ -49,7 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -177,24 +177,22 @@ def sidetune(args: list[str], log: Path, threads: int) -> None:
 
 
 def build_cache(dataset: str, methods: list[str], work: Path, threads: int) -> Path:
-    """The dataset's cache for ``methods`` (built once; a finished build is reused)."""
-    cache = work / "caches" / dataset
+    """The dataset's cache for ``methods`` (built once; a finished build is reused if built the same way)."""
+    cache, log = work / "caches" / dataset, work / f"cache-{dataset}.log"
     work.mkdir(parents=True, exist_ok=True)
-    if not (cache / "manifest.json").is_file() or not json.loads((cache / "manifest.json").read_text()).get("complete"):
-        command = ["cache", "build", BACKBONE, "--methods", ",".join(methods), *data_args(dataset),
-                   "--threads", str(threads), "--output", str(cache)]  # fmt: skip
-        sidetune(command, work / f"cache-{dataset}.log", threads)
+    command = ["cache", "build", BACKBONE, "--methods", ",".join(methods), *data_args(dataset),
+               "--threads", str(threads), "--output", str(cache)]  # fmt: skip
+    if (cache / "manifest.json").is_file() and json.loads((cache / "manifest.json").read_text()).get("complete"):
+        refuse_stale(log, command)
+    else:
+        sidetune(command, log, threads)
     return cache
 
 
 def run(spec: Run, work: Path, threads: int) -> Path:
-    """One run (reused when finished); returns its folder. A cached run's cache must exist (:func:`build_cache`)."""
+    """One run (reused when finished with the same command); returns its folder. A cached run's cache must exist
+    (:func:`build_cache`)."""
     out = work / spec.dataset / spec.name
-    done = out / ("sweep.json" if spec.kind == "sweep" else "summary.json")
-    if done.is_file():
-        return out
-    if out.exists():  # an interrupted run: start it again
-        shutil.rmtree(out)
     cache = ["--cache", str(work / "caches" / spec.dataset)] if spec.kind in ("sweep", "cached") else []
     common = ["--epochs", str(spec.epochs), "--threads", str(threads), "--output", str(out)]
     if spec.kind == "sweep":
@@ -203,9 +201,31 @@ def run(spec: Run, work: Path, threads: int) -> Path:
         command = ["train", BACKBONE, spec.args[0], *data_args(spec.dataset, spec.img_size), *spec.args[1:], *cache,
                    "--seed", "0", "--no-progress", "--batch-size", str(DATASETS[spec.dataset]["batch"]),
                    "--warmup-epochs", "1", *common]  # fmt: skip
+    log = out.parent / f"{spec.name}.log"
+    if (out / ("sweep.json" if spec.kind == "sweep" else "summary.json")).is_file():
+        refuse_stale(log, command)
+        return out
+    if out.exists():  # an interrupted run: start it again
+        shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sidetune(command, out.parent / f"{spec.name}.log", threads)
+    sidetune(command, log, threads)
     return out
+
+
+def refuse_stale(log: Path, command: list[str]) -> None:
+    """Stop when a finished run (or cache) was made by another command than the one asked for now (a rate or a
+    setting changed since): its log's first line is the command; only ``--threads`` may differ."""
+
+    def settings(args: list[str]) -> list[str]:
+        return [a for i, a in enumerate(args) if a != "--threads" and (i == 0 or args[i - 1] != "--threads")]
+
+    saved = shlex.split(log.read_text().splitlines()[0].removeprefix("$ sidetune ")) if log.is_file() else None
+    if saved is None or settings(saved) != settings(command):
+        raise SystemExit(
+            f"{log.with_suffix('')} is finished but was made by another command than this script asks for now:\n"
+            f"  made:  sidetune {shlex.join(saved) if saved else '(no log)'}\n  asked: sidetune {shlex.join(command)}\n"
+            "Remove it (or use another --work) to make it again."
+        )
 
 
 def command_of(folder: Path) -> str:
@@ -274,7 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         return run(spec, args.work, args.threads)
 
     with ThreadPoolExecutor(args.jobs) as pool:  # each run is a subprocess: threads only wait on them
-        folders = dict(zip([spec.name for spec in runs], pool.map(one, runs), strict=True))
+        futures = {pool.submit(one, spec): spec.name for spec in runs}
+        for future in as_completed(futures):
+            if (error := future.exception()) is not None:  # say so now, start nothing more
+                for waiting in futures:
+                    waiting.cancel()
+                print(f"{futures[future]} failed: the runs not started are cancelled, the running ones finish first")
+                raise error
+        folders = {name: future.result() for future, name in futures.items()}
     if args.study in SCHEDULES:
         write_schedule(args.study, folders, args)
     else:
@@ -320,9 +347,11 @@ def write_schedule(dataset: str, folders: dict[str, Path], args: argparse.Namesp
     rates, (short, long) = SCHEDULES[dataset]["rates"], SCHEDULES[dataset]["epochs"]
     rows = {method: {epochs: schedule(folders[f"{method}-{epochs}"]) for epochs in (short, long)} for method in rates}
     args.out.mkdir(parents=True, exist_ok=True)
-    heads = {method: {mult: schedule(folders[f"{method}-{short}-head{mult:g}"]) for mult in HEAD_MULTS}
+    heads = {method: {f"{mult:g}": schedule(folders[f"{method}-{short}-head{mult:g}"]) for mult in HEAD_MULTS}
              for method in HEAD_METHODS}  # fmt: skip
-    saved = {"rates": rates, "rows": rows, "head_rate": heads}
+    gaps = {method: {e: rows["lora"][e]["val"] - by[e]["val"] for e in (short, long)}
+            for method, by in rows.items() if method != "lora"}  # fmt: skip
+    saved = {"rates": rates, "rows": rows, "gap_to_lora": gaps, "head_rate": heads}
     (args.out / f"side_gap_{dataset}.json").write_text(json.dumps(saved, indent=1) + "\n")
     lora = json.loads((folders[f"lora-{short}"] / "summary.json").read_text())
     metric, val_images, task = lora["metrics"]["headline"], lora["data"].get("val"), DATASETS[dataset]["task"]
@@ -353,17 +382,15 @@ def write_schedule(dataset: str, folders: dict[str, Path], args: argparse.Namesp
         )
     lines += ["", f"Gap to LoRA, points of validation {metric} (LoRA's score less the method's):", "",
               f"| method | {short} epochs | {long} epochs |", "|---|---|---|"]  # fmt: skip
-    for method, by in rows.items():
-        if method != "lora":
-            gaps = [(rows["lora"][e]["val"] - by[e]["val"]) * 100 for e in (short, long)]
-            lines.append(f"| {method} | {gaps[0]:.1f} | {gaps[1]:.1f} |")
+    for method, gap in gaps.items():
+        lines.append(f"| {method} | {gap[short] * 100:.1f} | {gap[long] * 100:.1f} |")
     mults = sorted({1.0, *HEAD_MULTS})
     lines += ["", f"The head's rate, {short} epochs: best validation {metric} with the dense head trained at a",
               "multiple of the method's rate (`--head-lr-mult`; 1 is the page's one rate):", "",
               "| method | " + " | ".join(f"head x{m:g}" for m in mults) + " |",
               "|---" * (len(mults) + 1) + "|"]  # fmt: skip
     for method in HEAD_METHODS:
-        vals = [(rows[method][short] if m == 1.0 else heads[method][m])["val"] for m in mults]
+        vals = [(rows[method][short] if m == 1.0 else heads[method][f"{m:g}"])["val"] for m in mults]
         lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     lines += ["", f"Validation {metric} after each epoch of the {long}-epoch runs:", "",
               "| method | " + " | ".join(str(e + 1) for e in range(long)) + " |",
@@ -372,7 +399,7 @@ def write_schedule(dataset: str, folders: dict[str, Path], args: argparse.Namesp
         lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in by[long]["val_by_epoch"]) + " |")
     lines += ["", "Commands (each run's first log line, paths relative to the repository):", ""]
     lines += [f"- `{by[e]['command']}`" for by in rows.values() for e in (short, long)]
-    lines += [f"- `{by[m]['command']}`" for by in heads.values() for m in HEAD_MULTS] + [""]
+    lines += [f"- `{r['command']}`" for by in heads.values() for r in by.values()] + [""]
     (args.out / f"side_gap_{dataset}.md").write_text("\n".join(lines))
     print(f"wrote {args.out / f'side_gap_{dataset}.md'}")
 

@@ -1,74 +1,98 @@
-"""benchmarks/side_gap.py: the commands its runs are made with, and the CamVid study's page from finished runs."""
+"""benchmarks/side_gap.py: its runs are the results page's runs (settings, rates), a finished run made otherwise is
+refused, and a schedule study's page is read right from finished runs."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PAGE = json.loads((REPO / "docs" / "results" / "results.json").read_text())["datasets"]
 
 
-@pytest.fixture(scope="module")
-def gap():
-    spec = importlib.util.spec_from_file_location("side_gap", REPO / "benchmarks" / "side_gap.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-@pytest.mark.parametrize("dataset", ["camvid", "bccd"])
-def test_a_schedule_study_runs_every_method_at_both_schedules_side_methods_from_the_cache(gap, dataset) -> None:
-    study = gap.SCHEDULES[dataset]
-    runs = {spec.name: spec for spec in gap.STUDIES[dataset]}
-    heads = {f"{m}-{study['epochs'][0]}-head{x:g}": x for m in gap.HEAD_METHODS for x in gap.HEAD_MULTS}
-    assert set(runs) == {f"{m}-{e}" for m in study["rates"] for e in study["epochs"]} | set(heads)
-    for name, mult in heads.items():  # the head-rate runs: the page's schedule, the method's rate, a head multiple
-        assert runs[name].epochs == study["epochs"][0] and runs[name].args[-2:] == ["--head-lr-mult", f"{mult:g}"]
-        runs.pop(name)
-    assert all(spec.kind == ("train" if spec.args[0] == "lora" else "cached") for spec in runs.values())
-    assert all(spec.args[1:3] == ["--lr", study["rates"][spec.args[0]]] for spec in gap.STUDIES[dataset])
-    assert [spec.epochs for spec in gap.STUDIES[dataset][: len(runs)]] == sorted(
-        (s.epochs for s in runs.values()), reverse=True
-    )
-    assert gap.STUDIES[dataset][0].name == f"lora-{max(study['epochs'])}"  # the longest run starts first
+@pytest.fixture(scope="module")
+def gap():
+    return _script("side_gap")
 
 
-def test_a_run_is_made_with_its_own_epochs_and_the_datasets_settings(gap, tmp_path, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def results():
+    return _script("results")
+
+
+def _commands(gap, runs, work: Path, monkeypatch) -> list[list[str]]:
     made = []
     monkeypatch.setattr(gap, "sidetune", lambda args, log, threads: made.append(args))
-    gap.run(gap.Run("e3va-12", "camvid", "cached", ["e3va", "--lr", "3e-3"], 12), tmp_path, 1)
-    gap.run(gap.Run("224px", "sign-digits", "train", ["losa", "--lr", "3e-3"], img_size=224), tmp_path, 1)
-    gap.run(gap.Run("lora-15", "bccd", "train", ["lora", "--lr", "1e-3"], 15), tmp_path, 1)
-    camvid, digits, bccd = made
-
-    def value(args: list[str], flag: str) -> str:
-        return args[len(args) - 1 - args[::-1].index(flag) + 1]  # the last occurrence wins, as in argparse
-
-    assert camvid[:3] == ["train", "vit_small_patch14_dinov2", "e3va"]
-    assert value(camvid, "--epochs") == "12" and value(camvid, "--batch-size") == "8"
-    assert value(camvid, "--task") == "segmentation" and value(camvid, "--augmentation") == "none"
-    assert value(camvid, "--img-size") == "224" and value(camvid, "--lr") == "3e-3"
-    assert value(camvid, "--cache") == str(tmp_path / "caches" / "camvid")
-    assert value(camvid, "--data").endswith("camvid-240x180")
-    assert value(digits, "--epochs") == "10" and value(digits, "--batch-size") == "32"
-    assert value(digits, "--img-size") == "224" and "--cache" not in digits and "--augmentation" not in digits
-    assert value(bccd, "--task") == "detection" and value(bccd, "--epochs") == "15" and "--cache" not in bccd
-    assert [bccd[i + 1] for i, a in enumerate(bccd) if a == "--head-opt"] == [
-        "fpn_channels=128",
-        "box_head_dim=256",
-        "box_batch_size_per_image=128",
-    ]  # the results page's head
+    for spec in runs:
+        gap.run(spec, work, 1)
+    return made
 
 
-def _finished_run(folder: Path, best: float, vals: list[float], losses: list[float]) -> None:
+@pytest.mark.parametrize("dataset", ["camvid", "bccd"])
+def test_a_schedule_study_runs_each_method_at_the_pages_rate_and_schedule_and_three_times_it(gap, dataset) -> None:
+    study, page = gap.SCHEDULES[dataset], PAGE[dataset]
+    assert study["epochs"] == (page["setting"]["epochs"], 3 * page["setting"]["epochs"])
+    assert {m: float(lr) for m, lr in study["rates"].items()} == {m: page["methods"][m]["lr"] for m in study["rates"]}
+    runs = {spec.name: spec for spec in gap.STUDIES[dataset]}
+    short, long = study["epochs"]
+    heads = {f"{m}-{short}-head{x:g}": x for m in gap.HEAD_METHODS for x in gap.HEAD_MULTS}
+    assert set(runs) == {f"{m}-{e}" for m in study["rates"] for e in study["epochs"]} | set(heads)
+    for name, mult in heads.items():  # the head-rate runs: the page's schedule, the method's rate, a head multiple
+        assert runs[name].epochs == short and runs[name].args[-2:] == ["--head-lr-mult", f"{mult:g}"]
+    assert all(spec.kind == ("train" if spec.args[0] == "lora" else "cached") for spec in runs.values())
+    assert all(spec.args[1:3] == ["--lr", study["rates"][spec.args[0]]] for spec in runs.values())
+    assert gap.STUDIES[dataset][0].name == f"lora-{long}"  # the longest run starts first
+
+
+@pytest.mark.parametrize("dataset", ["camvid", "bccd"])
+def test_every_study_run_has_the_settings_of_the_pages_run_of_its_method(gap, results, dataset, tmp_path,
+                                                                         monkeypatch) -> None:  # fmt: skip
+    from sidetune.cli import build_parser
+    from sidetune.train.commands import config_from_args
+
+    page = results.Page(argparse.Namespace(runs=str(tmp_path / "page"), epochs=0, img_size=None, val_fraction=0.2,
+                                           mixed_precision="bf16", threads=1, train_limit=None, label=""))  # fmt: skip
+    runs = gap.STUDIES[dataset]
+    for spec, command in zip(runs, _commands(gap, runs, tmp_path, monkeypatch), strict=True):
+        config = config_from_args(build_parser("train").parse_args(command))
+        out = tmp_path / dataset / spec.name
+        cache = {"cache": str(tmp_path / "caches" / dataset)} if spec.kind == "cached" else {}
+        head = {"head_lr_mult": float(spec.args[-1])} if "--head-lr-mult" in spec.args else {}
+        asked = page.config(dataset, spec.args[0], out, lr=float(spec.args[2]), seed=0, epochs=spec.epochs,
+                            **cache, **head)  # fmt: skip
+        assert results.normalised(config.to_dict()) == results.normalised(asked), spec.name
+
+
+def test_the_losa_study_makes_the_commands_its_page_lists(gap, tmp_path, monkeypatch) -> None:
+    """The runs behind docs/results/side_gap.md keep their commands (``--task classification``, the default, aside)."""
+    listed = re.findall(r"^- `(sidetune .*)`$", (REPO / "docs" / "results" / "side_gap.md").read_text(), re.M)
+    made = []
+    for command in _commands(gap, gap.RUNS, tmp_path, monkeypatch):
+        text = shlex.join(a for i, a in enumerate(command) if "--task" not in command[max(i - 1, 0) : i + 1])
+        made.append(
+            "sidetune " + text.replace(str(tmp_path), "runs/side_gap").replace(str(gap.SHARED), "../shared/assets")
+        )
+    assert sorted(made) == sorted(listed)
+
+
+def _finished_run(folder: Path, vals: list[float], losses: list[float]) -> None:
     folder.mkdir(parents=True)
     (folder.parent / f"{folder.name}.log").write_text(f"$ sidetune train {folder.name}\nmore output\n")
     best_epoch = vals.index(max(vals)) + 1
-    summary = {"metrics": {"headline": "mIoU", "best_val": best, "best_epoch": best_epoch}, "data": {"val": 73}}
+    summary = {"metrics": {"headline": "mIoU", "best_val": max(vals), "best_epoch": best_epoch}, "data": {"val": 73}}
     (folder / "summary.json").write_text(json.dumps(summary))
     epochs = [{"type": "epoch", "epoch": i + 1, "train_loss": loss, "val_mIoU": v}
               for i, (v, loss) in enumerate(zip(vals, losses, strict=True))]  # fmt: skip
@@ -83,23 +107,49 @@ def test_the_schedule_page_reads_each_runs_best_validation_and_its_gap_to_lora(g
     for method, scores in best.items():
         for epochs, score in zip((short, long), scores, strict=True):
             vals = [score - 0.01 * (epochs - 1 - i) for i in range(epochs)]  # rising to the best at the last epoch
+            if method == "linear" and epochs == long:  # the best epoch in the middle of the long run
+                vals = [0.45 if i == 5 else 0.3 for i in range(epochs)]
             losses = [1.0 / (i + 1) for i in range(epochs)]
             folders[f"{method}-{epochs}"] = tmp_path / "camvid" / f"{method}-{epochs}"
-            _finished_run(folders[f"{method}-{epochs}"], score, vals, losses)
+            _finished_run(folders[f"{method}-{epochs}"], vals, losses)
     for method in gap.HEAD_METHODS:
         for mult in gap.HEAD_MULTS:
             name = f"{method}-{short}-head{mult:g}"
             folders[name] = tmp_path / "camvid" / name
-            _finished_run(folders[name], best[method][0] + 0.001 * mult, [0.1] * short, [1.0] * short)
+            _finished_run(folders[name], [0.1] * (short - 1) + [best[method][0] + 0.01 * mult], [1.0] * short)
     gap.write_schedule("camvid", folders, argparse.Namespace(out=tmp_path / "out"))
 
     page = (tmp_path / "out" / "side_gap_camvid.md").read_text()
     assert f"| e3va | 3e-3 | 0.410 ({short}) | 0.450 ({long}) | +4.0 |" in page
+    linear_long = json.loads((tmp_path / "out" / "side_gap_camvid.json").read_text())["rows"]["linear"][str(long)]
+    assert linear_long["best_epoch"] == 6 and f"| linear | 1e-2 | 0.390 ({short}) | 0.450 (6) |" in page
     assert f"| e3va | {2.0:.1f} | {1.0:.1f} |" in page  # LoRA's lead shrinks from 2 points to 1
-    assert f"| linear | {4.0:.1f} | {6.0:.1f} |" in page
+    assert f"| linear | {4.0:.1f} | {1.0:.1f} |" in page
     assert f"{1 / long:.3f} ({(1 / long - 1 / (long - 1)) / (1 / (long - 1)):+.0%})" in page  # last loss, change
-    assert "| e3va | 0.410 | 0.410 | 0.413 |" in page and "| lora | 0.430 | 0.430 | 0.433 |" in page
-    assert "validation is 73" in page and "- `sidetune train lora-12`" in page
+    assert "| e3va | 0.413 | 0.410 | 0.440 |" in page and "| lora | 0.433 | 0.430 | 0.460 |" in page  # x0.3, x1, x3
+    e3va_long = " | ".join(f"{0.45 - 0.01 * (long - 1 - i):.3f}" for i in range(long))
+    assert f"| e3va | {e3va_long} |" in page  # validation after every epoch of the long run
+    assert (
+        "validation is 73" in page
+        and "- `sidetune train lora-12`" in page
+        and "- `sidetune train e3va-4-head3`" in page
+    )
     saved = json.loads((tmp_path / "out" / "side_gap_camvid.json").read_text())
-    assert saved["rows"]["losa"][str(long)]["val_by_epoch"][-1] == pytest.approx(0.44)
+    assert saved["gap_to_lora"]["losa"][str(long)] == pytest.approx(0.02)
+    assert saved["head_rate"]["lora"]["0.3"]["val"] == pytest.approx(0.433)
     assert saved["rows"]["lora"][str(short)]["best_epoch"] == short
+
+
+def test_a_finished_run_made_by_another_command_is_refused(gap, tmp_path, monkeypatch) -> None:
+    spec = gap.Run("e3va-4", "camvid", "cached", ["e3va", "--lr", "3e-3"], 4)
+    (command,) = _commands(gap, [spec], tmp_path, monkeypatch)
+    out = tmp_path / "camvid" / "e3va-4"
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    log = out.parent / "e3va-4.log"
+    log.write_text("$ sidetune " + shlex.join(command).replace("--threads 1", "--threads 2") + "\n")
+    assert gap.run(spec, tmp_path, 1) == out  # the same command, other threads: reused
+    with pytest.raises(SystemExit, match="made by another command"):
+        gap.run(spec._replace(args=["e3va", "--lr", "1e-3"]), tmp_path, 1)
+    with pytest.raises(SystemExit, match="made by another command"):
+        gap.run(spec._replace(epochs=12, name="e3va-4"), tmp_path, 1)
