@@ -48,6 +48,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -361,14 +362,17 @@ def write_schedule(dataset: str, folders: dict[str, Path], args: argparse.Namesp
         change = "" if r["last_loss_change"] is None else f" ({r['last_loss_change']:+.0%})"
         return f"{r['train_loss_by_epoch'][-1]:.3f}{change}"
 
+    intro = (
+        f"Made by `python benchmarks/side_gap.py --study {dataset}` (its docstring gives the protocol). Each method"
+        f" trains at the rate the results page chose for it on validation (its {dataset} section), with the page's"
+        f" settings otherwise ({DATASETS[dataset]['img_size']} px, batch {DATASETS[dataset]['batch']}, {head}, bf16,"
+        f" seed 0), for {short} and for {long} epochs (a cosine schedule over each); validation is {val_images}"
+        " images. The runs also score their test split, which no row reads."
+    )
     lines = [
         f"# The gap to LoRA on {dataset}: {short} against {long} epochs (one seed, read on validation)",
         "",
-        f"Made by `python benchmarks/side_gap.py --study {dataset}` (its docstring gives the protocol). Each method",
-        f"trains at the rate the results page chose for it on validation (its {dataset} section), with the page's",
-        f"settings otherwise ({DATASETS[dataset]['img_size']} px, batch {DATASETS[dataset]['batch']}, {head}, bf16,",
-        f"seed 0), for {short} and for {long} epochs (a cosine schedule over each); validation is {val_images}",
-        "images. The runs also score their test split, which no row reads.",
+        textwrap.fill(intro, 115),
         "",
         f"| method | lr | best val {metric}, {short} epochs (epoch) | {long} epochs (epoch) | change (points) |"
         f" train loss, last epoch (change from the one before): {short} / {long} epochs |",
