@@ -21,6 +21,11 @@ train, seed 0; side runs from a tap cache of their own):
 Each check is one seed and is read on validation only (200 images, 0.5 points an image): a change of a point or
 two is within noise. Writes ``docs/results/side_gap.{md,json}``.
 
+A sixth suspect has a study of its own, ``--study regularisation``: weight decay (0.05 and 0.3 against the
+task's 1e-4) and label smoothing 0.1 for the same LoSA variant at its two best rates, one ``sidetune sweep`` on
+the sign-digits cache whose unregularised configurations are the reference; it writes
+``docs/results/side_gap_regularisation.{md,json}``.
+
 Two more studies ask the same of the gap to LoRA on the dense tasks, where the results page's CPU cut (4 epochs
 on CamVid, 5 on BCCD) left every row's training loss still falling: ``--study camvid`` and ``--study bccd``
 train E3VA, LoSA, ``linear`` (the frozen features under the page's dense head) and LoRA at the rate each was
@@ -35,6 +40,7 @@ Finished runs are kept in ``--work`` and reused; ``--jobs`` runs several at a ti
 ``../shared`` is absent.
 
     python benchmarks/side_gap.py                        # about 1 h at one thread on a 2-core CPU
+    python benchmarks/side_gap.py --study regularisation --threads 2  # about 15 min
     python benchmarks/side_gap.py --study camvid --jobs 2  # about 35 min with two 1-thread runs at a time
     python benchmarks/side_gap.py --study bccd --jobs 2    # about 30 min
 """
@@ -124,6 +130,26 @@ COMPARISONS = [
     ("augmentation, LoRA (lr 3e-3)", "sign-digits", ("lora-augment", ""), ("lora", "")),
 ]  # fmt: skip
 
+#: a sixth suspect, its own study (``--study regularisation``): weight decay and label smoothing for the same LoSA
+#: variant, one sweep whose unregularised configurations are the reference (the task's weight decay, 1e-4)
+REGULARISATION_RUNS: list[Run] = [
+    Run("regularisation", "sign-digits", "sweep",
+        ["losa", *BEST, "--lr", "1e-3,3e-3", "--weight-decay", "1e-4,0.05,0.3", "--task-opt", "label_smoothing=0,0.1"]),
+]  # fmt: skip
+REGULARISATION = [
+    (f"{name} (lr {lr})", "sign-digits", ("regularisation", f"lr={float(lr)} {setting}"),
+     ("regularisation", f"lr={float(lr)} weight_decay=1e-4 task.label_smoothing=0"))
+    for lr in ("1e-3", "3e-3")
+    for name, setting in [("weight decay 0.05", "weight_decay=0.05 task.label_smoothing=0"),
+                          ("weight decay 0.3", "weight_decay=0.3 task.label_smoothing=0"),
+                          ("label smoothing 0.1", "weight_decay=1e-4 task.label_smoothing=0.1")]
+]  # fmt: skip
+#: the studies written as suspects against a reference: their comparisons, page name and title
+SUSPECTS = {
+    "losa": (COMPARISONS, "side_gap", "Five suspects for LoSA's gap to LoRA"),
+    "regularisation": (REGULARISATION, "side_gap_regularisation", "A sixth suspect for LoSA's gap: regularisation"),
+}
+
 #: the schedule studies: per dense dataset, each method at the rate the results page chose for it on validation
 #: (in that dataset's section), over the page's schedule and three times it; the side methods share one cache.
 #: At the page's schedule E3VA and LoRA also train with the head's rate a multiple of their own (the page gives
@@ -151,7 +177,11 @@ def schedule_runs(dataset: str) -> list[Run]:
                    for method in HEAD_METHODS for mult in HEAD_MULTS]  # fmt: skip
 
 
-STUDIES = {"losa": RUNS, **{dataset: schedule_runs(dataset) for dataset in SCHEDULES}}
+STUDIES = {
+    "losa": RUNS,
+    "regularisation": REGULARISATION_RUNS,
+    **{dataset: schedule_runs(dataset) for dataset in SCHEDULES},
+}
 
 
 def data_args(dataset: str, size: int | None = None) -> list[str]:
@@ -273,7 +303,8 @@ def schedule(folder: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", choices=sorted(STUDIES), default="losa",
-                   help="losa: five suspects for LoSA's gap; camvid, bccd: the gap to LoRA, two schedules")  # fmt: skip
+                   help="losa: five suspects for LoSA's gap; regularisation: a sixth; camvid, bccd: the gap to LoRA, "
+                   "two schedules")  # fmt: skip
     p.add_argument("--work", type=Path, default=REPO / "runs" / "side_gap", help="runs and caches (reused)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="where the page and its json go")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -306,23 +337,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.study in SCHEDULES:
         write_schedule(args.study, folders, args)
     else:
+        comparisons, page, title = SUSPECTS[args.study]
         rows = []
-        for suspect, dataset, (name, setting), (ref_name, ref_setting) in COMPARISONS:
+        for suspect, dataset, (name, setting), (ref_name, ref_setting) in comparisons:
             test, ref = scores(folders[name], setting), scores(folders[ref_name], ref_setting)
             rows.append({"suspect": suspect, "dataset": dataset, "with": test, "reference": ref,
                          "val_change": test["val"] - ref["val"]})  # fmt: skip
-        write(rows, args)
+        write(rows, args, page, title)
     print(f"{(time.perf_counter() - start) / 60:.0f} min for the runs this invocation made (finished ones are reused)")
     return 0
 
 
-def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def write(rows: list[dict[str, Any]], args: argparse.Namespace, page: str, title: str) -> None:
+    """``<page>.{md,json}``: each suspect's best validation score against its reference run's."""
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "side_gap.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    (args.out / f"{page}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    command = "python benchmarks/side_gap.py" + ("" if args.study == "losa" else f" --study {args.study}")
     lines = [
-        "# Five suspects for LoSA's gap to LoRA (one seed, read on validation)",
+        f"# {title} (one seed, read on validation)",
         "",
-        "Made by `python benchmarks/side_gap.py` (its docstring gives the protocol). Each row changes one setting of",
+        f"Made by `{command}` (its docstring gives the protocol). Each row changes one setting of",
         "a reference run (seed 0, 10 epochs, 112 px); validation is 200 images (0.5 points an image), so a change of",
         "a point or two is noise. The runs also score their test split, which no row reads.",
         "",
@@ -338,8 +372,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     lines += ["", "Commands (each run's first log line, paths relative to the repository):", ""]
     commands = sorted({r[k]["command"] for r in rows for k in ("with", "reference")})
     lines += [f"- `{command}`" for command in commands] + [""]
-    (args.out / "side_gap.md").write_text("\n".join(lines))
-    print(f"wrote {args.out / 'side_gap.md'}")
+    (args.out / f"{page}.md").write_text("\n".join(lines))
+    print(f"wrote {args.out / f'{page}.md'}")
 
 
 def write_schedule(dataset: str, folders: dict[str, Path], args: argparse.Namespace) -> None:

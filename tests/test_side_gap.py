@@ -150,3 +150,21 @@ def test_a_finished_run_made_by_another_command_is_refused(gap, tmp_path, monkey
         gap.run(spec._replace(args=["e3va", "--lr", "1e-3"]), tmp_path, 1)
     with pytest.raises(SystemExit, match="made by another command"):
         gap.run(spec._replace(epochs=12, name="e3va-4"), tmp_path, 1)
+
+
+def test_the_regularisation_study_reads_each_setting_against_the_unregularised_configuration(gap, tmp_path) -> None:
+    folder = tmp_path / "sign-digits" / "regularisation"
+    folder.mkdir(parents=True)
+    (folder.parent / "regularisation.log").write_text("$ sidetune sweep losa --weight-decay 1e-4,0.05,0.3\n")
+    configs = [{"lr": lr, "weight_decay": wd, "task.label_smoothing": ls, "channel_rank": 64, "read": "norm",
+                "best_val_top1": 0.9 + lr * 10 + wd / 10 - ls / 2, "final_train_loss": 0.01 + ls}
+               for lr in (1e-3, 3e-3) for wd in (1e-4, 0.05, 0.3) for ls in (0, 0.1)]  # fmt: skip
+    (folder / "sweep.json").write_text(json.dumps({"configs": configs}))
+    rows = {}
+    for suspect, _, (name, setting), (ref_name, ref_setting) in gap.REGULARISATION:
+        assert name == ref_name == "regularisation"  # one sweep holds every setting and its reference
+        rows[suspect] = gap.scores(folder, setting)["val"] - gap.scores(folder, ref_setting)["val"]
+    assert len(rows) == 6
+    assert rows["weight decay 0.3 (lr 3e-3)"] == pytest.approx((0.3 - 1e-4) / 10)
+    assert rows["label smoothing 0.1 (lr 1e-3)"] == pytest.approx(-0.05)
+    assert gap.STUDIES["regularisation"][0].args[:5] == ["losa", *gap.BEST]  # the variant of the other checks
