@@ -353,12 +353,15 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, page: str, title
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{page}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     command = "python benchmarks/side_gap.py" + ("" if args.study == "losa" else f" --study {args.study}")
+    intro = (
+        f"Made by `{command}` (its docstring gives the protocol). Each row changes one setting of a reference run"
+        " (seed 0, 10 epochs, 112 px); validation is 200 images (0.5 points an image), so a change of a point or two"
+        " is noise. The runs also score their test split, which no row reads."
+    )
     lines = [
         f"# {title} (one seed, read on validation)",
         "",
-        f"Made by `{command}` (its docstring gives the protocol). Each row changes one setting of",
-        "a reference run (seed 0, 10 epochs, 112 px); validation is 200 images (0.5 points an image), so a change of",
-        "a point or two is noise. The runs also score their test split, which no row reads.",
+        textwrap.fill(intro, 115),
         "",
         "| suspect | dataset | best val top-1 with it | reference | change (points) | last train loss: with it / ref |",
         "|---|---|---|---|---|---|",
