@@ -60,25 +60,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, NamedTuple
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "assets"
-WEIGHTS = SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus_fp16.safetensors"
-BACKBONE = "vit_small_patch14_dinov2"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results as page  # the results page's settings, which every run here repeats
+
+REPO, SHARED, WEIGHTS, BACKBONE = page.REPO, page.ASSETS, page.WEIGHTS, page.BACKBONE
 BEST = ["--opt", "channel_rank=64", "--opt", "read=norm"]  # LoSA's best variant on the results page
 AVG_POOL = ["--backbone-opt", "global_pool=avg", "--backbone-opt", "fc_norm=false"]
 AUGMENT = ["--augmentation", "standard"]  # timm's train recipe: random resized crop, flip, colour jitter
-#: the results page's settings per dataset (benchmarks/results.py ``DATASETS`` and ``HEAD_OPTIONS``)
-DATASETS = {
-    "sign-digits": {"task": "classification", "img_size": 112, "batch": 32},
-    "cifar10-1k": {"task": "classification", "img_size": 112, "batch": 32},
-    # deterministic, as on the page (the side methods' cache holds these samples); UPerNet at its 128 channels
-    "camvid": {"task": "segmentation", "img_size": 224, "batch": 8, "folder": "camvid-240x180",
-               "extra": ["--augmentation", "none"]},
-    # the page's Faster R-CNN, narrower than torchvision's for the CPU
-    "bccd": {"task": "detection", "img_size": 224, "batch": 8,
-             "extra": ["--augmentation", "none", "--head-opt", "fpn_channels=128", "--head-opt", "box_head_dim=256",
-                       "--head-opt", "box_batch_size_per_image=128"]},
-}  # fmt: skip
 
 
 class Run(NamedTuple):
@@ -185,11 +173,17 @@ STUDIES = {
 
 
 def data_args(dataset: str, size: int | None = None) -> list[str]:
-    info = DATASETS[dataset]
+    """The data, weights and precision flags of the results page's runs on ``dataset`` (``results.Page.config``):
+    dense tasks train on the deterministic transform their cache holds, with the page's head."""
+    info = page.DATASETS[dataset]
+    dense = [] if info["task"] == "classification" else ["--augmentation", "none"]
+    head = [flag for key, value in page.HEAD_OPTIONS.get(info["task"], {}).items()
+            for flag in ("--head-opt", f"{key}={value}")]  # fmt: skip
+    data = page.ASSETS / "data" / info.get("folder", dataset)
     return [
-        "--task", info["task"], "--weights", str(WEIGHTS), "--data", str(SHARED / "data" / info.get("folder", dataset)),
+        "--task", info["task"], "--weights", str(WEIGHTS), "--data", str(data),
         "--img-size", str(size or info["img_size"]), "--val-fraction", "0.2", "--mixed-precision", "bf16",
-        *info.get("extra", []),
+        *dense, *head,
     ]  # fmt: skip
 
 
@@ -230,7 +224,7 @@ def run(spec: Run, work: Path, threads: int) -> Path:
         command = ["sweep", *spec.args, *cache, *common]
     else:
         command = ["train", BACKBONE, spec.args[0], *data_args(spec.dataset, spec.img_size), *spec.args[1:], *cache,
-                   "--seed", "0", "--no-progress", "--batch-size", str(DATASETS[spec.dataset]["batch"]),
+                   "--seed", "0", "--no-progress", "--batch-size", str(page.DATASETS[spec.dataset]["batch"]),
                    "--warmup-epochs", "1", *common]  # fmt: skip
     log = out.parent / f"{spec.name}.log"
     if (out / ("sweep.json" if spec.kind == "sweep" else "summary.json")).is_file():
@@ -392,8 +386,9 @@ def write_schedule(dataset: str, folders: dict[str, Path], args: argparse.Namesp
     saved = {"rates": rates, "rows": rows, "gap_to_lora": gaps, "head_rate": heads}
     (args.out / f"side_gap_{dataset}.json").write_text(json.dumps(saved, indent=1) + "\n")
     lora = json.loads((folders[f"lora-{short}"] / "summary.json").read_text())
-    metric, val_images, task = lora["metrics"]["headline"], lora["data"].get("val"), DATASETS[dataset]["task"]
-    head = {"segmentation": "UPerNet 128 channels", "detection": "the page's Faster R-CNN"}.get(task, "")
+    info = page.DATASETS[dataset]
+    metric, val_images = lora["metrics"]["headline"], lora["data"].get("val")
+    head = {"segmentation": "UPerNet 128 channels", "detection": "the page's Faster R-CNN"}.get(info["task"], "")
 
     def loss(r: dict[str, Any]) -> str:
         change = "" if r["last_loss_change"] is None else f" ({r['last_loss_change']:+.0%})"
@@ -402,7 +397,7 @@ def write_schedule(dataset: str, folders: dict[str, Path], args: argparse.Namesp
     intro = (
         f"Made by `python benchmarks/side_gap.py --study {dataset}` (its docstring gives the protocol). Each method"
         f" trains at the rate the results page chose for it on validation (its {dataset} section), with the page's"
-        f" settings otherwise ({DATASETS[dataset]['img_size']} px, batch {DATASETS[dataset]['batch']}, {head}, bf16,"
+        f" settings otherwise ({info['img_size']} px, batch {info['batch']}, {head}, bf16,"
         f" seed 0), for {short} and for {long} epochs (a cosine schedule over each); validation is {val_images}"
         " images. The runs also score their test split, which no row reads."
     )
