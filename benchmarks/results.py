@@ -880,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     hours = expected_seconds(page, {d: [m for m in plan[d] if m not in kept[d]] for d in datasets}) / 3600
     print(
         f"expected time: about {hours:.1f} h at one thread on this CPU (finished methods, grid extensions not counted)"
+        + (f"; measured for {BACKBONE}, so only a rough scale for {page.backbone}" if page.backbone != BACKBONE else "")
     )
     results_dir.mkdir(parents=True, exist_ok=True)
     setting = {
