@@ -391,11 +391,16 @@ def test_every_section_on_the_page_can_be_remade_from_its_command(results) -> No
         assert parsed.value.code == 0, name
 
 
-def test_render_writes_a_labelled_section_with_its_datasets_metric_and_its_own_plots(results) -> None:
-    setting = {"commit": "abcdef0123456", "date": "2026-12-02", "epochs": 30, "precision": "bf16", "threads": 1,
+def _camvid_block(epochs: int) -> dict:
+    """A CamVid section of one E3VA row, as results.json holds it."""
+    setting = {"commit": "abcdef0123456", "date": "2026-12-02", "epochs": epochs, "precision": "bf16", "threads": 1,
                "device": "cpu", "val_fraction": 0.2, "cut": "A cut."}  # fmt: skip
-    block = {"dataset": "camvid", "cache_seconds": 100.0, "command": "python benchmarks/results.py ...",
-             "setting": setting, "methods": {"e3va": _row([0.30, 0.32, 0.31])}}  # fmt: skip
+    return {"dataset": "camvid", "cache_seconds": 100.0, "command": "python benchmarks/results.py ...",
+            "setting": setting, "methods": {"e3va": _row([0.30, 0.32, 0.31])}}  # fmt: skip
+
+
+def test_render_writes_a_labelled_section_with_its_datasets_metric_and_its_own_plots(results) -> None:
+    block = _camvid_block(epochs=30)
     page = results.render({"datasets": {"camvid (30 epochs)": block}})
     assert "## camvid (30 epochs) (segmentation, test mIoU)" in page
     assert "| e3va | **0.310** (0.300-0.320) | 0.01 |" in page
@@ -457,10 +462,8 @@ def test_a_cache_of_another_backbone_is_built_again(results, tmp_path, monkeypat
 
 
 def test_render_names_another_backbone_and_leaves_the_shared_one_unsaid(results) -> None:
-    setting = {"commit": "abcdef0123456", "date": "2026-12-02", "epochs": 10, "precision": "bf16", "threads": 1,
-               "device": "cpu", "val_fraction": 0.2, "cut": "A cut."}  # fmt: skip
-    block = {"dataset": "camvid", "cache_seconds": 100.0, "command": "python benchmarks/results.py ...",
-             "setting": setting, "methods": {"e3va": _row([0.30, 0.32, 0.31])}}  # fmt: skip
+    block = _camvid_block(epochs=10)
+    setting = block["setting"]
     plain = results.render({"datasets": {"camvid": block}})
     assert "backbone `" not in plain and "names it" not in plain
     swin = {**block, "setting": {**setting, "backbone": "swin_base_patch4_window7_224", "weights": "hub"}}
