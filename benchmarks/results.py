@@ -132,6 +132,7 @@ class Page:
         self.label = getattr(args, "label", "") or ""
         self.backbone = getattr(args, "backbone", None) or BACKBONE
         self.weights = getattr(args, "weights", None) or str(WEIGHTS)
+        self.made_on = (self.backbone, weights_name(self.weights))  # as caches and sections are compared
         self.log: list[str] = []
 
     def section(self, dataset: str) -> str:
@@ -243,7 +244,7 @@ class Page:
             manifest = json.loads((root / "manifest.json").read_text())
             built, why = manifest["methods"], None
             made_on = (manifest.get("backbone"), weights_name(manifest.get("weights")))
-            if made_on != (self.backbone, weights_name(self.weights)):
+            if made_on != self.made_on:
                 why = f"it holds the taps of {made_on[0]} with weights {made_on[1]}"
             elif lacks := lacking(manifest.get("taps", {}), need):  # a method (or a variant) added since the build
                 why = f"it lacks {lacks}, which {', '.join(methods)} read (it was built for {', '.join(built)})"
@@ -290,6 +291,11 @@ UNCOMPARED = frozenset({"output", "cache", "threads", "workers", "resume"})
 def weights_name(weights: str | None) -> str | None:
     """Weights as runs and sections compare them: a file by its name (wherever the assets live), ``hub`` as is."""
     return Path(weights).name if weights else weights
+
+
+def section_made_on(setting: dict[str, Any]) -> tuple[str, str | None]:
+    """The backbone and weights (by name) a page section was made on; a section older than the option: the shared."""
+    return setting.get("backbone", BACKBONE), weights_name(setting.get("weights", str(WEIGHTS)))
 
 
 def normalised(config: dict[str, Any]) -> dict[str, Any]:
@@ -490,9 +496,8 @@ def rows_from_page(page: Page, dataset: str, methods: list[str], block: dict[str
     s = block["setting"]
     asked = {"epochs": page.args.epochs, "precision": page.args.mixed_precision,
              "val_fraction": page.args.val_fraction, "img_size": page.args.img_size,
-             "train_limit": page.args.train_limit, "backbone": page.backbone,
-             "weights": weights_name(page.weights)}  # fmt: skip
-    made = {**s, "backbone": s.get("backbone", BACKBONE), "weights": weights_name(s.get("weights", str(WEIGHTS)))}
+             "train_limit": page.args.train_limit, "backbone": page.made_on[0], "weights": page.made_on[1]}  # fmt: skip
+    made = {**s, **dict(zip(("backbone", "weights"), section_made_on(s), strict=True))}
     differ = [f"{k} {made.get(k)} (asked {v})" for k, v in asked.items() if made.get(k) != v]  # absent: the default
     if differ:
         raise SystemExit(
@@ -569,8 +574,8 @@ def merge_sections(written: dict[str, Any], old: dict[str, Any], replaces: str =
 
 def other_backbone(setting: dict[str, Any]) -> str:
     """``backbone `NAME`, weights `FILE`, `` for a section made on other weights than the shared ViT-S's, else ''."""
-    backbone, weights = setting.get("backbone", BACKBONE), weights_name(setting.get("weights", str(WEIGHTS)))
-    if backbone == BACKBONE and weights == WEIGHTS.name:
+    backbone, weights = section_made_on(setting)
+    if (backbone, weights) == (BACKBONE, WEIGHTS.name):
         return ""
     return f"backbone `{backbone}`, weights `{weights}`, "
 
@@ -751,9 +756,8 @@ def job_saved_bytes(payload: dict[str, Any]) -> None:
     torch.manual_seed(0)
     extra = {"head_options": payload["head_options"]} if payload["head_options"] else {}
     model = sidetune.create(
-        payload.get("backbone", BACKBONE), payload["method"], task=payload["task"],
-        num_classes=payload["num_classes"], weights=payload.get("weights", str(WEIGHTS)), img_size=payload["img_size"],
-        **extra, **payload["options"],
+        payload["backbone"], payload["method"], task=payload["task"], num_classes=payload["num_classes"],
+        weights=payload["weights"], img_size=payload["img_size"], **extra, **payload["options"],
     )  # fmt: skip
     model.train()
     x = torch.rand(payload["batch"], 3, *model.config.img_size)

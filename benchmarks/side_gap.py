@@ -331,21 +331,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.study in SCHEDULES:
         write_schedule(args.study, folders, args)
     else:
-        comparisons, page, title = SUSPECTS[args.study]
+        comparisons, stem, title = SUSPECTS[args.study]
         rows = []
         for suspect, dataset, (name, setting), (ref_name, ref_setting) in comparisons:
             test, ref = scores(folders[name], setting), scores(folders[ref_name], ref_setting)
             rows.append({"suspect": suspect, "dataset": dataset, "with": test, "reference": ref,
                          "val_change": test["val"] - ref["val"]})  # fmt: skip
-        write(rows, args, page, title)
+        write(rows, args, stem, title)
     print(f"{(time.perf_counter() - start) / 60:.0f} min for the runs this invocation made (finished ones are reused)")
     return 0
 
 
-def write(rows: list[dict[str, Any]], args: argparse.Namespace, page: str, title: str) -> None:
-    """``<page>.{md,json}``: each suspect's best validation score against its reference run's."""
+def write(rows: list[dict[str, Any]], args: argparse.Namespace, stem: str, title: str) -> None:
+    """``<stem>.{md,json}``: each suspect's best validation score against its reference run's (``stem`` is the
+    page's file name; ``page`` is the results page's module)."""
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{page}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     command = "python benchmarks/side_gap.py" + ("" if args.study == "losa" else f" --study {args.study}")
     intro = (
         f"Made by `{command}` (its docstring gives the protocol). Each row changes one setting of a reference run"
@@ -369,8 +370,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, page: str, title
     lines += ["", "Commands (each run's first log line, paths relative to the repository):", ""]
     commands = sorted({r[k]["command"] for r in rows for k in ("with", "reference")})
     lines += [f"- `{command}`" for command in commands] + [""]
-    (args.out / f"{page}.md").write_text("\n".join(lines))
-    print(f"wrote {args.out / f'{page}.md'}")
+    (args.out / f"{stem}.md").write_text("\n".join(lines))
+    print(f"wrote {args.out / f'{stem}.md'}")
 
 
 def write_schedule(dataset: str, folders: dict[str, Path], args: argparse.Namespace) -> None:
